@@ -1,0 +1,38 @@
+# augbench: which extra training images help a classifier most, generated or retrieved?
+#
+# Path grammar (all outputs under results/<dataset>/, logs/ and benchmarks/ mirror it):
+#   world/                                   toy world: target/{split}.parquet + images, pool/pool.parquet, classes.json
+#   pool/parts/{part}.parquet                url/caption table of one download job
+#   pool/shards/{part}.tar|.parquet|_stats.json   img2dataset webdataset shard, per-row status, failure counts
+#   clip/model/                              toy CLIP (transformers folder); real runs name a folder or hub id
+#   embed/pool/img_emb/{part}.npy + metadata/{part}.parquet    clip-retrieval layout
+#   embed/target/img_emb/{split}.npy + metadata/{split}.parquet
+#   index/pool.index, ids.parquet, index_infos.json
+#   retrieve/{mode}/neighbors.parquet, stats.json
+#   augment/{method}/images.tar, manifest.parquet
+#   train/{method}/{n_aug}/{seed}/metrics.json, model.pt
+#   report/results.csv, results.md
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/world.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/index.smk"
+include: "workflow/rules/retrieve.smk"
+include: "workflow/rules/classify.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,
+    default_target: True

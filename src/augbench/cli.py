@@ -1,0 +1,215 @@
+"""Thin CLI: each sub-command maps its arguments onto one library function.
+
+Settings arrive as one canonical JSON `--spec` (see augbench.specs); paths as arguments.
+Logging goes to stderr in a form that reads well in a Slurm log: first line the command and its
+arguments, last line the result and elapsed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+log = logging.getLogger("augbench")
+
+
+def _paths(values: list[str] | None) -> list[Path]:
+    return [Path(v) for v in values or []]
+
+
+def cmd_world(a: argparse.Namespace) -> object:
+    from augbench.specs import WorldSpec, parse_spec
+    from augbench.world import build_world
+
+    return build_world(parse_spec(WorldSpec, a.spec), Path(a.out))
+
+
+def cmd_parts(a: argparse.Namespace) -> object:
+    from augbench.download import split_parts
+
+    return split_parts(Path(a.pool), _paths(a.out))
+
+
+def cmd_download(a: argparse.Namespace) -> object:
+    from augbench.download import download_part
+    from augbench.specs import DownloadSpec, parse_spec
+
+    return download_part(Path(a.urls), Path(a.out_tar), Path(a.out_status), Path(a.out_stats), Path(a.cache),
+                         parse_spec(DownloadSpec, a.spec), serve=Path(a.serve) if a.serve else None)
+
+
+def cmd_pretrain_clip(a: argparse.Namespace) -> object:
+    from augbench.clip_train import pretrain_clip
+    from augbench.specs import ClipSpec, parse_spec
+
+    return pretrain_clip(_paths(a.shards), Path(a.out), parse_spec(ClipSpec, a.spec))
+
+
+def cmd_embed(a: argparse.Namespace) -> object:
+    from augbench.embed import embed_shard, embed_split
+    from augbench.specs import EmbedSpec, parse_spec
+
+    spec = parse_spec(EmbedSpec, a.spec)
+    if a.shard:
+        return embed_shard(Path(a.shard), a.model, Path(a.out_emb), Path(a.out_meta), spec)
+    return embed_split(Path(a.split), Path(a.root), a.model, Path(a.out_emb), Path(a.out_meta), spec)
+
+
+def cmd_index(a: argparse.Namespace) -> object:
+    from augbench.index import build_index
+    from augbench.specs import IndexSpec, parse_spec
+
+    return build_index(_paths(a.emb), _paths(a.meta), Path(a.out_index), Path(a.out_ids), Path(a.out_infos),
+                       parse_spec(IndexSpec, a.spec))
+
+
+def cmd_retrieve(a: argparse.Namespace) -> object:
+    from augbench.retrieve import retrieve
+    from augbench.specs import RetrieveSpec, parse_spec
+
+    evals = list(zip(_paths(a.eval_emb), _paths(a.eval_meta), strict=True))
+    return retrieve(Path(a.index), Path(a.ids), _paths(a.pool_emb), Path(a.classes), (Path(a.train_emb), Path(a.train_meta)),
+                    evals, Path(a.out), Path(a.out_stats), parse_spec(RetrieveSpec, a.spec), model=a.model)
+
+
+def cmd_fetch(a: argparse.Namespace) -> object:
+    from augbench.fetch import fetch
+    from augbench.specs import DownloadSpec, parse_spec
+
+    spec = parse_spec(DownloadSpec, a.spec) if a.spec else None
+    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), shards=_paths(a.shards) or None,
+                 cache=Path(a.cache) if a.cache else None, download_spec=spec)
+
+
+def cmd_train(a: argparse.Namespace) -> object:
+    from augbench.classify import train
+    from augbench.specs import TrainSpec, parse_spec
+
+    augment = list(zip(_paths(a.aug_manifest), _paths(a.aug_tar), strict=True))
+    n_classes = len(json.loads(Path(a.classes).read_text())["classes"])
+    return train(_paths(a.real), Path(a.root), Path(a.test), augment, a.n_aug, a.seed, n_classes,
+                 Path(a.out_metrics), Path(a.out_ckpt), parse_spec(TrainSpec, a.spec))
+
+
+def cmd_report(a: argparse.Namespace) -> object:
+    import pandas as pd
+
+    from augbench.report import build_table, write_report
+
+    runs = [json.loads(r) for r in a.run]
+    retrieval = {m: {"manifest": Path(man), "stats": Path(st)} for m, man, st in a.retrieval or []}
+    truth = pd.read_parquet(a.truth) if a.truth else None
+    table = build_table(runs, retrieval, truth)
+    write_report(table, Path(a.out_csv), Path(a.out_md))
+    print(Path(a.out_md).read_text())
+    return {"rows": len(table)}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser: one sub-command per stage."""
+    p = argparse.ArgumentParser(prog="python -m augbench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("world", help="render the toy world (target splits + captioned pool)")
+    s.add_argument("--spec", default="{}")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_world)
+
+    s = sub.add_parser("parts", help="split a url/caption table into download parts")
+    s.add_argument("--pool", required=True)
+    s.add_argument("--out", nargs="+", required=True)
+    s.set_defaults(fn=cmd_parts)
+
+    s = sub.add_parser("download", help="download one part with img2dataset (resumable)")
+    for name in ("urls", "out-tar", "out-status", "out-stats", "cache"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--serve", help="serve this folder on 127.0.0.1 during the download; urls are relative to it")
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_download)
+
+    s = sub.add_parser("pretrain-clip", help="train the toy world's tiny CLIP on pool shards")
+    s.add_argument("--shards", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_pretrain_clip)
+
+    s = sub.add_parser("embed", help="CLIP-embed one pool shard or one target split")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shard")
+    src.add_argument("--split", help="split table (path, label, class)")
+    s.add_argument("--root", default=".", help="folder the split table's paths are relative to")
+    s.add_argument("--model", required=True, help="CLIP folder or hub id")
+    s.add_argument("--out-emb", required=True)
+    s.add_argument("--out-meta", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("index", help="build a FAISS index over pool embeddings")
+    s.add_argument("--emb", nargs="+", required=True)
+    s.add_argument("--meta", nargs="+", required=True)
+    for name in ("out-index", "out-ids", "out-infos"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_index)
+
+    s = sub.add_parser("retrieve", help="nearest neighbours per class, de-duplicated and leak-filtered")
+    for name in ("index", "ids", "classes", "train-emb", "train-meta", "out", "out-stats"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--pool-emb", nargs="+", required=True)
+    s.add_argument("--eval-emb", nargs="*", default=[])
+    s.add_argument("--eval-meta", nargs="*", default=[])
+    s.add_argument("--model", help="CLIP folder or hub id (text mode)")
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_retrieve)
+
+    s = sub.add_parser("fetch", help="materialise retrieved images from shards or by download")
+    for name in ("neighbors", "out-tar", "out-manifest"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--shards", nargs="*")
+    s.add_argument("--cache")
+    s.add_argument("--spec", help="download spec (remote pools)")
+    s.set_defaults(fn=cmd_fetch)
+
+    s = sub.add_parser("train", help="train and evaluate the classifier for one (method, n_aug, seed)")
+    for name in ("root", "test", "classes", "out-metrics", "out-ckpt"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--real", nargs="+", required=True)
+    s.add_argument("--aug-manifest", nargs="*", default=[])
+    s.add_argument("--aug-tar", nargs="*", default=[])
+    s.add_argument("--n-aug", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("report", help="aggregate metrics into results.csv / results.md")
+    s.add_argument("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}')
+    s.add_argument("--retrieval", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "STATS"))
+    s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
+    s.add_argument("--out-csv", required=True)
+    s.add_argument("--out-md", required=True)
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, log the command, run it, log the result and the elapsed time."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("AUGBENCH_LOG", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.time()
+    log.info("augbench %s %s", args.command, " ".join(sys.argv[2:] if argv is None else argv[1:]))
+    try:
+        result = args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s: %s", args.command, exc)
+        return 2
+    log.info("augbench %s done in %.1fs: %s", args.command, time.time() - started, result)
+    return 0

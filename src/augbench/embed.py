@@ -1,0 +1,145 @@
+"""CLIP embeddings of pool shards and target splits, in the clip-retrieval layout.
+
+Per shard: `img_emb/{shard}.npy` (float16, L2-normalised rows) and `metadata/{shard}.parquet`
+(one row per embedded image: key, url, caption, and `dhash`, a 64-bit difference hash used by
+the leak filter). The model is loaded with `from_pretrained` from a folder or hub id, whether it
+is the toy world's CLIP or `openai/clip-vit-large-patch14`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from augbench.device import pick_device
+from augbench.io import atomic_path, write_meta, write_parquet
+from augbench.shards import iter_shard
+from augbench.specs import EmbedSpec, spec_dict
+
+log = logging.getLogger(__name__)
+
+
+class Clip:
+    """A loaded CLIP-style model with its image processor and tokenizer (any `from_pretrained` source)."""
+
+    def __init__(self, source: str | Path, device: torch.device | None = None, precision: str = "fp32") -> None:
+        import augbench.toyclip  # noqa: F401  (registers the toy model type with AutoModel)
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        self.device = device or pick_device()
+        self.model = AutoModel.from_pretrained(str(source)).eval().to(self.device)
+        if precision == "fp16" and self.device.type == "cuda":
+            self.model = self.model.half()
+        self.processor = AutoImageProcessor.from_pretrained(str(source))
+        # AutoTokenizer, not CLIPTokenizer: offline, the latter can return an empty tokenizer silently.
+        self.tokenizer = AutoTokenizer.from_pretrained(str(source))
+        if len(self.tokenizer) < 10:
+            raise ValueError(f"{source}: tokenizer has only {len(self.tokenizer)} tokens; is the model folder complete?")
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised float32 image embeddings."""
+        pixel = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, next(self.model.parameters()).dtype)
+        out = self.model.get_image_features(pixel_values=pixel)
+        emb = getattr(out, "pooler_output", out).float()
+        return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 text embeddings."""
+        max_len = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", 77)
+        ids = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(self.device)
+        out = self.model.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+        emb = getattr(out, "pooler_output", out).float()
+        return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+
+
+def dhash(image: Image.Image, size: int = 8) -> int:
+    """64-bit difference hash: robust to re-encoding and small resizes, so it finds near-copies."""
+    g = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (g[:, 1:] > g[:, :-1]).flatten()
+    return int(np.packbits(bits).view(">i8")[0])
+
+
+def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Image.Image]], batch_size: int,
+                   source: str) -> tuple[np.ndarray, pd.DataFrame, int]:
+    """Embed (row, image) items in batches; undecodable images are skipped, logged and counted."""
+    embs: list[np.ndarray] = []
+    rows: list[dict[str, Any]] = []
+    batch: list[Image.Image] = []
+    batch_rows: list[dict[str, Any]] = []
+    skipped = 0
+
+    def flush() -> None:
+        if batch:
+            embs.append(clip.images(batch))
+            rows.extend(batch_rows)
+            batch.clear()
+            batch_rows.clear()
+
+    for row, data in items:
+        try:
+            img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+            img = img.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 (any decoder error means: skip this image)
+            skipped += 1
+            log.warning("embed: %s: skipping undecodable image %s (%s)", source, row.get("key") or row.get("path"), exc)
+            continue
+        batch.append(img)
+        batch_rows.append({**row, "dhash": dhash(img)})
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    dim = embs[0].shape[1] if embs else 0
+    return (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)), pd.DataFrame(rows), skipped
+
+
+def _write(emb: np.ndarray, meta: pd.DataFrame, out_emb: Path, out_meta: Path, precision: str) -> None:
+    dtype = np.float16 if precision == "fp16" else np.float32
+    with atomic_path(out_emb) as tmp:
+        np.save(tmp, emb.astype(dtype))
+    write_parquet(out_meta, meta)
+
+
+def embed_shard(shard: Path, model: str | Path, out_emb: Path, out_meta: Path, spec: EmbedSpec) -> dict[str, int]:
+    """Embed every image of one pool shard."""
+    started = time.time()
+    clip = Clip(model)
+    items = (({"key": s.key, "url": s.record.get("url"), "caption": s.caption}, s.image) for s in iter_shard(shard))
+    emb, meta, skipped = _embed_batches(clip, items, spec.batch_size, str(shard))
+    _write(emb, meta, out_emb, out_meta, spec.precision)
+    stats = {"embedded": len(meta), "skipped": skipped}
+    write_meta(out_emb, "embed", spec_dict(spec), started, model=str(model), stats=stats)
+    log.info("embed: %s: %s in %.1fs", shard, stats, time.time() - started)
+    return stats
+
+
+def embed_split(split_table: Path, root: Path, model: str | Path, out_emb: Path, out_meta: Path, spec: EmbedSpec) -> dict[str, int]:
+    """Embed a target split given as a table of (path relative to `root`, label, class)."""
+    started = time.time()
+    table = pd.read_parquet(split_table)
+    clip = Clip(model)
+
+    def items() -> Iterable[tuple[dict[str, Any], bytes]]:
+        for row in table.to_dict("records"):
+            path = root / row["path"]
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FileNotFoundError(f"{split_table}: image {path} listed but not readable: {exc}") from exc
+            yield row, data
+
+    emb, meta, skipped = _embed_batches(clip, items(), spec.batch_size, str(split_table))
+    _write(emb, meta, out_emb, out_meta, spec.precision)
+    stats = {"embedded": len(meta), "skipped": skipped}
+    write_meta(out_emb, "embed", spec_dict(spec), started, model=str(model), stats=stats)
+    return stats

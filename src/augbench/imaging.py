@@ -1,0 +1,60 @@
+"""Image tensors: decoding to fixed-size uint8 batches and cheap batch augmentation.
+
+Small images are decoded once into one uint8 NHWC array and augmented per batch on tensors,
+which on 2 CPU cores is several times faster than per-image PIL transforms in a DataLoader.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def decode(data: bytes | str, size: int) -> np.ndarray:
+    """Decode bytes or a path to an RGB uint8 HWC array of `size` x `size`."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: str) -> tuple[np.ndarray, list[object]]:
+    """Decode (tag, data) items; undecodable ones are logged, counted and skipped. Returns (NHWC, tags)."""
+    arrays, tags, skipped = [], [], 0
+    for tag, data in items:
+        try:
+            arrays.append(decode(data, size))
+            tags.append(tag)
+        except Exception as exc:  # noqa: BLE001 (any decoder error means: skip this image)
+            skipped += 1
+            log.warning("%s: skipping undecodable image %s (%s)", what, tag, exc)
+    if skipped:
+        log.warning("%s: skipped %d undecodable image(s)", what, skipped)
+    arr = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return arr, tags
+
+
+def shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random translation (replicate-pad by 1/8, crop back) and horizontal flip: uint8 NHWC -> float NCHW in [0, 1]."""
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    n, _, h, w = x.shape
+    pad = max(h // 8, 1)
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    x = x[:, :, dy:dy + h, dx:dx + w]
+    flip = torch.rand(n, generator=g) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1], no augmentation."""
+    return x.permute(0, 3, 1, 2).float().div_(255)

@@ -1,0 +1,154 @@
+"""Nearest-neighbour retrieval per class, de-duplication, and the leak filter.
+
+`image` mode queries with each training image of a class; `text` mode with the class prompts.
+A class's candidates are ordered round-robin over its queries (every query's 1st neighbour, then
+every 2nd, ...; ties by score), so each training image contributes its own neighbours as in the
+paper. Then: same pool key -> once; near-duplicates among the kept (cosine >= dedup_threshold)
+-> once; any candidate that is a near-duplicate of a val or test image (cosine >=
+leak_threshold, or difference-hash distance <= leak_hash_distance) -> removed and counted,
+because a retrieval result that leaks evaluation images is a wrong result. Finally capped at
+`n_aug` per class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from augbench.io import write_json, write_meta, write_parquet
+from augbench.specs import RetrieveSpec, spec_dict
+
+log = logging.getLogger(__name__)
+
+
+class PoolVectors:
+    """Random access to pool embedding rows by global id, over memory-mapped shard files."""
+
+    def __init__(self, emb_files: list[Path]) -> None:
+        self.arrays = [np.load(f, mmap_mode="r") for f in emb_files]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((len(ids), self.arrays[0].shape[1]), np.float32)
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.arrays[s][ids[sel] - self.offsets[s]]
+        return out
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between two arrays of int64 hashes."""
+    x = np.bitwise_xor(a[:, None].astype(np.int64), b[None, :].astype(np.int64)).view(np.uint64)
+    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
+
+
+def load_split(emb: Path, meta: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """A target split's embeddings and metadata."""
+    e = np.load(emb).astype(np.float32)
+    m = pd.read_parquet(meta)
+    if len(e) != len(m):
+        raise ValueError(f"{emb}: {len(e)} embeddings but {meta} has {len(m)} rows")
+    return e, m
+
+
+def class_queries(spec: RetrieveSpec, classes: dict, train_emb: np.ndarray, train_meta: pd.DataFrame,
+                  model: str | Path | None) -> dict[int, tuple[np.ndarray, list[str]]]:
+    """Per class label: (query vectors, query ids)."""
+    names = classes.get("names", {})
+    out: dict[int, tuple[np.ndarray, list[str]]] = {}
+    if spec.mode == "image":
+        for label, cls in enumerate(classes["classes"]):
+            sel = (train_meta["label"] == label).to_numpy()
+            out[label] = (train_emb[sel], list(train_meta.loc[sel, "path"].astype(str)))
+        return out
+    if model is None:
+        raise ValueError("retrieve: text mode needs --model (the CLIP that embeds the prompts)")
+    from augbench.embed import Clip
+
+    clip = Clip(model)
+    for label, cls in enumerate(classes["classes"]):
+        prompts = [p.format(names.get(cls, cls)) for p in spec.prompts]
+        out[label] = (clip.texts(prompts), prompts)
+    return out
+
+
+def retrieve(index_file: Path, ids_file: Path, emb_files: list[Path], classes_file: Path,
+             train: tuple[Path, Path], evals: list[tuple[Path, Path]], out: Path, out_stats: Path,
+             spec: RetrieveSpec, model: str | Path | None = None) -> dict[str, object]:
+    """Retrieve, de-duplicate, leak-filter and cap neighbours for every class; write `neighbors.parquet`."""
+    started = time.time()
+    classes = json.loads(Path(classes_file).read_text())
+    index = faiss.read_index(str(index_file))
+    ids = pd.read_parquet(ids_file)
+    if index.ntotal != len(ids):
+        raise ValueError(f"{index_file}: index has {index.ntotal} vectors but {ids_file} lists {len(ids)}")
+    vectors = PoolVectors(emb_files)
+    train_emb, train_meta = load_split(*train)
+    eval_parts = [load_split(*p) for p in evals]
+    eval_emb = np.concatenate([e for e, _ in eval_parts]) if eval_parts else np.zeros((0, train_emb.shape[1]), np.float32)
+    eval_hash = np.concatenate([m["dhash"].to_numpy() for _, m in eval_parts]) if eval_parts else np.zeros(0, np.int64)
+    has_hash = "dhash" in ids.columns
+    if not has_hash:
+        log.warning("retrieve: %s has no dhash column; the leak filter uses embeddings only", ids_file)
+    queries = class_queries(spec, classes, train_emb, train_meta, model)
+    k = min(spec.k_per_query, index.ntotal)
+    rows: list[dict[str, object]] = []
+    per_class: dict[str, dict[str, int]] = {}
+    for label, cls in enumerate(classes["classes"]):
+        qv, qid = queries[label]
+        if len(qv) == 0:
+            raise ValueError(f"retrieve: class {cls!r} has no queries (no training images in {train[1]}?)")
+        scores, found = index.search(np.ascontiguousarray(qv, dtype=np.float32), k)
+        cand = pd.DataFrame({"gid": found.ravel(), "score": scores.ravel(),
+                             "rank": np.tile(np.arange(k), len(qv)), "query": np.repeat(qid, k)})
+        cand = cand[cand["gid"] >= 0].sort_values(["rank", "score"], ascending=[True, False], kind="stable")
+        n_cand = len(cand)
+        cand = cand.drop_duplicates("gid", keep="first")
+        cand = cand.assign(key=ids["key"].to_numpy()[cand["gid"].to_numpy()].astype(str)).drop_duplicates("key")
+        n_same_key = n_cand - len(cand)
+        emb = vectors[cand["gid"].to_numpy()]
+        leaked = np.zeros(len(cand), bool)
+        if len(eval_emb):
+            leaked |= (emb @ eval_emb.T).max(axis=1) >= spec.leak_threshold
+            if has_hash:
+                leaked |= _hamming(ids["dhash"].to_numpy()[cand["gid"].to_numpy()], eval_hash).min(axis=1) <= spec.leak_hash_distance
+        keep_idx: list[int] = []
+        kept_emb: list[np.ndarray] = []
+        n_near_dup = 0
+        for i in np.flatnonzero(~leaked):
+            if len(keep_idx) >= spec.n_aug:
+                break
+            if kept_emb and float(np.max(np.stack(kept_emb) @ emb[i])) >= spec.dedup_threshold:
+                n_near_dup += 1
+                continue
+            keep_idx.append(i)
+            kept_emb.append(emb[i])
+        kept = cand.iloc[keep_idx]
+        gids = kept["gid"].to_numpy()
+        for r, (gid, score, query) in enumerate(zip(gids, kept["score"], kept["query"], strict=True)):
+            rows.append({"class": cls, "label": label, "key": str(ids["key"].iat[gid]), "url": ids["url"].iat[gid],
+                         "caption": ids["caption"].iat[gid], "shard": ids["shard"].iat[gid], "score": float(score),
+                         "rank": r, "query": query})
+        per_class[cls] = {"candidates": int(n_cand), "same_key_removed": int(n_same_key), "near_dup_removed": n_near_dup,
+                          "leaked_removed": int(leaked.sum()), "kept": len(keep_idx)}
+        if len(keep_idx) < spec.n_aug:
+            log.warning("retrieve: class %s: only %d of %d images after filtering; raise k_per_query", cls, len(keep_idx), spec.n_aug)
+    table = pd.DataFrame(rows)
+    write_parquet(out, table)
+    stats = {"mode": spec.mode, "per_class": per_class,
+             "leaked_removed": sum(v["leaked_removed"] for v in per_class.values()),
+             "near_dup_removed": sum(v["near_dup_removed"] for v in per_class.values()),
+             "kept": len(table)}
+    write_json(out_stats, stats)
+    write_meta(out, "retrieve", spec_dict(spec), started, stats={k: v for k, v in stats.items() if k != "per_class"})
+    log.info("retrieve: %s mode: kept %d, leaked removed %d, near-duplicates removed %d",
+             spec.mode, stats["kept"], stats["leaked_removed"], stats["near_dup_removed"])
+    return stats

@@ -1,0 +1,186 @@
+"""Stage specs: the settings a rule hands to the library, as one canonical JSON string.
+
+A spec is a frozen dataclass that refuses unknown keys, so a typo in the config is an error and
+not a silently used default. `STAGE_VERSIONS` is folded into each spec by the workflow: bump a
+stage's number in the commit that changes what it produces, so expensive work re-runs on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+STAGE_VERSIONS: dict[str, int] = {
+    "world": 1,
+    "download": 1,
+    "pretrain_clip": 1,
+    "embed": 1,
+    "index": 1,
+    "retrieve": 1,
+    "fetch": 1,
+    "train": 1,
+    "report": 1,
+}
+
+T = TypeVar("T")
+
+
+def canonical_json(data: Any) -> str:
+    """One spelling per value: sorted keys, no spaces. Snakemake compares params as strings."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def parse_spec(cls: type[T], text: str | dict[str, Any]) -> T:
+    """Build spec `cls` from JSON text or a dict, naming any unknown key in the error."""
+    data = json.loads(text) if isinstance(text, str) else dict(text)
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known keys: {sorted(names)}")
+    return cls(**data)
+
+
+def spec_dict(spec: Any) -> dict[str, Any]:
+    """The spec as a plain dict (for `.meta.json` sidecars)."""
+    return asdict(spec)
+
+
+def spec_hash(spec: Any) -> str:
+    """Short stable hash of a spec, recorded in manifests."""
+    return hashlib.sha256(canonical_json(spec_dict(spec)).encode()).hexdigest()[:16]
+
+
+def item_seed(base: int, *keys: object) -> int:
+    """A seed derived from (base seed, stage keys): never a global RNG state.
+
+    Hashing makes seeds independent of iteration order, so asking for more items appends
+    without changing the ones already made.
+    """
+    text = "\x1f".join([str(base), *map(str, keys)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def rng(base: int, *keys: object) -> random.Random:
+    """A `random.Random` seeded by `item_seed`."""
+    return random.Random(item_seed(base, *keys))
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The toy world: target classes, splits and the captioned pre-training pool."""
+
+    seed: int = 0
+    n_classes: int = 10
+    n_distractors: int = 10
+    resolution: int = 32
+    shots: int = 10
+    val_per_class: int = 50
+    test_per_class: int = 50
+    pool_size: int = 20000
+    pool_shard_size: int = 5000
+    p_wrong_label: float = 0.1
+    p_no_object: float = 0.1
+    p_colour_word: float = 0.3
+    version: int = STAGE_VERSIONS["world"]
+
+
+@dataclass(frozen=True)
+class DownloadSpec:
+    """img2dataset settings for one pool part."""
+
+    image_size: int = 32
+    resize_mode: str = "border"
+    processes_count: int = 1
+    thread_count: int = 16
+    timeout: float = 10.0
+    retries: int = 0
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    version: int = STAGE_VERSIONS["download"]
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Tiny CLIP architecture and contrastive training schedule (toy world only)."""
+
+    seed: int = 0
+    vocab_size: int = 1000
+    image_size: int = 32
+    vision_widths: tuple[int, ...] = (16, 32, 64, 128)
+    text_width: int = 64
+    text_layers: int = 2
+    heads: int = 4
+    embed_dim: int = 64
+    max_text_len: int = 16
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    steps: int = 1500
+    threads: int = 2
+    version: int = STAGE_VERSIONS["pretrain_clip"]
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """Batched CLIP embedding of pool shards and target splits."""
+
+    batch_size: int = 256
+    precision: str = "fp16"
+    version: int = STAGE_VERSIONS["embed"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS index built from a factory string, with recall measured against exact search."""
+
+    factory: str = "Flat"
+    metric: str = "ip"
+    train_size: int = 100000
+    nprobe: int = 16
+    recall_sample: int = 500
+    seed: int = 0
+    version: int = STAGE_VERSIONS["index"]
+
+
+@dataclass(frozen=True)
+class RetrieveSpec:
+    """Nearest-neighbour retrieval per class, de-duplication and leak filtering."""
+
+    mode: str = "image"
+    n_aug: int = 50
+    k_per_query: int = 100
+    prompts: tuple[str, ...] = ("a photo of a {}.",)
+    dedup_threshold: float = 0.97
+    leak_threshold: float = 0.95
+    hash_size: int = 8
+    leak_hash_distance: int = 4
+    version: int = STAGE_VERSIONS["retrieve"]
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("image", "text"):
+            raise ValueError(f"RetrieveSpec.mode must be 'image' or 'text', got {self.mode!r}")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Classifier recipe: architecture, schedule, augmentation, evaluation."""
+
+    arch: str = "resnet18"
+    input_size: int = 32
+    small_input_stem: bool = True
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: int = 1
+    threads: int = 1
+    min_steps: int = 200
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = STAGE_VERSIONS["train"]

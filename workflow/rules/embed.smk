@@ -1,0 +1,43 @@
+rule embed_pool:
+    input:
+        unpack(lambda wc: clip_input()),
+        shard=f"{R}/pool/shards/{{part}}.tar",
+    output:
+        emb=f"{R}/embed/pool/img_emb/{{part}}.npy",
+        meta=f"{R}/embed/pool/metadata/{{part}}.parquet",
+    log:
+        f"{LOGS}/embed/pool/{{part}}.log",
+    benchmark:
+        f"{BENCH}/embed/pool/{{part}}.tsv"
+    params:
+        spec=stage_spec("embed"),
+        model=CLIP_MODEL,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench embed --shard {input.shard:q} --model {params.model:q}"
+        " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} > {log:q} 2>&1"
+
+
+rule embed_target:
+    input:
+        unpack(lambda wc: clip_input()),
+        split=f"{R}/world/target/{{split}}.parquet",
+    output:
+        emb=f"{R}/embed/target/img_emb/{{split}}.npy",
+        meta=f"{R}/embed/target/metadata/{{split}}.parquet",
+    log:
+        f"{LOGS}/embed/target/{{split}}.log",
+    params:
+        spec=stage_spec("embed"),
+        model=CLIP_MODEL,
+        root=f"{R}/world",
+    threads: 1
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench embed --split {input.split:q} --root {params.root:q} --model {params.model:q}"
+        " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} > {log:q} 2>&1"

@@ -1,0 +1,20 @@
+rule index:
+    input:
+        emb=expand(f"{R}/embed/pool/img_emb/{{part}}.npy", part=PARTS),
+        meta=expand(f"{R}/embed/pool/metadata/{{part}}.parquet", part=PARTS),
+    output:
+        index=f"{R}/index/pool.index",
+        ids=f"{R}/index/ids.parquet",
+        infos=f"{R}/index/index_infos.json",
+    log:
+        f"{LOGS}/index.log",
+    benchmark:
+        f"{BENCH}/index.tsv"
+    params:
+        spec=stage_spec("index"),
+    threads: 2
+    conda:
+        "../../envs/faiss.yaml"
+    shell:
+        "python -m augbench index --emb {input.emb:q} --meta {input.meta:q} --out-index {output.index:q}"
+        " --out-ids {output.ids:q} --out-infos {output.infos:q} --spec {params.spec:q} > {log:q} 2>&1"

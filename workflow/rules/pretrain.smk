@@ -1,0 +1,19 @@
+rule pretrain_clip:
+    input:
+        shards=expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS),
+    output:
+        model=directory(f"{R}/clip/model"),
+    log:
+        f"{LOGS}/pretrain_clip.log",
+    benchmark:
+        f"{BENCH}/pretrain_clip.tsv"
+    params:
+        spec=stage_spec("pretrain_clip"),
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench pretrain-clip --shards {input.shards:q} --out {output.model:q}"
+        " --spec {params.spec:q} > {log:q} 2>&1"
