@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from augbench.index import search
 from augbench.io import write_json, write_meta, write_parquet
 from augbench.specs import RetrieveSpec, spec_dict
 
@@ -106,7 +107,7 @@ def retrieve(index_file: Path, ids_file: Path, emb_files: list[Path], classes_fi
         qv, qid = queries[label]
         if len(qv) == 0:
             raise ValueError(f"retrieve: class {cls!r} has no queries (no training images in {train[1]}?)")
-        scores, found = index.search(np.ascontiguousarray(qv, dtype=np.float32), k)
+        scores, found = search(index, qv, k, spec.refine, vectors.__getitem__)
         cand = pd.DataFrame({"gid": found.ravel(), "score": scores.ravel(),
                              "rank": np.tile(np.arange(k), len(qv)), "query": np.repeat(qid, k)})
         cand = cand[cand["gid"] >= 0].sort_values(["rank", "score"], ascending=[True, False], kind="stable")

@@ -83,7 +83,7 @@ class WorldSpec:
     pool_shard_size: int = 5000
     p_wrong_label: float = 0.1
     p_no_object: float = 0.1
-    p_colour_word: float = 0.3
+    p_colour_word: float = 0.0
     version: int = STAGE_VERSIONS["world"]
 
 
@@ -141,6 +141,7 @@ class IndexSpec:
     metric: str = "ip"
     train_size: int = 100000
     nprobe: int = 16
+    refine: int = 1
     recall_sample: int = 500
     seed: int = 0
     version: int = STAGE_VERSIONS["index"]
@@ -153,6 +154,7 @@ class RetrieveSpec:
     mode: str = "image"
     n_aug: int = 50
     k_per_query: int = 100
+    refine: int = 1
     prompts: tuple[str, ...] = ("a photo of a {}.",)
     dedup_threshold: float = 0.97
     leak_threshold: float = 0.95

@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (the toy-world run) and `make test`.
+# Both set up .venv on first use; pip takes the pinned torch/torchvision from the local disk where it can.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.augbench-installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: demo test lint install clean-results
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	snakemake --profile profiles/default --configfile config.yaml && \
+	echo && cat results/toy/report/results.md && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+test: $(STAMP)
+	$(PY) -m pytest -ra tests
+
+lint: $(STAMP)
+	ruff check src tests
+	snakemake --lint
+
+clean-results:
+	rm -rf results/toy logs/toy benchmarks/toy
