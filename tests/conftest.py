@@ -22,11 +22,11 @@ class RecordingHandler(http.server.SimpleHTTPRequestHandler):
 
     requests: list[str]
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+    def do_GET(self) -> None:
         self.server.requests.append(self.path)  # type: ignore[attr-defined]
         super().do_GET()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -113,7 +113,10 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
             perm, cursor = torch.randperm(len(y), generator=g), 0
         idx = perm[cursor:cursor + bs]
         cursor += bs
-        lr = spec.lr * (step + 1) / max(warmup, 1) if step < warmup else spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        if step < warmup:
+            lr = spec.lr * (step + 1) / warmup
+        else:
+            lr = spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
         for group in opt.param_groups:
             group["lr"] = lr
         xb = ((shift_flip(xt[idx], g) - MEAN) / STD).to(device)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     """Static file handler that logs through `logging` instead of stderr."""
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("serve: " + format, *args)
 
 

@@ -32,8 +32,9 @@ class Clip:
     """A loaded CLIP-style model with its image processor and tokenizer (any `from_pretrained` source)."""
 
     def __init__(self, source: str | Path, device: torch.device | None = None, precision: str = "fp32") -> None:
-        import augbench.toyclip  # noqa: F401  (registers the toy model type with AutoModel)
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        import augbench.toyclip  # noqa: F401  (registers the toy model type with AutoModel)
 
         self.device = device or pick_device()
         self.model = AutoModel.from_pretrained(str(source)).eval().to(self.device)
@@ -90,7 +91,7 @@ def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Ima
         try:
             img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
             img = img.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 (any decoder error means: skip this image)
+        except Exception as exc:
             skipped += 1
             log.warning("embed: %s: skipping undecodable image %s (%s)", source, row.get("key") or row.get("path"), exc)
             continue

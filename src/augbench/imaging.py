@@ -33,7 +33,7 @@ def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: st
         try:
             arrays.append(decode(data, size))
             tags.append(tag)
-        except Exception as exc:  # noqa: BLE001 (any decoder error means: skip this image)
+        except Exception as exc:
             skipped += 1
             log.warning("%s: skipping undecodable image %s (%s)", what, tag, exc)
     if skipped:

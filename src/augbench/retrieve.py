@@ -66,7 +66,7 @@ def class_queries(spec: RetrieveSpec, classes: dict, train_emb: np.ndarray, trai
     names = classes.get("names", {})
     out: dict[int, tuple[np.ndarray, list[str]]] = {}
     if spec.mode == "image":
-        for label, cls in enumerate(classes["classes"]):
+        for label in range(len(classes["classes"])):
             sel = (train_meta["label"] == label).to_numpy()
             out[label] = (train_emb[sel], list(train_meta.loc[sel, "path"].astype(str)))
         return out

@@ -80,7 +80,6 @@ class WorldSpec:
     val_per_class: int = 50
     test_per_class: int = 50
     pool_size: int = 20000
-    pool_shard_size: int = 5000
     p_wrong_label: float = 0.1
     p_no_object: float = 0.1
     p_colour_word: float = 0.0

@@ -11,6 +11,7 @@ stage loads it exactly as it loads `openai/clip-vit-large-patch14`: `from_pretra
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -56,7 +57,7 @@ class ToyVisionTower(nn.Module):
     def __init__(self, widths: list[int]) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
-        for cin, cout in zip(widths[:-1], widths[1:], strict=True):
+        for cin, cout in itertools.pairwise(widths):
             layers.append(_block(cin, cout, 2))
         self.body = nn.Sequential(*layers)
 
@@ -98,7 +99,9 @@ class ToyClipModel(PreTrainedModel):
         out.pooler_output = self.visual_projection(out.pooler_output)
         return out
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> BaseModelOutputWithPooling:
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any
+    ) -> BaseModelOutputWithPooling:
         """Projected text embedding in `.pooler_output`."""
         out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
         out.pooler_output = self.text_projection(out.pooler_output)

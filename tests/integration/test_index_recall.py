@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import yaml
+from conftest import REPO
 
 from augbench.index import build, recall_at_k
 from augbench.specs import IndexSpec
-from conftest import REPO
 
 
 def _clustered(n: int, d: int, clusters: int, seed: int, intrinsic: int = 16) -> np.ndarray:

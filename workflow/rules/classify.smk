@@ -13,7 +13,7 @@ rule train:
         f"{BENCH}/train/{{method}}/{{n_aug}}/{{seed}}.tsv"
     params:
         spec=stage_spec("train"),
-        root=f"{R}/world",
+        root=lambda wildcards, input: Path(input.test).parents[1],
         aug=lambda wc, input: (
             f"--aug-manifest {input.aug_manifest} --aug-tar {input.aug_tar}" if "aug_tar" in input.keys() else ""
         ),

@@ -36,8 +36,6 @@ def stage_spec(stage, **extra):
     data = dict(config[section]) if section else {}
     if stage == "pretrain_clip":
         data = dict(config["clip"]["train"])
-    if stage == "world":
-        data["pool_shard_size"] = -(-config["world"]["pool_size"] // config["pool"]["parts"])
     if stage == "retrieve":
         data = {k: v for k, v in config["retrieve"].items() if not (extra.get("mode") == "image" and k == "prompts")}
         data["n_aug"] = max(config["n_aug"])
@@ -75,3 +73,29 @@ def real_splits(wildcards):
     """Real training tables: the shots, plus as many again for the real_x2 upper bound."""
     splits = ["train", "train_extra"] if wildcards.method == "real_x2" else ["train"]
     return [f"{R}/world/target/{s}.parquet" for s in splits]
+
+
+def report_inputs():
+    """Metrics of every run, and the retrieval methods' manifests and stats (for precision and leaks)."""
+    runs = [f"{R}/train/{m}/{n}/{s}/metrics.json" for m, n, s in train_runs()]
+    retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
+    return {
+        "metrics": runs,
+        "manifests": [f"{R}/augment/{m}/manifest.parquet" for m in retrieval],
+        "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
+        "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
+    }
+
+
+def report_args(wildcards, input):
+    """The report command's arguments, built from the resolved input files."""
+    runs = " ".join(
+        f"--run {shlex.quote(json.dumps({'method': m, 'n_aug': n, 'seed': s, 'metrics': f}))}"
+        for (m, n, s), f in zip(train_runs(), input.metrics)
+    )
+    retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
+    retr = " ".join(
+        f"--retrieval {m} {man} {st}" for m, man, st in zip(retrieval, input.manifests, input.stats)
+    )
+    truth = f"--truth {input.truth[0]}" if input.truth else ""
+    return f"{runs} {retr} {truth}"

@@ -34,7 +34,7 @@ rule embed_target:
     params:
         spec=stage_spec("embed"),
         model=CLIP_MODEL,
-        root=f"{R}/world",
+        root=lambda wildcards, input: Path(input.split).parents[1],
     threads: 1
     conda:
         "../../envs/torch.yaml"

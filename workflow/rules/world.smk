@@ -9,7 +9,7 @@ rule world:
         f"{BENCH}/world.tsv"
     params:
         spec=stage_spec("world"),
-        out=f"{R}/world",
+        out=lambda wildcards, output: Path(output.classes).parent,
     conda:
         "../../envs/torch.yaml"
     shell:

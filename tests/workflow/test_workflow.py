@@ -1,0 +1,94 @@
+"""The workflow itself: config validation, lint, the tiny world end to end, and incrementality."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (code, rules, configs) in its own folder, so results/ stay inside the test."""
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "src"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    shutil.copy(REPO / "config.yaml", dest / "config.yaml")
+    return dest
+
+
+def _smk(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _scheduled(dry_run_output: str) -> dict[str, int]:
+    """The job-count table of a dry run: {rule: count}."""
+    table = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal", dry_run_output, re.S)
+    if table is None:
+        return {}
+    return {line.split()[0]: int(line.split()[1]) for line in table.group(1).splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [({"world": {"shotz": 3}}, "shotz"), ({"seeds": "zero"}, "seeds"), ({"retrieve": {"k_per_query": "many"}}, "k_per_query")],
+)
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path: Path, override: dict, named: str) -> None:
+    wf = _copy_workflow(tmp_path)
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    for key, value in override.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    (wf / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    res = _smk(wf, "-n", "--configfile", "bad.yaml")
+    assert res.returncode != 0
+    assert named in res.stdout + res.stderr
+    assert not (wf / "results").exists()
+
+
+def test_lint_is_clean() -> None:
+    res = _smk(REPO, "--lint", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
+    wf = _copy_workflow(tmp_path)
+    res = _smk(wf, "--cores", "2", "--configfile", "config/tiny.yaml")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    report = pd.read_csv(wf / "results/tiny/report/results.csv")
+    assert set(report["method"]) == {"real", "real_x2", "retrieval_image", "retrieval_text"}
+    assert report["top1_mean"].between(0, 1).all()
+    retrieval = report[report["method"].str.startswith("retrieval")]
+    assert retrieval["retrieval_precision"].between(0, 1).all()
+    assert (retrieval["leaked_removed"] >= 0).all()
+    infos = json.loads((wf / "results/tiny/index/index_infos.json").read_text())
+    assert infos["factory"] == "Flat" and infos["recall_at_10"] == 1.0
+    stats = json.loads((wf / "results/tiny/pool/shards/00000_stats.json").read_text())
+    assert stats["successes"] > 0 and stats["attempts"] == 1
+
+    # nothing to do after a complete run
+    res = _smk(wf, "-n", "--configfile", "config/tiny.yaml")
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout
+
+    # a retrieve setting schedules retrieve and what depends on it, nothing upstream, no baselines
+    res = _smk(wf, "-n", "--configfile", "config/tiny.yaml", "--config", "retrieve={'k_per_query': 15}")
+    assert res.returncode == 0, res.stderr
+    jobs = _scheduled(res.stdout)
+    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 2, "report": 1, "all": 1}, res.stdout
