@@ -77,7 +77,8 @@ def cmd_retrieve(a: argparse.Namespace) -> object:
 
     evals = list(zip(_paths(a.eval_emb), _paths(a.eval_meta), strict=True))
     return retrieve(Path(a.index), Path(a.ids), _paths(a.pool_emb), Path(a.classes), (Path(a.train_emb), Path(a.train_meta)),
-                    evals, Path(a.out), Path(a.out_stats), parse_spec(RetrieveSpec, a.spec), model=a.model)
+                    evals, Path(a.out), Path(a.out_stats), parse_spec(RetrieveSpec, a.spec), model=a.model,
+                    pool_shards=_paths(a.pool_shards) or None, eval_root=Path(a.eval_root) if a.eval_root else None)
 
 
 def cmd_fetch(a: argparse.Namespace) -> object:
@@ -167,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-emb", nargs="*", default=[])
     s.add_argument("--eval-meta", nargs="*", default=[])
     s.add_argument("--model", help="CLIP folder or hub id (text mode)")
+    s.add_argument("--pool-shards", nargs="*", help="local pool shards: leak suspects are verified by pixels")
+    s.add_argument("--eval-root", help="folder the eval split tables' paths are relative to")
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_retrieve)
 

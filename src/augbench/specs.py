@@ -155,10 +155,11 @@ class RetrieveSpec:
     k_per_query: int = 100
     refine: int = 1
     prompts: tuple[str, ...] = ("a photo of a {}.",)
-    dedup_threshold: float = 0.97
+    dedup_threshold: float = 0.995
     leak_threshold: float = 0.95
-    hash_size: int = 8
-    leak_hash_distance: int = 4
+    leak_hash_distance: int = 6
+    leak_match_candidates: int = 5
+    leak_pixel_mad: float = 0.075
     version: int = STAGE_VERSIONS["retrieve"]
 
     def __post_init__(self) -> None:

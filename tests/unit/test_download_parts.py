@@ -1,0 +1,34 @@
+"""Splitting a pool into download parts keeps every row once and drops hidden columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from augbench.download import failure_reason, split_parts
+
+
+def test_split_parts_covers_every_row_once(tmp_path: Path) -> None:
+    pool = pd.DataFrame({"key": [f"{i:03d}" for i in range(10)], "file": [f"pool/images/{i}.png" for i in range(10)],
+                         "caption": ["c"] * 10, "true_label": range(10)})
+    pool.to_parquet(tmp_path / "pool.parquet")
+    outs = [tmp_path / f"part{i}.parquet" for i in range(3)]
+    assert split_parts(tmp_path / "pool.parquet", outs) == [3, 4, 3]
+    parts = pd.concat([pd.read_parquet(o) for o in outs])
+    assert list(parts["key"]) == list(pool["key"])
+    assert list(parts.columns) == ["key", "url", "caption"]  # the hidden label is not passed on
+
+
+def test_split_parts_names_missing_columns(tmp_path: Path) -> None:
+    pd.DataFrame({"link": ["x"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet.*caption"):
+        split_parts(tmp_path / "bad.parquet", [tmp_path / "o.parquet"])
+
+
+def test_failure_reasons() -> None:
+    assert failure_reason("HTTP Error 404: Not Found") == "http_404"
+    assert failure_reason("timed out") == "timeout"
+    assert failure_reason("Image decoding error") == "undecodable_image"
+    assert failure_reason("[Errno 111] Connection refused") == "connection_error"
