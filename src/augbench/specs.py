@@ -174,10 +174,10 @@ class TrainSpec:
 
     arch: str = "resnet18"
     input_size: int = 32
-    small_input_stem: bool = True
+    small_input_stem: bool = False
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 0.1
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
