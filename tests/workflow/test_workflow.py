@@ -88,7 +88,10 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout
 
     # a retrieve setting schedules retrieve and what depends on it, nothing upstream, no baselines
-    res = _smk(wf, "-n", "--configfile", "config/tiny.yaml", "--config", "retrieve={'k_per_query': 15}")
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["retrieve"]["k_per_query"] = 15
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert res.returncode == 0, res.stderr
     jobs = _scheduled(res.stdout)
     assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 2, "report": 1, "all": 1}, res.stdout
