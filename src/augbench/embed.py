@@ -86,6 +86,8 @@ def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Ima
             rows.extend(batch_rows)
             batch.clear()
             batch_rows.clear()
+            if len(embs) % 20 == 0:
+                log.info("embed: %s: %d images embedded", source, len(rows))
 
     for row, data in items:
         try:
