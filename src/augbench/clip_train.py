@@ -7,6 +7,7 @@ that every later stage loads with `from_pretrained`, exactly as it would load
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -32,8 +33,9 @@ def train_tokenizer(captions: list[str], vocab_size: int):  # -> CLIPTokenizer
     """Train a CLIP-style byte-level BPE tokenizer on captions, offline.
 
     Vocabulary layout follows CLIP's: 256 byte chars, the same with `</w>`, the merges, then the
-    two special tokens last (so `eos` is the highest id, as CLIP's text pooling expects nowhere,
-    but as the original vocabulary has it).
+    two special tokens last, as in the original vocabulary. The tokenizers library only learns the
+    merges; the result is handed to transformers' `CLIPTokenizer` so that it saves and reloads
+    like any CLIP tokenizer.
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from tokenizers.pre_tokenizers import ByteLevel
@@ -50,9 +52,7 @@ def train_tokenizer(captions: list[str], vocab_size: int):  # -> CLIPTokenizer
     trainer = trainers.BpeTrainer(vocab_size=2 * len(alphabet) + n_merges, initial_alphabet=alphabet,
                                   end_of_word_suffix="</w>", show_progress=False, special_tokens=[])
     tok.train_from_iterator(captions, trainer)
-    import json as _json
-
-    model_state = _json.loads(tok.to_str())["model"]
+    model_state = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_state["merges"]][:n_merges]
     chars = sorted(set(alphabet), key=lambda c: ord(c))
     vocab_list = chars + [c + "</w>" for c in chars]

@@ -34,8 +34,12 @@ def retrieval_precision(manifest: Path, n_aug: int, truth: pd.DataFrame) -> floa
 
 def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None) -> pd.DataFrame:
     """Aggregate runs [{method, n_aug, seed, metrics}] into the results table."""
-    df = pd.DataFrame([{"method": r["method"], "n_aug": int(r["n_aug"]), "seed": int(r["seed"]),
-                        "top1": read_metrics(r["metrics"])["top1"], "top5": read_metrics(r["metrics"])["top5"]} for r in runs])
+    records = []
+    for r in runs:
+        metrics = read_metrics(r["metrics"])
+        records.append({"method": r["method"], "n_aug": int(r["n_aug"]), "seed": int(r["seed"]),
+                        "top1": metrics["top1"], "top5": metrics["top5"]})
+    df = pd.DataFrame(records)
     rows = []
     for (method, n_aug), g in df.groupby(["method", "n_aug"], sort=False):
         row = {"method": method, "n_aug": n_aug, "seeds": len(g), "top1_mean": g["top1"].mean(),
