@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import socket
 import tempfile
 import time
@@ -52,14 +53,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -12,7 +12,6 @@ confirmed by pixels (see `_verify_leaks`). Finally capped at `n_aug` per class.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -21,8 +20,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from augbench.imaging import decode
 from augbench.index import search
 from augbench.io import write_json, write_meta, write_parquet
 from augbench.shards import iter_shard
@@ -107,8 +106,7 @@ def _suspects(emb: np.ndarray, hashes: np.ndarray | None, eval_emb: np.ndarray, 
 
 
 def _pixels(data: bytes | Path, size: int = 32) -> np.ndarray:
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
-    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    return decode(data if isinstance(data, bytes) else str(data), size).astype(np.float32) / 255
 
 
 def pixel_distance(a: np.ndarray, b: np.ndarray, shift: int = 1) -> float:

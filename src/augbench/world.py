@@ -301,7 +301,8 @@ def build_world(spec: WorldSpec, out: Path) -> dict[str, int]:
         rel = f"pool/images/{key}.png"
         with atomic_path(out / rel) as tmp:
             img.save(tmp)
-        label = kinds.index(kind) if kinds.index(kind) < spec.n_classes else -1
+        index = kinds.index(kind)
+        label = index if index < spec.n_classes else -1
         rows.append({"key": key, "file": rel, "caption": caption(kind, colour, r, spec, kinds),
                      "true_kind": kind.key, "true_label": label})
     write_parquet(out / "pool/pool.parquet", pd.DataFrame(rows))
