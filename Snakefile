@@ -9,7 +9,10 @@
 #   embed/target/img_emb/{split}.npy + metadata/{split}.parquet
 #   index/pool.index, ids.parquet, index_infos.json
 #   retrieve/{mode}/neighbors.parquet, stats.json
-#   augment/{method}/images.tar, manifest.parquet
+#   diffusion/model/                         toy latent diffusion model (StableDiffusionPipeline folder); real runs name SD
+#   personalize/{method}/{cls}/              learned_embeds.safetensors | cond.safetensors (+ LoRA weights or unet/)
+#   generate/{method}/{cls}/images.tar, manifest.parquet, cache/   generated images of one class (cache: by chunk)
+#   augment/{method}/images.tar, manifest.parquet (+ fidelity.json for generated sets)
 #   train/{method}/{n_aug}/{seed}/metrics.json, model.pt
 #   report/results.csv, results.md
 
@@ -28,6 +31,8 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/index.smk"
 include: "workflow/rules/retrieve.smk"
+include: "workflow/rules/personalize.smk"
+include: "workflow/rules/generate.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/report.smk"
 

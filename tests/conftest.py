@@ -45,3 +45,38 @@ def recording_server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def build_tiny_sd(out: Path, classes: tuple[str, ...] = ("circle", "square", "triangle")) -> Path:
+    """Build and save a tiny, untrained `StableDiffusionPipeline` folder, as if it were Stable Diffusion.
+
+    Tokenizer: an offline CLIP BPE tokenizer trained on a few captions; text encoder: a 2-layer
+    `CLIPTextModel`; VAE and UNet: augbench's tiny toy-world architectures at 16x16 pixels.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from augbench.clip_train import train_tokenizer
+    from augbench.diffusion import build_unet, build_vae, noise_scheduler
+    from augbench.specs import DiffusionSpec
+
+    torch.manual_seed(0)
+    captions = [f"a photo of a {c}." for c in classes] * 20 + ["a drawing of the plus sign on a wall", "itap of my ring"] * 10
+    tokenizer = train_tokenizer(captions, 300)
+    tokenizer.model_max_length = 12
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=12, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    spec = DiffusionSpec(image_size=16, vae_widths=(8, 16), unet_widths=(16, 32), norm_groups=4, attention_head_dim=2)
+    pipe = StableDiffusionPipeline(vae=build_vae(spec), text_encoder=text, tokenizer=tokenizer, unet=build_unet(spec, 32),
+                                   scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Stable Diffusion pipeline folder (built once per test session)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "pipeline")

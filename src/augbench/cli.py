@@ -53,6 +53,38 @@ def cmd_pretrain_clip(a: argparse.Namespace) -> object:
     return pretrain_clip(_paths(a.shards), Path(a.out), parse_spec(ClipSpec, a.spec))
 
 
+def cmd_pretrain_diffusion(a: argparse.Namespace) -> object:
+    from augbench.diffusion import pretrain_diffusion
+    from augbench.specs import DiffusionSpec, parse_spec
+
+    return pretrain_diffusion(_paths(a.shards), a.clip, Path(a.out), parse_spec(DiffusionSpec, a.spec))
+
+
+def cmd_personalize(a: argparse.Namespace) -> object:
+    from augbench.personalize import personalize
+    from augbench.specs import PersonalizeSpec, parse_spec
+
+    emb = (Path(a.emb), Path(a.meta)) if a.emb else None
+    return personalize(a.model, Path(a.table), Path(a.root), a.label, a.class_key, a.name, Path(a.out),
+                       parse_spec(PersonalizeSpec, a.spec), embeddings=emb)
+
+
+def cmd_generate(a: argparse.Namespace) -> object:
+    from augbench.generate import generate
+    from augbench.specs import GenerateSpec, parse_spec
+
+    return generate(a.model, a.class_key, a.name, a.label, Path(a.out_tar), Path(a.out_manifest), Path(a.cache),
+                    parse_spec(GenerateSpec, a.spec), personalization=Path(a.personalization) if a.personalization else None,
+                    real=(Path(a.table), Path(a.root)))
+
+
+def cmd_collect(a: argparse.Namespace) -> object:
+    from augbench.generate import collect
+
+    return collect(_paths(a.tars), _paths(a.manifests), Path(a.classes), a.clip, Path(a.out_tar), Path(a.out_manifest),
+                   Path(a.out_fidelity))
+
+
 def cmd_embed(a: argparse.Namespace) -> object:
     from augbench.embed import embed_shard, embed_split
     from augbench.specs import EmbedSpec, parse_spec
@@ -108,10 +140,17 @@ def cmd_report(a: argparse.Namespace) -> object:
     runs = [json.loads(r) for r in a.run]
     retrieval = {m: {"manifest": Path(man), "stats": Path(st)} for m, man, st in a.retrieval or []}
     truth = pd.read_parquet(a.truth) if a.truth else None
-    table = build_table(runs, retrieval, truth)
+    fidelity = {m: Path(f) for m, f in a.fidelity or []}
+    table = build_table(runs, retrieval, truth, fidelity)
     write_report(table, Path(a.out_csv), Path(a.out_md))
     print(Path(a.out_md).read_text())
     return {"rows": len(table)}
+
+
+def _class_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--class-key", required=True)
+    s.add_argument("--label", type=int, required=True)
+    s.add_argument("--name", required=True, help="the class name prompts use")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -141,6 +180,46 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_pretrain_clip)
+
+    s = sub.add_parser("pretrain-diffusion", help="train the toy world's tiny latent diffusion model on pool shards")
+    s.add_argument("--shards", nargs="+", required=True)
+    s.add_argument("--clip", required=True, help="CLIP folder or hub id whose text tower becomes the frozen text encoder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_pretrain_diffusion)
+
+    s = sub.add_parser("personalize", help="personalise a diffusion model to one class")
+    s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
+    s.add_argument("--table", required=True, help="training split table (path, label, class)")
+    s.add_argument("--root", required=True, help="folder the table's paths are relative to")
+    _class_args(s)
+    s.add_argument("--emb", help="training split CLIP embeddings (cond_clusters)")
+    s.add_argument("--meta", help="their metadata parquet")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_personalize)
+
+    s = sub.add_parser("generate", help="generate one class's images with one method (cached by chunk)")
+    s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
+    s.add_argument("--table", required=True, help="training split table (img2img sources)")
+    s.add_argument("--root", required=True)
+    _class_args(s)
+    s.add_argument("--personalization", help="the class's personalisation folder (personalised methods)")
+    s.add_argument("--cache", required=True)
+    s.add_argument("--out-tar", required=True)
+    s.add_argument("--out-manifest", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("collect", help="join a method's per-class images and measure generation fidelity")
+    s.add_argument("--tars", nargs="+", required=True)
+    s.add_argument("--manifests", nargs="+", required=True)
+    s.add_argument("--classes", required=True)
+    s.add_argument("--clip", required=True)
+    s.add_argument("--out-tar", required=True)
+    s.add_argument("--out-manifest", required=True)
+    s.add_argument("--out-fidelity", required=True)
+    s.set_defaults(fn=cmd_collect)
 
     s = sub.add_parser("embed", help="CLIP-embed one pool shard or one target split")
     src = s.add_mutually_exclusive_group(required=True)
@@ -195,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="aggregate metrics into results.csv / results.md")
     s.add_argument("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}')
     s.add_argument("--retrieval", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "STATS"))
+    s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
     s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)

@@ -63,6 +63,13 @@ class Clip:
         emb = getattr(out, "pooler_output", out).float()
         return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
 
+    def zero_shot(self, images: list[Image.Image], names: list[str], template: str = "a photo of a {}.",
+                  batch_size: int = 256) -> np.ndarray:
+        """Index of the class prompt each image is closest to (CLIP zero-shot classification)."""
+        text = self.texts([template.format(n) for n in names])
+        preds = [np.argmax(self.images(images[i:i + batch_size]) @ text.T, axis=1) for i in range(0, len(images), batch_size)]
+        return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
 
 def dhash(image: Image.Image, size: int = 8) -> int:
     """64-bit difference hash: robust to re-encoding and small resizes, so it finds near-copies."""

@@ -2,7 +2,8 @@
 
 For retrieval methods it adds the leaked images removed and, in the toy world only (where the
 pool's hidden true labels exist), `retrieval_precision`: the share of the images actually used
-for training whose true label is the class they were retrieved for.
+for training whose true label is the class they were retrieved for. For generation methods it adds
+`generation_fidelity`: the share of generated images CLIP assigns, zero-shot, to their intended class.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from augbench.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["method", "n_aug", "seeds", "top1_mean", "top1_std", "top5_mean", "retrieval_precision", "leaked_removed"]
+COLUMNS = ["method", "n_aug", "seeds", "top1_mean", "top1_std", "top5_mean", "retrieval_precision", "leaked_removed",
+           "generation_fidelity"]
 
 
 def retrieval_precision(manifest: Path, n_aug: int, truth: pd.DataFrame) -> float:
@@ -32,7 +34,8 @@ def retrieval_precision(manifest: Path, n_aug: int, truth: pd.DataFrame) -> floa
     return float((true.to_numpy() == m["label"].to_numpy()).mean()) if len(m) else float("nan")
 
 
-def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None) -> pd.DataFrame:
+def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None,
+                fidelity: dict[str, Path] | None = None) -> pd.DataFrame:
     """Aggregate runs [{method, n_aug, seed, metrics}] into the results table."""
     records = []
     for r in runs:
@@ -44,25 +47,29 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
     for (method, n_aug), g in df.groupby(["method", "n_aug"], sort=False):
         row = {"method": method, "n_aug": n_aug, "seeds": len(g), "top1_mean": g["top1"].mean(),
                "top1_std": g["top1"].std(ddof=1) if len(g) > 1 else float("nan"), "top5_mean": g["top5"].mean(),
-               "retrieval_precision": float("nan"), "leaked_removed": float("nan")}
+               "retrieval_precision": float("nan"), "leaked_removed": float("nan"), "generation_fidelity": float("nan")}
         if method in retrieval:
             files = retrieval[method]
             row["leaked_removed"] = json.loads(Path(files["stats"]).read_text())["leaked_removed"]
             if truth is not None:
                 row["retrieval_precision"] = retrieval_precision(files["manifest"], n_aug, truth)
+        if fidelity and method in fidelity:
+            row["generation_fidelity"] = json.loads(Path(fidelity[method]).read_text())["generation_fidelity"]
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     """A readable markdown table: top-1 as mean ± std in percent."""
-    lines = ["| method | n_aug | seeds | top-1 (%) | top-5 (%) | retrieval precision | leaked removed |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | n_aug | seeds | top-1 (%) | top-5 (%) | retrieval precision | leaked removed | generation fidelity |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table.itertuples(index=False):
         std = "" if np.isnan(r.top1_std) else f" ± {100 * r.top1_std:.1f}"
         prec = "" if np.isnan(r.retrieval_precision) else f"{r.retrieval_precision:.3f}"
         leak = "" if np.isnan(r.leaked_removed) else f"{int(r.leaked_removed)}"
-        lines.append(f"| {r.method} | {r.n_aug} | {r.seeds} | {100 * r.top1_mean:.1f}{std} | {100 * r.top5_mean:.1f} | {prec} | {leak} |")
+        fid = "" if np.isnan(r.generation_fidelity) else f"{r.generation_fidelity:.3f}"
+        top = f"{100 * r.top1_mean:.1f}{std} | {100 * r.top5_mean:.1f}"
+        lines.append(f"| {r.method} | {r.n_aug} | {r.seeds} | {top} | {prec} | {leak} | {fid} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,10 @@ STAGE_VERSIONS: dict[str, int] = {
     "fetch": 1,
     "train": 1,
     "report": 1,
+    "pretrain_diffusion": 1,
+    "personalize": 1,
+    "generate": 1,
+    "collect": 1,
 }
 
 T = TypeVar("T")
@@ -121,6 +125,72 @@ class ClipSpec:
     steps: int = 1500
     threads: int = 2
     version: int = STAGE_VERSIONS["pretrain_clip"]
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """Tiny latent diffusion model (toy world only): VAE and UNet sizes and their training schedules."""
+
+    seed: int = 0
+    image_size: int = 32
+    latent_channels: int = 4
+    vae_widths: tuple[int, ...] = (32, 64, 64)
+    unet_widths: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_groups: int = 16
+    vae_steps: int = 600
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    unet_steps: int = 3000
+    unet_batch_size: int = 128
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    threads: int = 2
+    version: int = STAGE_VERSIONS["pretrain_diffusion"]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vae_widths", tuple(self.vae_widths))
+        object.__setattr__(self, "unet_widths", tuple(self.unet_widths))
+
+
+@dataclass(frozen=True)
+class PersonalizeSpec:
+    """Per-class personalisation of a diffusion model (see augbench.personalize for the methods)."""
+
+    method: str = "textual_inversion"
+    seed: int = 0
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 5e-3
+    dm_finetune: str = "lora"
+    dm_lr: float = 1e-4
+    lora_rank: int = 4
+    cluster_size: int = 5
+    resolution: int | None = None
+    threads: int = 1
+    version: int = STAGE_VERSIONS["personalize"]
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """Sampling settings of one generation method; `n_images` per class, the rest fixes every pixel."""
+
+    method: str = "prompt_classname"
+    seed: int = 0
+    n_images: int = 50
+    scheduler: str = "dpm"
+    steps: int = 20
+    guidance_scale: float = 7.5
+    batch_size: int = 16
+    resolution: int | None = None
+    prompt: str = "a photo of a {}."
+    negative_prompt: str = ""
+    strength: float = 0.5
+    precision: str = "auto"
+    threads: int = 1
+    version: int = STAGE_VERSIONS["generate"]
 
 
 @dataclass(frozen=True)

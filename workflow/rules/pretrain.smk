@@ -17,3 +17,26 @@ rule pretrain_clip:
     shell:
         "python -m augbench pretrain-clip --shards {input.shards:q} --out {output.model:q}"
         " --spec {params.spec:q} > {log:q} 2>&1"
+
+
+rule pretrain_diffusion:
+    input:
+        unpack(lambda wc: clip_input()),
+        shards=expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS),
+    output:
+        model=directory(f"{R}/diffusion/model"),
+    log:
+        f"{LOGS}/pretrain_diffusion.log",
+    benchmark:
+        f"{BENCH}/pretrain_diffusion.tsv"
+    params:
+        spec=stage_spec("pretrain_diffusion"),
+        clip=CLIP_MODEL,
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench pretrain-diffusion --shards {input.shards:q} --clip {params.clip:q} --out {output.model:q}"
+        " --spec {params.spec:q} > {log:q} 2>&1"

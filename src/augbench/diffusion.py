@@ -1,0 +1,214 @@
+"""A tiny latent diffusion model for the toy world, saved as a diffusers `StableDiffusionPipeline` folder.
+
+Stable Diffusion v1 is a VAE, a text-conditioned UNet and a *frozen* CLIP text encoder, trained
+on LAION's images and captions. The toy model has the same parts, trained on the toy pool (noisy
+captions included) and the toy CLIP's text tower as its frozen text encoder, so every later stage
+(personalisation, generation) loads it with `StableDiffusionPipeline.from_pretrained` exactly as
+it loads `CompVis/stable-diffusion-v1-4`.
+
+Why these choices, measured on 2 CPU cores:
+- The VAE downsamples 4x (three blocks), not SD's 8x: 32x32 images give 8x8x4 latents. At 8x the
+  latent is 4x4 and shapes lose their outline.
+- Latents and text states are computed once before UNet training (both encoders are frozen at
+  that point), so a UNet step costs only the UNet.
+- 10 % of the captions are dropped to "" so that classifier-free guidance has an unconditional model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from augbench.clip_train import load_pool_arrays
+from augbench.device import pick_device
+from augbench.imaging import shift_flip, to_float
+from augbench.io import atomic_dir, write_meta
+from augbench.specs import DiffusionSpec, spec_dict
+
+log = logging.getLogger(__name__)
+
+
+def build_vae(spec: DiffusionSpec):  # -> AutoencoderKL
+    """A small convolutional AutoencoderKL; len(widths) - 1 halvings of the image side."""
+    from diffusers import AutoencoderKL
+
+    n = len(spec.vae_widths)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=spec.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(spec.vae_widths), layers_per_block=1, norm_num_groups=spec.norm_groups,
+        sample_size=spec.image_size, mid_block_add_attention=False,
+    )
+
+
+def build_unet(spec: DiffusionSpec, cross_attention_dim: int):  # -> UNet2DConditionModel
+    """A small UNet2DConditionModel: cross-attention at every level but the coarsest, as in SD."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(spec.unet_widths)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=spec.image_size // 2 ** (len(spec.vae_widths) - 1), in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels, down_block_types=down, up_block_types=up,
+        block_out_channels=tuple(spec.unet_widths), layers_per_block=spec.unet_layers_per_block,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_groups,
+    )
+
+
+def noise_scheduler():  # -> DDPMScheduler
+    """SD v1's training schedule (scaled-linear betas, 1000 steps, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         steps_offset=1, clip_sample=False, prediction_type="epsilon")
+
+
+def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def train_vae(images: np.ndarray, spec: DiffusionSpec, device: torch.device):  # -> AutoencoderKL
+    """Reconstruction (L1 + MSE) plus a small KL term; returns the VAE with `scaling_factor` set.
+
+    The scaling factor makes latents unit-variance, as SD's 0.18215 does for its VAE.
+    """
+    vae = build_vae(spec).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(spec.seed)
+    x_all = torch.from_numpy(images)
+    started = time.time()
+    vae.train()
+    for step in range(spec.vae_steps):
+        idx = torch.randint(0, len(x_all), (spec.vae_batch_size,), generator=g)
+        x = (shift_flip(x_all[idx], g) * 2 - 1).to(device)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=None)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + spec.vae_kl * post.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = _cosine(step, spec.vae_steps, spec.vae_lr, 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == spec.vae_steps - 1:
+            log.info("pretrain_diffusion: vae step %d/%d loss %.4f (%.0fs)", step, spec.vae_steps, loss.item(), time.time() - started)
+    vae.eval()
+    with torch.no_grad():
+        sample = torch.from_numpy(images[: min(len(images), 2048)])
+        z = torch.cat([vae.encode((to_float(sample[i:i + 256]) * 2 - 1).to(device)).latent_dist.mean for i in range(0, len(sample), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_images(vae, images: np.ndarray, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """Scaled posterior means of uint8 NHWC images (the frozen-encoder cache for UNet training)."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_float(torch.from_numpy(images[i:i + batch])) * 2 - 1
+        out.append(vae.encode(x.to(device)).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def encode_texts(text_encoder, tokenizer, texts: list[str], device: torch.device, batch: int = 512) -> torch.Tensor:
+    """Per-token hidden states of the frozen text encoder: the UNet's conditioning sequence."""
+    out = []
+    for i in range(0, len(texts), batch):
+        ids = tokenizer(texts[i:i + batch], padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+        out.append(text_encoder(ids.to(device))[0].cpu())
+    return torch.cat(out)
+
+
+def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor, spec: DiffusionSpec, device: torch.device):
+    """Epsilon-prediction training on cached latents and text states, with caption dropout for guidance."""
+    unet = build_unet(spec, states.shape[-1]).to(device)
+    sched = noise_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    alphas = sched.alphas_cumprod
+    ema = None
+    started = time.time()
+    unet.train()
+    for step in range(spec.unet_steps):
+        idx = torch.randint(0, len(latents), (spec.unet_batch_size,), generator=g)
+        z0 = latents[idx]
+        if torch.rand((), generator=g) < 0.5:  # the pool has no orientation: a flip is a free sample
+            z0 = z0.flip(-1)
+        cond = states[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < spec.caption_dropout
+        cond[drop] = empty
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
+        loss = F.mse_loss(pred, eps.to(device))
+        for group in opt.param_groups:
+            group["lr"] = _cosine(step, spec.unet_steps, spec.unet_lr, 100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0 or step == spec.unet_steps - 1:
+            log.info("pretrain_diffusion: unet step %d/%d loss %.4f (%.0fs)", step, spec.unet_steps, ema, time.time() - started)
+    unet.eval()
+    return unet, float(ema or 0.0)
+
+
+def load_text_tower(clip_model: str | Path):  # -> (CLIPTextModel, CLIPTokenizer)
+    """The CLIP's own text encoder and tokenizer, frozen, as SD v1 uses CLIP ViT-L/14's."""
+    from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+
+    import augbench.toyclip  # noqa: F401  (registers the toy CLIP with AutoModel)
+
+    clip = AutoModel.from_pretrained(clip_model)
+    tokenizer = AutoTokenizer.from_pretrained(clip_model)
+    text = clip.text_model
+    encoder = text if isinstance(text, CLIPTextModel) else CLIPTextModel(clip.config.text_config)
+    if encoder is not text:
+        encoder.text_model.load_state_dict(text.state_dict())
+    tokenizer.model_max_length = encoder.config.max_position_embeddings
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, spec: DiffusionSpec) -> dict[str, float]:
+    """Train the VAE, then the UNet, on the pool; save a StableDiffusionPipeline folder at `out`."""
+    from diffusers import StableDiffusionPipeline
+
+    started = time.time()
+    torch.manual_seed(spec.seed)
+    torch.set_num_threads(spec.threads)
+    device = pick_device()
+    images, captions = load_pool_arrays(shards)
+    log.info("pretrain_diffusion: %d pool images, device %s, spec %s", len(images), device, spec)
+    text_encoder, tokenizer = load_text_tower(clip_model)
+    vae = train_vae(images, spec, device)
+    latents = encode_images(vae, images, device)
+    states = encode_texts(text_encoder.to(device), tokenizer, captions, device)
+    empty = encode_texts(text_encoder, tokenizer, [""], device)[0]
+    with torch.no_grad():
+        rec = vae.decode(latents[:256].to(device) / vae.config.scaling_factor).sample.clamp(-1, 1)
+        target = to_float(torch.from_numpy(images[:256])) * 2 - 1
+        psnr = float(10 * torch.log10(4 / F.mse_loss(rec.cpu(), target)))
+    log.info("pretrain_diffusion: vae reconstruction PSNR %.1f dB, scaling factor %.3f", psnr, vae.config.scaling_factor)
+    unet, loss = train_unet(latents, states, empty, spec, device)
+    pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
+                                   scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp)
+    stats = {"vae_psnr": psnr, "unet_loss": loss, "n_images": len(images), "seconds": time.time() - started}
+    write_meta(out, "pretrain_diffusion", spec_dict(spec), started, stats=stats)
+    return stats

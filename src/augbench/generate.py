@@ -1,0 +1,217 @@
+"""Generate a class's augmentation images with a (personalised) text-to-image diffusion model.
+
+Determinism: image j of (method, class) is sampled with its own generator seeded by
+`item_seed(seed, method, class, j)`, in fixed chunks of `batch_size` items (chunk c always holds
+items c*b .. c*b+b-1, so each chunk's batch is the same whatever the number of images asked for).
+Finished chunks are cached as tar shards under a key of everything that fixes their pixels; asking
+for more images appends chunks and leaves the earlier ones, byte for byte, as they were.
+
+Methods: `prompt_classname`, `prompt_templates` (CLIP's 80 templates, item j uses template j mod 80),
+`img2img` (real image j mod n, partly noised and denoised: `strength`), and the personalised ones
+(see augbench.personalize), whose folder is applied to the freshly loaded pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from augbench.device import pick_device
+from augbench.io import write_meta, write_parquet
+from augbench.methods import COND_METHODS, TI_METHODS
+from augbench.personalize import class_images, load_pipeline, resolution_of
+from augbench.prompts import IMAGENET_TEMPLATES
+from augbench.shards import Sample, iter_shard, write_shard
+from augbench.specs import GenerateSpec, canonical_json, item_seed, spec_dict
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler, keeping the model's noise schedule (its scheduler config)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"generate: unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def apply_personalization(pipe, folder: Path) -> dict:
+    """Load a personalisation folder into `pipe`: pseudo-word, LoRA or full UNet; returns its description.
+
+    Conditioning vectors are not part of the pipeline; they are read by `conditioning`.
+    """
+    info = json.loads((folder / "personalization.json").read_text())
+    if info.get("token"):
+        pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors", token=info["token"])
+    if (folder / "pytorch_lora_weights.safetensors").exists():
+        pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
+    if (folder / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=pipe.unet.dtype).to(pipe.device)
+    return info
+
+
+def conditioning(folder: Path) -> torch.Tensor:
+    """The learned conditioning sequences of a cond_* folder ([n_vectors, seq, dim])."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "cond.safetensors"))["cond"]
+
+
+def plan(spec: GenerateSpec, class_key: str, class_name: str, n: int, token: str | None = None,
+         n_sources: int = 0, n_vectors: int = 0) -> pd.DataFrame:
+    """One row per image to make: index, seed, prompt, and the source image or conditioning vector it uses."""
+    rows = []
+    for j in range(n):
+        row = {"index": j, "seed": item_seed(spec.seed, spec.method, class_key, j), "prompt": None, "source": -1, "vector": -1}
+        if spec.method == "prompt_templates":
+            row["prompt"] = IMAGENET_TEMPLATES[j % len(IMAGENET_TEMPLATES)].format(class_name)
+        elif spec.method in TI_METHODS:
+            row["prompt"] = spec.prompt.format(token)
+        elif spec.method in COND_METHODS:
+            row["vector"] = j % n_vectors
+        else:
+            row["prompt"] = spec.prompt.format(class_name)
+        if spec.method == "img2img":
+            row["source"] = j % n_sources
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources: np.ndarray | None,
+               cond: torch.Tensor | None) -> list[Image.Image]:
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed"]]
+    common = {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance_scale, "generator": gens}
+    neg = [spec.negative_prompt] * len(rows) if spec.guidance_scale > 1 else None
+    if spec.method == "img2img":
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+        i2i.set_progress_bar_config(disable=True)
+        init = [Image.fromarray(sources[int(i)]) for i in rows["source"]]
+        return i2i(prompt=list(rows["prompt"]), image=init, strength=spec.strength, negative_prompt=neg, **common).images
+    if cond is not None:
+        embeds = cond[torch.as_tensor(rows["vector"].to_numpy())].to(pipe.device, pipe.unet.dtype)
+        return pipe(prompt_embeds=embeds, negative_prompt=neg, height=size, width=size, **common).images
+    return pipe(prompt=list(rows["prompt"]), negative_prompt=neg, height=size, width=size, **common).images
+
+
+def cache_key(spec: GenerateSpec, model: str | Path, class_key: str, personalization: Path | None) -> str:
+    """Everything that fixes the pixels of a chunk: spec minus `n_images`, model, class, personalisation."""
+    ident = {"spec": spec_dict(replace(spec, n_images=0, threads=0)), "model": str(model), "class": class_key}
+    if personalization is not None:
+        meta = personalization.with_name(personalization.name + ".meta.json")
+        ident["personalization"] = json.loads(meta.read_text()).get("spec") if meta.exists() else str(personalization)
+    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+
+
+def generate(model: str | Path, class_key: str, class_name: str, label: int, out_tar: Path, out_manifest: Path,
+             cache: Path, spec: GenerateSpec, personalization: Path | None = None,
+             real: tuple[Path, Path] | None = None) -> dict[str, object]:
+    """Make `spec.n_images` images of one class with `spec.method`; reuse cached chunks; write tar + manifest."""
+    started = time.time()
+    torch.set_num_threads(spec.threads)
+    device = pick_device()
+    half = spec.precision == "fp16" or (spec.precision == "auto" and device.type == "cuda")
+    dtype = torch.float16 if half else torch.float32
+    key = cache_key(spec, model, class_key, personalization)
+    chunk_dir = cache / key
+    n, b = spec.n_images, spec.batch_size
+    n_chunks = -(-n // b)
+    missing = [c for c in range(n_chunks) if not (chunk_dir / f"{c:05d}.tar").exists()]
+    personalised = spec.method in TI_METHODS + COND_METHODS
+    if personalised and personalization is None:
+        raise ValueError(f"generate: method {spec.method} needs its personalisation folder")
+    if spec.method == "img2img" and real is None:
+        raise ValueError("generate: img2img needs the real training table and root")
+    token = json.loads((personalization / "personalization.json").read_text()).get("token") if personalised else None
+    cond = conditioning(personalization) if spec.method in COND_METHODS else None
+    n_sources = int((pd.read_parquet(real[0])["label"] == label).sum()) if spec.method == "img2img" else 0
+    pipe, sources, size = None, None, spec.resolution
+    if missing:  # everything cached: no model is loaded at all
+        pipe = load_pipeline(model, device, dtype)
+        set_scheduler(pipe, spec.scheduler)
+        size = spec.resolution or resolution_of(pipe)
+        if personalised:
+            apply_personalization(pipe, personalization)
+        if spec.method == "img2img":
+            sources = class_images(real[0], real[1], label, size)
+    rows = plan(spec, class_key, class_name, n_chunks * b, token, n_sources, 0 if cond is None else len(cond))
+    for c in missing:
+        chunk = rows.iloc[c * b:(c + 1) * b]
+        images = _run_chunk(pipe, spec, chunk, size, sources, cond)
+        samples = [Sample(key=f"{class_key}_{j:06d}", image=_png(im), ext="png", caption=str(p or ""),
+                          record={"seed": int(s), "index": int(j)})
+                   for im, j, s, p in zip(images, chunk["index"], chunk["seed"], chunk["prompt"], strict=True)]
+        write_shard(chunk_dir / f"{c:05d}.tar", samples)
+        log.info("generate %s/%s: chunk %d/%d (%.0fs)", spec.method, class_key, c + 1, n_chunks, time.time() - started)
+    kept = [s for c in range(n_chunks) for s in iter_shard(chunk_dir / f"{c:05d}.tar")][:n]
+    write_shard(out_tar, kept)
+    manifest = rows.iloc[:n].copy()
+    manifest.insert(0, "key", [s.key for s in kept])
+    manifest["file"] = [f"{s.key}.png" for s in kept]
+    manifest["class"] = class_key
+    manifest["label"] = label
+    manifest["rank"] = manifest["index"]
+    manifest["spec_hash"] = key
+    write_parquet(out_manifest, manifest)
+    stats = {"images": len(kept), "chunks_made": len(missing), "chunks_reused": n_chunks - len(missing)}
+    write_meta(out_tar, "generate", spec_dict(spec), started, model=str(model), class_key=class_key, cache_key=key, stats=stats)
+    log.info("generate %s/%s: %s in %.1fs", spec.method, class_key, stats, time.time() - started)
+    return stats
+
+
+def collect(tars: list[Path], manifests: list[Path], classes: Path, clip_model: str | Path, out_tar: Path,
+            out_manifest: Path, out_fidelity: Path) -> dict[str, object]:
+    """Join a method's per-class sets into one augmentation set and measure its generation fidelity.
+
+    Fidelity is the share of generated images that CLIP, zero-shot over "a photo of a {name}." for
+    every class, assigns to the class they were generated for.
+    """
+    from augbench.embed import Clip
+    from augbench.io import write_json
+
+    started = time.time()
+    info = json.loads(Path(classes).read_text())
+    keys = list(info["classes"])
+    names = [info["names"][k] for k in keys]
+    samples = [s for t in tars for s in iter_shard(t)]
+    manifest = pd.concat([pd.read_parquet(m) for m in manifests], ignore_index=True)
+    write_shard(out_tar, samples)
+    write_parquet(out_manifest, manifest)
+    label_of = dict(zip(manifest["key"].astype(str), manifest["label"], strict=True))
+    clip = Clip(clip_model)
+    pred = clip.zero_shot([s.pil() for s in samples], names)
+    truth = np.asarray([label_of[s.key] for s in samples])
+    per_class = {keys[c]: float((pred[truth == c] == c).mean()) for c in range(len(keys)) if (truth == c).any()}
+    result = {"generation_fidelity": float((pred == truth).mean()) if len(truth) else float("nan"),
+              "per_class": per_class, "images": len(samples)}
+    write_json(out_fidelity, result)
+    write_meta(out_tar, "collect", {}, started, clip=str(clip_model), stats={"images": len(samples)})
+    return result

@@ -1,0 +1,92 @@
+"""Generation on a tiny Stable Diffusion pipeline: textual-inversion files load with diffusers, seeds fix pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from augbench.generate import generate
+from augbench.personalize import load_pipeline, personalize
+from augbench.shards import iter_shard
+from augbench.specs import GenerateSpec, PersonalizeSpec
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> tuple[Path, Path]:
+    """A training table with four images of class 0 ("circle") and two of class 1."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (label, name) in enumerate([(0, "circle")] * 4 + [(1, "square")] * 2):
+        path = Path("train") / name / f"{i:03d}.png"
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / path)
+        rows.append({"path": str(path), "label": label, "class": name})
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    return tmp_path / "train.parquet", tmp_path
+
+
+def _images(tar: Path) -> dict[str, bytes]:
+    return {s.key: s.image for s in iter_shard(tar)}
+
+
+def test_textual_inversion_file_loads_into_a_fresh_pipeline(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ti"
+    personalize(tiny_sd, target[0], target[1], 0, "circle", "circle", out, PersonalizeSpec(method="textual_inversion", steps=2))
+    saved = load_file(str(out / "learned_embeds.safetensors"))
+    assert list(saved) == ["<circle>"] and saved["<circle>"].shape == (1, 32)
+
+    pipe = load_pipeline(tiny_sd)
+    assert "<circle>" not in pipe.tokenizer.get_vocab()
+    pipe.load_textual_inversion(str(out), weight_name="learned_embeds.safetensors", token="<circle>")
+    tid = pipe.tokenizer.convert_tokens_to_ids("<circle>")
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[tid], saved["<circle>"][0])
+
+    def sample(prompt: str) -> np.ndarray:
+        image = pipe(prompt, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).images[0]
+        assert image.size == (16, 16)
+        return np.asarray(image)
+
+    assert not np.array_equal(sample("a photo of a <circle>."), sample("a photo of a circle.")), "the pseudo-word had no effect"
+
+
+@pytest.mark.parametrize("method", ["prompt_templates", "img2img"])
+def test_same_seed_same_bytes_and_more_images_append(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path, method: str) -> None:
+    spec = GenerateSpec(method=method, n_images=4, batch_size=2, steps=3, guidance_scale=2.0, strength=0.6)
+
+    def run(name: str, cache: str, n: int) -> dict[str, object]:
+        return generate(tiny_sd, "circle", "circle", 0, tmp_path / f"{name}.tar", tmp_path / f"{name}.parquet", tmp_path / cache,
+                        GenerateSpec(**{**spec.__dict__, "n_images": n}), real=target)
+
+    run("a", "cache_a", 4)
+    run("b", "cache_b", 4)
+    a, b = _images(tmp_path / "a.tar"), _images(tmp_path / "b.tar")
+    assert len(a) == 4 and a == b, "the same seeds must give byte-identical images"
+    assert len(set(a.values())) == 4, "each image has its own seed"
+
+    stats = run("more", "cache_a", 7)
+    more = _images(tmp_path / "more.tar")
+    assert stats["chunks_reused"] == 2 and stats["chunks_made"] == 2
+    assert len(more) == 7 and {k: more[k] for k in a} == a, "asking for more images changed existing ones"
+    fresh = run("fresh", "cache_c", 7)
+    assert fresh["chunks_reused"] == 0 and _images(tmp_path / "fresh.tar") == more, "a cold cache must give the same bytes"
+    manifest = pd.read_parquet(tmp_path / "more.parquet")
+    assert list(manifest["rank"]) == list(range(7)) and manifest["seed"].is_unique
+    assert set(manifest.columns) >= {"key", "file", "seed", "prompt", "spec_hash", "label", "class"}
+    if method == "img2img":
+        assert list(manifest["source"]) == [0, 1, 2, 3, 0, 1, 2]
+
+
+def test_changed_setting_does_not_reuse_cache(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path) -> None:
+    base = {"method": "prompt_classname", "n_images": 2, "batch_size": 2, "steps": 2}
+    first = generate(tiny_sd, "circle", "circle", 0, tmp_path / "a.tar", tmp_path / "a.parquet", tmp_path / "cache",
+                     GenerateSpec(**base, guidance_scale=2.0))
+    second = generate(tiny_sd, "circle", "circle", 0, tmp_path / "b.tar", tmp_path / "b.parquet", tmp_path / "cache",
+                      GenerateSpec(**base, guidance_scale=4.0))
+    assert first["chunks_made"] == 1 and second["chunks_made"] == 1
+    assert _images(tmp_path / "a.tar") != _images(tmp_path / "b.tar")

@@ -1,0 +1,98 @@
+"""Personalisation methods on a tiny Stable Diffusion pipeline the test builds itself (CPU, two steps).
+
+Each method must move exactly what it personalises: the pseudo-word's embedding row, the
+conditioning vectors, and (for the *_dm variants) the denoiser, fully or only its LoRA adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from augbench.personalize import add_lora, encode_latents, encode_prompt, load_pipeline, train_personalization
+from augbench.specs import PersonalizeSpec
+
+CASES = [
+    ("textual_inversion", "lora"),
+    ("cond_vectors", "lora"),
+    ("cond_clusters", "lora"),
+    ("textual_inversion_dm", "lora"),
+    ("textual_inversion_dm", "full"),
+    ("cond_vectors_dm", "lora"),
+    ("cond_vectors_dm", "full"),
+]
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    """Tensors that differ; a layer wrapped by LoRA keeps its weights under `base_layer`."""
+    after = module.state_dict()
+
+    def current(key: str) -> torch.Tensor:
+        if key in after:
+            return after[key]
+        head, _, leaf = key.rpartition(".")
+        return after[f"{head}.base_layer.{leaf}"]
+
+    return {k for k, v in before.items() if not torch.equal(v, current(k))}
+
+
+@pytest.mark.parametrize(("method", "finetune"), CASES)
+def test_two_steps_change_only_what_the_method_personalises(tiny_sd: Path, method: str, finetune: str) -> None:
+    pipe = load_pipeline(tiny_sd)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    latents = encode_latents(pipe, images)
+    assign = np.array([0, 0, 1, 1]) if method == "cond_clusters" else (np.arange(4) if "cond" in method else np.zeros(4, int))
+    vae, text, unet = _snapshot(pipe.vae), _snapshot(pipe.text_encoder), _snapshot(pipe.unet)
+    n_tokens = len(pipe.tokenizer)
+    initial_cond = encode_prompt(pipe, ["a photo of a circle."])
+    spec = PersonalizeSpec(method=method, steps=2, batch_size=2, dm_finetune=finetune)
+
+    learned = train_personalization(pipe, latents, assign, "circle", "circle", spec)
+
+    assert _changed(vae, pipe.vae) == set(), "the VAE must stay frozen"
+    emb_key = next(k for k in text if k.endswith("token_embedding.weight"))
+    weights = pipe.text_encoder.state_dict()
+    assert {k for k in text if k != emb_key and not torch.equal(text[k], weights[k])} == set(), "text encoder weights moved"
+    if method.startswith("textual_inversion"):
+        assert len(pipe.tokenizer) == n_tokens + 1 and learned.token == "<circle>"
+        new = weights[emb_key]
+        assert torch.equal(new[:n_tokens], text[emb_key]), "only the pseudo-word's row may change"
+        tid = pipe.tokenizer.convert_tokens_to_ids("<circle>")
+        name_ids = pipe.tokenizer("circle", add_special_tokens=False).input_ids
+        assert not torch.allclose(new[tid], text[emb_key][name_ids].mean(0)), "the pseudo-word did not move from its initialisation"
+        assert learned.cond is None
+    else:
+        assert torch.equal(weights[emb_key], text[emb_key]) and len(pipe.tokenizer) == n_tokens
+        assert learned.cond is not None and learned.cond.shape[0] == int(assign.max()) + 1
+        assert not torch.allclose(learned.cond.detach(), initial_cond.expand_as(learned.cond)), "conditioning vectors did not move"
+    changed_unet = _changed(unet, pipe.unet)
+    lora_keys = {k for k in pipe.unet.state_dict() if "lora" in k}
+    if not method.endswith("_dm"):
+        assert changed_unet == set() and lora_keys == set(), "the denoiser must stay frozen"
+    elif finetune == "full":
+        assert lora_keys == set()
+        assert len(changed_unet) > 0.9 * len(unet), f"full fine-tuning moved only {len(changed_unet)} of {len(unet)} tensors"
+    else:
+        assert changed_unet == set(), "LoRA must leave the base UNet weights untouched"
+        after = pipe.unet.state_dict()
+        lora_b = [k for k in lora_keys if "lora_B" in k]
+        assert lora_b and all(after[k].abs().sum() > 0 for k in lora_b), "LoRA B matrices (zero at start) did not move"
+
+
+def test_lora_adapters_start_as_identity(tiny_sd: Path) -> None:
+    """A fresh LoRA must not change the UNet's output (B starts at zero)."""
+    pipe = load_pipeline(tiny_sd)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = encode_prompt(pipe, ["a photo of a circle."])
+    with torch.no_grad():
+        before = pipe.unet(z, torch.tensor([10]), encoder_hidden_states=cond).sample
+        add_lora(pipe.unet, 4)
+        after = pipe.unet(z, torch.tensor([10]), encoder_hidden_states=cond).sample
+    torch.testing.assert_close(before, after)

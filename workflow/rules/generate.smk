@@ -1,0 +1,56 @@
+# One job per (method, class); images are cached by chunk under generate/{method}/{cls}/cache/,
+# so asking for more images (a larger n_aug) appends and keeps the existing ones byte for byte.
+rule generate:
+    input:
+        unpack(generate_inputs),
+    output:
+        tar=f"{R}/generate/{{method}}/{{cls}}/images.tar",
+        manifest=f"{R}/generate/{{method}}/{{cls}}/manifest.parquet",
+    wildcard_constraints:
+        method="|".join(GENERATION_METHODS),
+    log:
+        f"{LOGS}/generate/{{method}}/{{cls}}.log",
+    benchmark:
+        f"{BENCH}/generate/{{method}}/{{cls}}.tsv"
+    params:
+        spec=lambda wc: stage_spec("generate", method=wc.method),
+        model=SD_MODEL,
+        root=f"{R}/world",
+        cache=lambda wc: f"{R}/generate/{wc.method}/{wc.cls}/cache",
+        cls=class_args,
+        personalization=lambda wc, input: f"--personalization {input.personalization}" if "personalization" in input.keys() else "",
+    threads: config["generate"]["threads"]
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
+        " {params.cls} {params.personalization} --cache {params.cache:q} --out-tar {output.tar:q}"
+        " --out-manifest {output.manifest:q} --spec {params.spec:q} > {log:q} 2>&1"
+
+
+# The per-class images of a method become one augmentation set, in the format the classifier reads;
+# the toy CLIP's zero-shot labels give the method's generation fidelity.
+rule collect_generated:
+    input:
+        unpack(lambda wc: clip_input()),
+        tars=lambda wc: expand(f"{R}/generate/{wc.method}/{{cls}}/images.tar", cls=CLASS_KEYS),
+        manifests=lambda wc: expand(f"{R}/generate/{wc.method}/{{cls}}/manifest.parquet", cls=CLASS_KEYS),
+        classes=f"{R}/world/classes.json",
+    output:
+        tar=f"{R}/augment/{{method}}/images.tar",
+        manifest=f"{R}/augment/{{method}}/manifest.parquet",
+        fidelity=f"{R}/augment/{{method}}/fidelity.json",
+    wildcard_constraints:
+        method="|".join(GENERATION_METHODS),
+    log:
+        f"{LOGS}/collect/{{method}}.log",
+    params:
+        clip=CLIP_MODEL,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench collect --tars {input.tars:q} --manifests {input.manifests:q} --classes {input.classes:q}"
+        " --clip {params.clip:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q}"
+        " --out-fidelity {output.fidelity:q} > {log:q} 2>&1"
