@@ -68,7 +68,8 @@ def build_tiny_sd(out: Path, classes: tuple[str, ...] = ("circle", "square", "tr
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=2, max_position_embeddings=12, bos_token_id=tokenizer.bos_token_id,
                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    spec = DiffusionSpec(image_size=16, vae_widths=(8, 16), unet_widths=(16, 32), norm_groups=4, attention_head_dim=2)
+    spec = DiffusionSpec(image_size=16, vae_widths=(8, 16), unet_widths=(16, 32), unet_attention=(True, True), norm_groups=4,
+                         attention_head_dim=2)
     pipe = StableDiffusionPipeline(vae=build_vae(spec), text_encoder=text, tokenizer=tokenizer, unet=build_unet(spec, 32),
                                    scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -7,8 +7,9 @@ captions included) and the toy CLIP's text tower as its frozen text encoder, so 
 it loads `CompVis/stable-diffusion-v1-4`.
 
 Why these choices, measured on 2 CPU cores:
-- The VAE downsamples 4x (three blocks), not SD's 8x: 32x32 images give 8x8x4 latents. At 8x the
-  latent is 4x4 and shapes lose their outline.
+- The VAE downsamples 2x (two blocks), not SD's 8x: 32x32 images give 16x16x4 latents. Measured
+  after 400 VAE steps: the toy CLIP recognises 82 % of reconstructed test images at 2x, 53 % at 4x
+  (62 % with 8 latent channels); real images: 97 %. At 8x the latent is 4x4.
 - Latents and text states are computed once before UNet training (both encoders are frozen at
   that point), so a UNet step costs only the UNet.
 - 10 % of the captions are dropped to "" so that classifier-free guidance has an unconditional model.
@@ -48,12 +49,17 @@ def build_vae(spec: DiffusionSpec):  # -> AutoencoderKL
 
 
 def build_unet(spec: DiffusionSpec, cross_attention_dim: int):  # -> UNet2DConditionModel
-    """A small UNet2DConditionModel: cross-attention at every level but the coarsest, as in SD."""
+    """A small UNet2DConditionModel; `unet_attention` says which levels (finest first) have cross-attention.
+
+    SD attends at its three finest levels; on a CPU budget attention at the finest level costs the
+    most, so the toy default attends at the coarser ones.
+    """
     from diffusers import UNet2DConditionModel
 
-    n = len(spec.unet_widths)
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    if len(spec.unet_attention) != len(spec.unet_widths):
+        raise ValueError(f"diffusion: unet_attention {spec.unet_attention} needs one flag per level of unet_widths {spec.unet_widths}")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in spec.unet_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(spec.unet_attention))
     return UNet2DConditionModel(
         sample_size=spec.image_size // 2 ** (len(spec.vae_widths) - 1), in_channels=spec.latent_channels,
         out_channels=spec.latent_channels, down_block_types=down, up_block_types=up,

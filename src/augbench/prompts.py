@@ -27,4 +27,3 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
     "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 )
 
-assert len(IMAGENET_TEMPLATES) == 80 and len(set(IMAGENET_TEMPLATES)) == 80

@@ -134,17 +134,18 @@ class DiffusionSpec:
     seed: int = 0
     image_size: int = 32
     latent_channels: int = 4
-    vae_widths: tuple[int, ...] = (32, 64, 64)
-    unet_widths: tuple[int, ...] = (64, 128, 128)
+    vae_widths: tuple[int, ...] = (16, 32)
+    unet_widths: tuple[int, ...] = (32, 64, 64)
+    unet_attention: tuple[bool, ...] = (False, True, True)
     unet_layers_per_block: int = 1
-    attention_head_dim: int = 8
-    norm_groups: int = 16
-    vae_steps: int = 600
+    attention_head_dim: int = 1
+    norm_groups: int = 8
+    vae_steps: int = 400
     vae_batch_size: int = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    unet_steps: int = 3000
-    unet_batch_size: int = 128
+    unet_steps: int = 900
+    unet_batch_size: int = 64
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
     threads: int = 2
@@ -153,6 +154,7 @@ class DiffusionSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "vae_widths", tuple(self.vae_widths))
         object.__setattr__(self, "unet_widths", tuple(self.unet_widths))
+        object.__setattr__(self, "unet_attention", tuple(self.unet_attention))
 
 
 @dataclass(frozen=True)

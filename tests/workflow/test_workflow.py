@@ -73,8 +73,13 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     res = _smk(wf, "--cores", "2", "--configfile", "config/tiny.yaml")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     report = pd.read_csv(wf / "results/tiny/report/results.csv")
-    assert set(report["method"]) == {"real", "real_x2", "retrieval_image", "retrieval_text"}
+    assert set(report["method"]) == {"real", "real_x2", "retrieval_image", "retrieval_text", "prompt_classname",
+                                     "textual_inversion_dm"}
     assert report["top1_mean"].between(0, 1).all()
+    generated = report[report["method"].isin(["prompt_classname", "textual_inversion_dm"])]
+    assert generated["generation_fidelity"].between(0, 1).all() and report["generation_fidelity"].isna().sum() == 4
+    assert (wf / "results/tiny/diffusion/model/model_index.json").exists()
+    assert (wf / "results/tiny/personalize/textual_inversion_dm/circle/pytorch_lora_weights.safetensors").exists()
     retrieval = report[report["method"].str.startswith("retrieval")]
     assert retrieval["retrieval_precision"].between(0, 1).all()
     assert (retrieval["leaked_removed"] >= 0).all()
@@ -95,3 +100,34 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     jobs = _scheduled(res.stdout)
     assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 2, "report": 1, "all": 1}, res.stdout
+
+
+@pytest.mark.slow
+def test_real_path_stable_diffusion_folder_personalise_and_generate(tmp_path: Path) -> None:
+    """A saved tiny StableDiffusionPipeline stands in for Stable Diffusion: no pretrain_diffusion, from_pretrained on a folder."""
+    from conftest import build_tiny_sd
+
+    wf = _copy_workflow(tmp_path)
+    sd = build_tiny_sd(tmp_path / "stable-diffusion-v1-4")
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["world"]["n_classes"] = 2
+    cfg["diffusion"] = {"model": str(sd)}
+    cfg["methods"] = ["real", "textual_inversion", "cond_vectors_dm", "img2img"]
+    cfg["n_aug"] = [3]
+    (wf / "sd.yaml").write_text(yaml.safe_dump(cfg))
+    targets = [f"results/tiny/generate/{m}/{c}/images.tar" for m in cfg["methods"][1:] for c in ("circle", "square")]
+    res = _smk(wf, "--cores", "2", "--configfile", "sd.yaml", *targets)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert not (wf / "results/tiny/diffusion").exists(), "a named model must not trigger toy pretraining"
+    for cls in ("circle", "square"):
+        ti = wf / f"results/tiny/personalize/textual_inversion/{cls}"
+        assert (ti / "learned_embeds.safetensors").exists()
+        assert (wf / f"results/tiny/personalize/cond_vectors_dm/{cls}/pytorch_lora_weights.safetensors").exists()
+        for method in cfg["methods"][1:]:
+            manifest = pd.read_parquet(wf / f"results/tiny/generate/{method}/{cls}/manifest.parquet")
+            assert len(manifest) == 3 and set(manifest["class"]) == {cls}
+    log = (wf / "logs/tiny/generate/textual_inversion/circle.log").read_text()
+    assert str(sd) in log
+    # both classes ran as separate jobs of each rule
+    jobs = _scheduled(_smk(wf, "-n", "--forceall", "--configfile", "sd.yaml", *targets).stdout)
+    assert jobs["personalize"] == 4 and jobs["generate"] == 6, jobs
