@@ -116,7 +116,7 @@ def test_real_path_stable_diffusion_folder_personalise_and_generate(tmp_path: Pa
     cfg["n_aug"] = [3]
     (wf / "sd.yaml").write_text(yaml.safe_dump(cfg))
     targets = [f"results/tiny/generate/{m}/{c}/images.tar" for m in cfg["methods"][1:] for c in ("circle", "square")]
-    res = _smk(wf, "--cores", "2", "--configfile", "sd.yaml", *targets)
+    res = _smk(wf, *targets, "--cores", "2", "--configfile", "sd.yaml")  # --configfile takes several values: targets first
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert not (wf / "results/tiny/diffusion").exists(), "a named model must not trigger toy pretraining"
     for cls in ("circle", "square"):
@@ -129,5 +129,5 @@ def test_real_path_stable_diffusion_folder_personalise_and_generate(tmp_path: Pa
     log = (wf / "logs/tiny/generate/textual_inversion/circle.log").read_text()
     assert str(sd) in log
     # both classes ran as separate jobs of each rule
-    jobs = _scheduled(_smk(wf, "-n", "--forceall", "--configfile", "sd.yaml", *targets).stdout)
+    jobs = _scheduled(_smk(wf, *targets, "-n", "--forceall", "--configfile", "sd.yaml").stdout)
     assert jobs["personalize"] == 4 and jobs["generate"] == 6, jobs
