@@ -83,10 +83,7 @@ def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_vae(images: np.ndarray, spec: DiffusionSpec, device: torch.device):  # -> AutoencoderKL
-    """Reconstruction (L1 + MSE) plus a small KL term; returns the VAE with `scaling_factor` set.
-
-    The scaling factor makes latents unit-variance, as SD's 0.18215 does for its VAE.
-    """
+    """Reconstruction (L1 + MSE) plus a small KL term; returns the VAE with standardised latents."""
     vae = build_vae(spec).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(spec.seed)
@@ -109,10 +106,29 @@ def train_vae(images: np.ndarray, spec: DiffusionSpec, device: torch.device):  #
             log.info("pretrain_diffusion: vae step %d/%d loss %.4f (%.0fs)", step, spec.vae_steps, loss.item(), time.time() - started)
     vae.eval()
     with torch.no_grad():
-        sample = torch.from_numpy(images[: min(len(images), 2048)])
+        sample = torch.from_numpy(images[: min(len(images), 4096)])
         z = torch.cat([vae.encode((to_float(sample[i:i + 256]) * 2 - 1).to(device)).latent_dist.mean for i in range(0, len(sample), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    standardise_latents(vae, z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
     return vae
+
+
+@torch.no_grad()
+def standardise_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Fold a per-channel shift and scale into the VAE so its latents are zero-mean, unit-variance.
+
+    SD's single `scaling_factor` only rescales; the StableDiffusionPipeline has no shift. A latent
+    channel with a large mean shows up as a colour cast in samples from a briefly trained UNet, so
+    the encoder's `quant_conv` is changed to emit (mean - mu) / s (and log-variance - 2 log s) and
+    the decoder's `post_quant_conv` to take it back: decode(encode(x)) is unchanged, `scaling_factor` is 1.
+    """
+    lc = len(mean)
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:lc] /= std.view(-1, 1, 1, 1)
+    q.bias[:lc] = (q.bias[:lc] - mean) / std
+    q.bias[lc:] -= 2 * torch.log(std)
+    p.bias += (p.weight[:, :, 0, 0] @ mean)
+    p.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
 
 
 @torch.no_grad()
@@ -159,7 +175,10 @@ def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor,
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = unet(zt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
-        loss = F.mse_loss(pred, eps.to(device))
+        # min-SNR-gamma weighting (Hang et al. 2023): the easy low-noise steps stop dominating the loss
+        snr = (a / (1 - a)).view(-1).to(device)
+        weight = snr.clamp(max=spec.min_snr_gamma) / snr
+        loss = (weight * F.mse_loss(pred, eps.to(device), reduction="none").mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = _cosine(step, spec.unet_steps, spec.unet_lr, 100)
         opt.zero_grad(set_to_none=True)

@@ -175,7 +175,8 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
         learned.token = token
         # templates whose tokens would be cut before the pseudo-word would train nothing
         max_len = pipe.tokenizer.model_max_length
-        templates = [t for t in IMAGENET_TEMPLATES if len(pipe.tokenizer(t.format(token)).input_ids) <= max_len] or [CLASSNAME]
+        fits = [t for t in IMAGENET_TEMPLATES if len(pipe.tokenizer(t.format(token), verbose=False).input_ids) <= max_len]
+        templates = fits or [CLASSNAME]
     else:
         base = encode_prompt(pipe, [CLASSNAME.format(class_name)])
         cond = base.repeat(int(assign.max()) + 1, 1, 1).clone().requires_grad_(True)

@@ -147,6 +147,7 @@ class DiffusionSpec:
     unet_steps: int = 900
     unet_batch_size: int = 64
     unet_lr: float = 1e-3
+    min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     threads: int = 2
     version: int = STAGE_VERSIONS["pretrain_diffusion"]

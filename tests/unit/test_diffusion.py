@@ -1,0 +1,33 @@
+"""Tiny latent diffusion model pieces: latent standardisation is exact, the UNet matches the VAE's latent size."""
+
+from __future__ import annotations
+
+import torch
+
+from augbench.diffusion import build_unet, build_vae, standardise_latents
+from augbench.specs import DiffusionSpec
+
+
+def test_standardised_latents_are_zero_mean_unit_variance_and_decode_the_same() -> None:
+    torch.manual_seed(0)
+    vae = build_vae(DiffusionSpec(vae_widths=(8, 16), norm_groups=4))
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([1.0, -2.0, 3.0, 0.5])  # an encoder with a large latent mean
+        x = torch.rand(8, 3, 32, 32) * 2 - 1
+        z = vae.encode(x).latent_dist.mean
+        before = vae.decode(z).sample
+        standardise_latents(vae, z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
+        z2 = vae.encode(x).latent_dist.mean
+        after = vae.decode(z2).sample
+    torch.testing.assert_close(z2.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z2.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+    assert vae.config.scaling_factor == 1.0
+
+
+def test_unet_sample_size_follows_the_vae_factor() -> None:
+    spec = DiffusionSpec(image_size=32, vae_widths=(8, 16, 16), unet_widths=(16, 32), unet_attention=(False, True), norm_groups=4)
+    unet = build_unet(spec, cross_attention_dim=24)
+    assert unet.config.sample_size == 8
+    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, 24)).sample
+    assert out.shape == (2, 4, 8, 8)
