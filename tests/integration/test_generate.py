@@ -90,3 +90,14 @@ def test_changed_setting_does_not_reuse_cache(tiny_sd: Path, target: tuple[Path,
                       GenerateSpec(**base, guidance_scale=4.0))
     assert first["chunks_made"] == 1 and second["chunks_made"] == 1
     assert _images(tmp_path / "a.tar") != _images(tmp_path / "b.tar")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_generation_on_gpu_is_repeatable(tiny_sd: Path, tmp_path: Path) -> None:
+    spec = GenerateSpec(method="prompt_classname", n_images=4, batch_size=2, steps=3, guidance_scale=2.0)  # precision auto: fp16
+    for name in ("a", "b"):
+        stats = generate(tiny_sd, "circle", "circle", 0, tmp_path / f"{name}.tar", tmp_path / f"{name}.parquet",
+                         tmp_path / f"cache_{name}", spec)
+        assert stats["images"] == 4
+    assert _images(tmp_path / "a.tar") == _images(tmp_path / "b.tar")
