@@ -3,6 +3,7 @@ rule pool_parts:
         pool=f"{R}/world/pool/pool.parquet" if TOY else config["pool"]["urls"],
     output:
         parts=expand(f"{R}/pool/parts/{{part}}.parquet", part=PARTS),
+    priority: 10  # on the critical path: scheduled before ready jobs of lower priority
     log:
         f"{LOGS}/pool_parts.log",
     conda:
@@ -19,6 +20,7 @@ rule download:
         tar=f"{R}/pool/shards/{{part}}.tar",
         status=f"{R}/pool/shards/{{part}}.parquet",
         stats=f"{R}/pool/shards/{{part}}_stats.json",
+    priority: 10  # on the critical path: scheduled before ready jobs of lower priority
     log:
         f"{LOGS}/download/{{part}}.log",
     benchmark:

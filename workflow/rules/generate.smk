@@ -8,6 +8,7 @@ rule generate:
         manifest=f"{R}/generate/{{method}}/{{cls}}/manifest.parquet",
     wildcard_constraints:
         method="|".join(GENERATION_METHODS),
+    priority: 1  # on the critical path: scheduled before ready jobs of lower priority
     log:
         f"{LOGS}/generate/{{method}}/{{cls}}.log",
     benchmark:

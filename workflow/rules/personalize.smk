@@ -6,6 +6,7 @@ rule personalize:
         folder=directory(f"{R}/personalize/{{method}}/{{cls}}"),
     wildcard_constraints:
         method="|".join(PERSONALIZED),
+    priority: 2  # on the critical path: scheduled before ready jobs of lower priority
     log:
         f"{LOGS}/personalize/{{method}}/{{cls}}.log",
     benchmark:

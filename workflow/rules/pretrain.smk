@@ -3,6 +3,7 @@ rule pretrain_clip:
         shards=expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS),
     output:
         model=directory(f"{R}/clip/model"),
+    priority: 10  # on the critical path: scheduled before ready jobs of lower priority
     log:
         f"{LOGS}/pretrain_clip.log",
     benchmark:
@@ -25,6 +26,7 @@ rule pretrain_diffusion:
         shards=expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS),
     output:
         model=directory(f"{R}/diffusion/model"),
+    priority: 10  # on the critical path: scheduled before ready jobs of lower priority
     log:
         f"{LOGS}/pretrain_diffusion.log",
     benchmark:
