@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -285,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, log the command, run it, log the result and the elapsed time."""
     args = parser().parse_args(argv)
+    # scancel and Snakemake stop a job with SIGTERM: exit through Python so that the atomic writers'
+    # cleanup runs and no temporary file is left beside the outputs
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=os.environ.get("AUGBENCH_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.time()

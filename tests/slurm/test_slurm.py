@@ -1,0 +1,169 @@
+"""The workflow through a real single-node Slurm (Debian's packages) with `profiles/slurm`.
+
+The fixture installs Slurm when it can (root + apt; `.ci/run` does this), starts munged, slurmctld
+and slurmd with a fake GPU (scripts/slurm/start.sh), and stops them by their PIDs afterwards. Every
+snakemake call is bounded by a timeout, so a lost job cannot hang CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+SCRIPTS = REPO / "scripts/slurm"
+GPU_RULES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect_generated", "train"}
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[None]:
+    if not shutil.which("slurmctld") or not shutil.which("sbatch"):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("Slurm is not installed and cannot be installed here (needs root and apt-get)")
+        res = _run(["bash", str(SCRIPTS / "install.sh")], timeout=600)
+        if res.returncode != 0:
+            pytest.skip(f"installing Slurm failed: {res.stderr[-500:]}")
+    if os.geteuid() != 0:
+        pytest.skip("starting a local Slurm needs root")
+    res = _run(["bash", str(SCRIPTS / "start.sh")], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    try:
+        yield
+    finally:
+        _run(["bash", str(SCRIPTS / "stop.sh")], timeout=60)
+
+
+def _test_profile(dest: Path) -> Path:
+    """profiles/slurm as shipped, with requests this 2-CPU node can satisfy and fast polling."""
+    cfg = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    cfg["default-resources"].update({"mem_mb": "500 * attempt", "runtime": "10 * attempt", "cpus_per_task": 1})
+    for res in cfg["set-resources"].values():
+        res.update({"mem_mb": "1000 * attempt", "runtime": "10 * attempt", "cpus_per_gpu": 1})
+    cfg.update({"slurm-init-seconds-before-status-checks": 2, "seconds-between-status-checks": 2, "jobs": 4, "latency-wait": 5})
+    (dest / "profile").mkdir(parents=True)
+    (dest / "profile/config.yaml").write_text(yaml.safe_dump(cfg))
+    return dest / "profile"
+
+
+def _workflow(dest: Path, **overrides: object) -> Path:
+    for name in ("Snakefile", "workflow", "config", "envs", "src"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, dest / name)
+    shutil.copy(REPO / "config.yaml", dest / "config.yaml")
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["methods"] = ["real", "retrieval_image", "textual_inversion"]
+    cfg.update(overrides)
+    (dest / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return dest
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _snakemake(wf: Path, *args: str, limit: int = 900) -> subprocess.CompletedProcess[str]:
+    """snakemake under `timeout -k`: the slurm plugin can wait forever on a lost job and ignore SIGTERM."""
+    return _run(["timeout", "-k", "20", str(limit), sys.executable, "-m", "snakemake", *args], cwd=wf, env=_env())
+
+
+def _slurm_jobs() -> list[dict[str, str]]:
+    """Slurm's own records of the jobs it knows (finished ones are kept MinJobAge = 600 s)."""
+    out = _run(["scontrol", "show", "job", "-o"], timeout=30).stdout
+    jobs = []
+    for line in out.splitlines():
+        if line.startswith("JobId="):
+            jobs.append(dict(re.findall(r"(\w+)=(\S*)", line)))
+    return jobs
+
+
+def _rule_of(job: dict[str, str]) -> str:
+    """The plugin puts `rule_<name>_wildcards_...` (or `group_<name>`) in the job's comment."""
+    comment = job.get("Comment", "")
+    m = re.match(r"rule_(.+?)(_wildcards_.*)?$", comment)
+    return m.group(1) if m else comment
+
+
+def test_tiny_workflow_runs_every_job_through_slurm(slurm: None, tmp_path: Path) -> None:
+    wf = _workflow(tmp_path / "slurm")
+    profile = _test_profile(tmp_path)
+    before = {j["JobId"] for j in _slurm_jobs()}
+    res = _snakemake(wf, "--profile", str(profile), "--configfile", "run.yaml")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ours = [j for j in _slurm_jobs() if j["JobId"] not in before]
+    executed = len(re.findall(r"^\[.*\]\nFinished job", res.stderr + res.stdout, re.M)) or None
+    assert ours, "no Slurm job recorded"
+    assert all(j["JobState"] == "COMPLETED" for j in ours), {j["JobId"]: j["JobState"] for j in ours}
+    rules = {_rule_of(j) for j in ours}
+    assert {"world", "download", "pretrain_clip", "pretrain_diffusion", "train", "report"} <= rules, rules
+    assert "per_class_gpu" in rules, f"personalize + generate should run as one group job: {rules}"
+    for j in ours:
+        rule = _rule_of(j)
+        wants_gpu = rule in GPU_RULES | {"per_class_gpu"}
+        tres = j.get("TresPerJob", "") + j.get("TresPerNode", "")
+        if wants_gpu:
+            assert j["Partition"] == "gpu" and "gpu" in tres, (rule, j["Partition"], tres)
+        else:
+            assert j["Partition"] == "cpu" and "gpu" not in tres, (rule, j["Partition"], tres)
+    logs = list((wf / ".snakemake/slurm_logs").rglob("*.log"))
+    assert len(logs) >= len(ours), "each Slurm job writes its own log"
+    assert executed is None or executed >= len(ours)
+
+    # deterministic stages equal a local run's outputs
+    local = _workflow(tmp_path / "local")
+    res_local = _snakemake(local, "--cores", "2", "--configfile", "run.yaml")
+    assert res_local.returncode == 0, res_local.stderr[-3000:]
+    for rel in ("world/classes.json", "world/target/train.parquet", "generate/textual_inversion/circle/images.tar",
+                "generate/textual_inversion/square/images.tar", "personalize/textual_inversion/circle/learned_embeds.safetensors"):
+        assert (wf / "results/tiny" / rel).read_bytes() == (local / "results/tiny" / rel).read_bytes(), rel
+
+    # a second run submits nothing
+    count = len(_slurm_jobs())
+    res = _snakemake(wf, "--profile", str(profile), "--configfile", "run.yaml")
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stderr[-2000:]
+    assert len(_slurm_jobs()) == count, "a complete workflow submitted jobs"
+
+
+def test_cancelled_job_is_retried_and_leaves_no_partial_output(slurm: None, tmp_path: Path) -> None:
+    wf = _workflow(tmp_path / "cancel", methods=["real"], train={"epochs": 1, "batch_size": 16, "min_steps": 400})
+    profile = _test_profile(tmp_path)
+    target = "results/tiny/train/real/0/0/metrics.json"
+    # everything up to the classifier first, so the cancelled job is the one we choose
+    res = _snakemake(wf, "results/tiny/world/classes.json", "--profile", str(profile), "--configfile", "run.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = {j["JobId"] for j in _slurm_jobs()}
+    proc = subprocess.Popen(["timeout", "-k", "20", "900", sys.executable, "-m", "snakemake", target, "--profile", str(profile),
+                             "--configfile", "run.yaml"], cwd=wf, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cancelled = None
+    deadline = time.time() + 300
+    while cancelled is None and time.time() < deadline and proc.poll() is None:
+        for j in _slurm_jobs():
+            if j["JobId"] not in before and _rule_of(j) == "train" and j["JobState"] == "RUNNING":
+                time.sleep(3)  # let it get into its training loop
+                assert _run(["scancel", j["JobId"]], timeout=30).returncode == 0
+                cancelled = j["JobId"]
+                break
+        time.sleep(1)
+    out, _ = proc.communicate(timeout=900)
+    assert cancelled is not None, "never saw the train job running: " + out[-3000:]
+    assert proc.returncode == 0, out[-5000:]
+    states = {j["JobId"]: j["JobState"] for j in _slurm_jobs() if j["JobId"] not in before and _rule_of(j) == "train"}
+    assert states[cancelled] == "CANCELLED" and "COMPLETED" in states.values(), states
+    metrics = (wf / target).read_text()
+    assert '"top1"' in metrics
+    leftovers = [p for p in (wf / "results/tiny/train").rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+    assert leftovers == [], leftovers
