@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,21 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for workflow subprocesses: this venv's bin first, so rules find `python -m augbench`."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def scheduled_jobs(dry_run_output: str) -> dict[str, int]:
+    """The job-count table of a snakemake dry run: {rule: count} ({} when there is none)."""
+    table = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal", dry_run_output, re.S)
+    if table is None:
+        return {}
+    return {line.split()[0]: int(line.split()[1]) for line in table.group(1).splitlines() if line.strip()}
 
 
 class RecordingHandler(http.server.SimpleHTTPRequestHandler):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, scheduled_jobs, subprocess_env
 
 pytestmark = pytest.mark.slow
 SCRIPTS = REPO / "scripts/slurm"
@@ -72,22 +72,9 @@ def _workflow(dest: Path, **overrides: object) -> Path:
     return dest
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def _snakemake(wf: Path, *args: str, limit: int = 900) -> subprocess.CompletedProcess[str]:
     """snakemake under `timeout -k`: the slurm plugin can wait forever on a lost job and ignore SIGTERM."""
-    return _run(["timeout", "-k", "20", str(limit), sys.executable, "-m", "snakemake", *args], cwd=wf, env=_env())
-
-
-def _scheduled(dry_run_output: str) -> dict[str, int]:
-    """The job-count table of a dry run: {rule: count}."""
-    table = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal", dry_run_output, re.S)
-    assert table is not None, dry_run_output[-2000:]
-    return {line.split()[0]: int(line.split()[1]) for line in table.group(1).splitlines() if line.strip()}
+    return _run(["timeout", "-k", "20", str(limit), sys.executable, "-m", "snakemake", *args], cwd=wf, env=subprocess_env())
 
 
 def _slurm_jobs() -> list[dict[str, str]]:
@@ -111,7 +98,7 @@ def test_tiny_workflow_runs_every_job_through_slurm(slurm: None, tmp_path: Path)
     wf = _workflow(tmp_path / "slurm")
     profile = _test_profile(tmp_path)
     before = {j["JobId"] for j in _slurm_jobs()}
-    planned = _scheduled(_snakemake(wf, "-n", "--configfile", "run.yaml").stdout)
+    planned = scheduled_jobs(_snakemake(wf, "-n", "--configfile", "run.yaml").stdout)
     res = _snakemake(wf, "--profile", str(profile), "--configfile", "run.yaml")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     ours = [j for j in _slurm_jobs() if j["JobId"] not in before]
@@ -161,7 +148,8 @@ def test_cancelled_job_is_retried_and_leaves_no_partial_output(slurm: None, tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     before = {j["JobId"] for j in _slurm_jobs()}
     proc = subprocess.Popen(["timeout", "-k", "20", "900", sys.executable, "-m", "snakemake", target, "--profile", str(profile),
-                             "--configfile", "run.yaml"], cwd=wf, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--configfile", "run.yaml"], cwd=wf, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     cancelled = None
     deadline = time.time() + 300
     while cancelled is None and time.time() < deadline and proc.poll() is None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,15 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, scheduled_jobs, subprocess_env
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def _copy_workflow(dest: Path) -> Path:
@@ -34,15 +26,7 @@ def _copy_workflow(dest: Path) -> Path:
 
 
 def _smk(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
-
-
-def _scheduled(dry_run_output: str) -> dict[str, int]:
-    """The job-count table of a dry run: {rule: count}."""
-    table = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal", dry_run_output, re.S)
-    if table is None:
-        return {}
-    return {line.split()[0]: int(line.split()[1]) for line in table.group(1).splitlines() if line.strip()}
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
 @pytest.mark.parametrize(
@@ -98,7 +82,7 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert res.returncode == 0, res.stderr
-    jobs = _scheduled(res.stdout)
+    jobs = scheduled_jobs(res.stdout)
     assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 2, "report": 1, "all": 1}, res.stdout
 
 
@@ -129,5 +113,5 @@ def test_real_path_stable_diffusion_folder_personalise_and_generate(tmp_path: Pa
     log = (wf / "logs/tiny/generate/textual_inversion/circle.log").read_text()
     assert str(sd) in log
     # both classes ran as separate jobs of each rule
-    jobs = _scheduled(_smk(wf, *targets, "-n", "--forceall", "--configfile", "sd.yaml").stdout)
+    jobs = scheduled_jobs(_smk(wf, *targets, "-n", "--forceall", "--configfile", "sd.yaml").stdout)
     assert jobs["personalize"] == 4 and jobs["generate"] == 6, jobs
