@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@start=$$(date +%s); \
 	snakemake --profile profiles/default --configfile config.yaml && \
+	snakemake --profile profiles/default --configfile config.yaml --report results/toy/report/report.html && \
 	echo && cat results/toy/report/results.md && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 

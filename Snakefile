@@ -14,7 +14,7 @@
 #   generate/{method}/{cls}/images.tar, manifest.parquet, cache/   generated images of one class (cache: by chunk)
 #   augment/{method}/images.tar, manifest.parquet (+ fidelity.json for generated sets)
 #   train/{method}/{n_aug}/{seed}/metrics.json, model.pt
-#   report/results.csv, results.md
+#   report/results.csv|md|html, cost.csv, accuracy_vs_naug.png, grids/{method}.png
 
 from snakemake.utils import min_version
 
@@ -22,6 +22,9 @@ min_version("9.0")
 
 
 configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

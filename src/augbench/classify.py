@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 from augbench.device import pick_device
-from augbench.imaging import decode_many, shift_flip, to_float
+from augbench.imaging import center_crop, decode_many, random_resized_crop, shift_flip, to_float
 from augbench.io import atomic_path, write_json, write_meta
 from augbench.shards import iter_shard
 from augbench.specs import TrainSpec, item_seed, spec_dict
@@ -64,13 +64,20 @@ def load_augment(manifest: Path, shard: Path, n_aug: int, size: int) -> tuple[np
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, device: torch.device) -> dict[str, object]:
-    """Top-1, top-5 and per-class accuracy."""
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, device: torch.device,
+             spec: TrainSpec | None = None) -> dict[str, object]:
+    """Top-1, top-5 and per-class accuracy (centre crop of `input_size` when images are loaded larger)."""
     model.eval()
     logits = []
     for i in range(0, len(x), 256):
-        xb = (to_float(torch.from_numpy(x[i:i + 256])) - MEAN) / STD
-        logits.append(model(xb.to(device)).float().cpu())
+        xb = to_float(torch.from_numpy(x[i:i + 256]))
+        if spec is not None and xb.shape[-1] != spec.input_size:
+            xb = center_crop(xb, spec.input_size)
+        xb = ((xb - MEAN) / STD).to(device)
+        if spec is not None and spec.channels_last and device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, spec):
+            logits.append(model(xb).float().cpu())
     out = torch.cat(logits)
     yt = torch.from_numpy(y)
     top5 = out.topk(min(5, n_classes), dim=1).indices
@@ -80,21 +87,89 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, dev
             "per_class_top1": per_class, "n_test": len(y)}
 
 
+def _autocast(device: torch.device, spec: TrainSpec | None):  # -> context manager
+    """bfloat16 autocast on a GPU when the recipe asks for AMP; a no-op context on the CPU."""
+    enabled = bool(spec is not None and spec.amp and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def batch_indices(seed: int, step: int, n: int, bs: int) -> torch.Tensor:
+    """The sample indices of training step `step`: a pure function of (seed, step).
+
+    Epoch e is a fresh permutation seeded by (seed, e); step s takes its (s mod steps_per_epoch)-th
+    batch (the last partial batch of an epoch is dropped). Nothing about the data order lives in
+    a generator's state, so a run resumed at any step sees exactly the batches an uninterrupted run sees.
+    """
+    per_epoch = max(n // bs, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(item_seed(seed, "train", "perm", epoch)))
+    return perm[pos * bs:(pos + 1) * bs]
+
+
+def augment_batch(x: torch.Tensor, spec: TrainSpec, seed: int, step: int) -> torch.Tensor:
+    """The recipe's augmentation of one batch (uint8 NHWC -> float NCHW), seeded by (seed, step)."""
+    g = torch.Generator().manual_seed(item_seed(seed, "train", "augment", step))
+    if spec.augment == "rrc":
+        return random_resized_crop(x, spec.input_size, g, scale=spec.crop_scale)
+    out = shift_flip(x, g)
+    return center_crop(out, spec.input_size) if out.shape[-1] != spec.input_size else out
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def resume_path(out_ckpt: Path) -> Path:
+    """Where the resumable checkpoint lives: beside the outputs, not one of them (Snakemake would delete it)."""
+    return Path(out_ckpt).with_name("resume.pt")
+
+
+def _load_resume(path: Path, identity: dict[str, object], model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float | None]:
+    """Restore (step, loss EMA) from a checkpoint of the same run; anything else starts from step 0."""
+    if not path.exists():
+        return 0, None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checkpoint is written atomically, but a foreign or damaged file must not stop the run
+        log.warning("train: %s unreadable (%s); starting from step 0", path, exc)
+        return 0, None
+    if state.get("identity") != identity:
+        log.warning("train: %s belongs to another run (%s); starting from step 0", path, state.get("identity"))
+        return 0, None
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log.info("train: resumed from %s at step %d", path, state["step"])
+    return int(state["step"]), state["loss_ema"]
+
+
 def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Path]], n_aug: int, seed: int,
           n_classes: int, out_metrics: Path, out_ckpt: Path, spec: TrainSpec) -> dict[str, object]:
-    """Train from scratch on real (+ augmentation) images and write metrics and the final checkpoint."""
+    """Train from scratch on real (+ augmentation) images and write metrics and the final checkpoint.
+
+    Every `spec.checkpoint_every` steps the model, optimiser state, step and loss EMA go to
+    `resume.pt` beside the outputs; a rerun of the same (spec, seed, data) continues from there.
+    """
     started = time.time()
     torch.set_num_threads(spec.threads)
+    if spec.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(item_seed(seed, "train", "init"))
     device = pick_device()
-    parts = [load_split(t, root, spec.input_size) for t in real]
+    load = spec.load_size or spec.input_size
+    parts = [load_split(t, root, load) for t in real]
     n_real = sum(len(p[1]) for p in parts)
-    parts += [load_augment(m, s, n_aug, spec.input_size) for m, s in augment]
+    parts += [load_augment(m, s, n_aug, load) for m, s in augment]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    x_test, y_test = load_split(test, root, spec.input_size)
+    x_test, y_test = load_split(test, root, load)
     log.info("train: %d real + %d augmentation images, %d test, device %s, spec %s", n_real, len(y) - n_real, len(y_test), device, spec)
     model = build_model(spec, n_classes).to(device)
+    if spec.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -104,37 +179,41 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     steps_per_epoch = max(len(y) // bs, 1)
     total = max(spec.epochs * steps_per_epoch, spec.min_steps)
     warmup = min(spec.warmup_epochs * steps_per_epoch, total // 5)
-    g = torch.Generator().manual_seed(item_seed(seed, "train", "data"))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    resume = resume_path(out_ckpt)
+    identity = {"spec": spec_dict(spec), "seed": seed, "n_aug": n_aug, "n_train": len(y), "label_sum": int(y.sum())}
+    start, loss_ema = _load_resume(resume, identity, model, opt)
     model.train()
-    perm, cursor, loss_ema = torch.randperm(len(y), generator=g), 0, None
-    for step in range(total):
-        if cursor + bs > len(y):
-            perm, cursor = torch.randperm(len(y), generator=g), 0
-        idx = perm[cursor:cursor + bs]
-        cursor += bs
-        if step < warmup:
-            lr = spec.lr * (step + 1) / warmup
-        else:
-            lr = spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    for step in range(start, total):
+        idx = batch_indices(seed, step, len(y), bs)
+        lr = lr_at(step, total, warmup, spec.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        xb = ((shift_flip(xt[idx], g) - MEAN) / STD).to(device)
-        loss = loss_fn(model(xb), yt[idx].to(device))
+        xb = ((augment_batch(xt[idx], spec, seed, step) - MEAN) / STD).to(device)
+        if spec.channels_last and device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, spec):
+            loss = loss_fn(model(xb).float(), yt[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         if step % 100 == 0 or step == total - 1:
             log.info("train: step %d/%d loss %.4f lr %.3f (%.0fs)", step, total, loss_ema, lr, time.time() - started)
-    metrics = evaluate(model, x_test, y_test, n_classes, device)
+        if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
+            with atomic_path(resume) as tmp:
+                torch.save({"identity": identity, "step": step + 1, "loss_ema": loss_ema, "model": model.state_dict(),
+                            "optimizer": opt.state_dict()}, tmp)
+    metrics = evaluate(model, x_test, y_test, n_classes, device, spec)
     metrics.update({"n_real": n_real, "n_aug_images": int(len(y) - n_real), "n_aug_per_class": n_aug, "seed": seed,
-                    "steps": total, "final_loss": loss_ema, "train_seconds": round(time.time() - started, 1)})
+                    "steps": total, "resumed_from_step": start, "final_loss": loss_ema,
+                    "train_seconds": round(time.time() - started, 1)})
     with atomic_path(out_ckpt) as tmp:
         torch.save({"model": model.state_dict(), "spec": spec_dict(spec), "seed": seed, "n_aug": n_aug}, tmp)
     write_json(out_metrics, metrics)
-    write_meta(out_metrics, "train", spec_dict(spec), started, seed=seed, n_aug=n_aug,
+    write_meta(out_metrics, "train", spec_dict(spec), started, seed=seed, n_aug=n_aug, device=str(device),
                inputs={"real": [str(p) for p in real], "augment": [[str(a), str(b)] for a, b in augment]})
+    resume.unlink(missing_ok=True)
     log.info("train: top1 %.4f top5 %.4f in %.0fs", metrics["top1"], metrics["top5"], time.time() - started)
     return metrics
 

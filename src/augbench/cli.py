@@ -33,6 +33,13 @@ def cmd_world(a: argparse.Namespace) -> object:
     return build_world(parse_spec(WorldSpec, a.spec), Path(a.out))
 
 
+def cmd_target(a: argparse.Namespace) -> object:
+    from augbench.specs import parse_spec
+    from augbench.target import TargetSpec, build_target
+
+    return build_target(parse_spec(TargetSpec, a.spec), Path(a.out))
+
+
 def cmd_parts(a: argparse.Namespace) -> object:
     from augbench.download import split_parts
 
@@ -136,14 +143,28 @@ def cmd_train(a: argparse.Namespace) -> object:
 def cmd_report(a: argparse.Namespace) -> object:
     import pandas as pd
 
-    from augbench.report import build_table, write_report
+    from augbench import report
 
     runs = [json.loads(r) for r in a.run]
     retrieval = {m: {"manifest": Path(man), "stats": Path(st)} for m, man, st in a.retrieval or []}
     truth = pd.read_parquet(a.truth) if a.truth else None
     fidelity = {m: Path(f) for m, f in a.fidelity or []}
-    table = build_table(runs, retrieval, truth, fidelity)
-    write_report(table, Path(a.out_csv), Path(a.out_md))
+    table = report.build_table(runs, retrieval, truth, fidelity)
+    if a.benchmarks:
+        bench = report.read_benchmarks(Path(a.benchmarks))
+        table = report.add_cost(table, bench, a.gpu)
+        if a.out_cost:
+            with report.atomic_path(Path(a.out_cost)) as tmp:
+                report.stage_costs(bench, a.gpu).to_csv(tmp, index=False, float_format="%.6g")
+    report.write_report(table, Path(a.out_csv), Path(a.out_md), Path(a.out_html) if a.out_html else None)
+    if a.out_plot:
+        report.plot_accuracy_vs_naug(table, Path(a.out_plot))
+    if a.grid:
+        classes_doc = json.loads(Path(a.classes).read_text())
+        classes = [(k, classes_doc["names"].get(k, k)) for k in classes_doc["classes"][: a.grid_classes]]
+        real = pd.read_parquet(a.real_table)
+        for method, manifest, tar, out in a.grid:
+            report.image_grid(method, real, Path(a.root), Path(manifest), Path(tar), classes, a.grid_images, Path(out))
     print(Path(a.out_md).read_text())
     return {"rows": len(table)}
 
@@ -163,6 +184,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", default="{}")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_world)
+
+    s = sub.add_parser("target", help="split tables of a class-per-folder dataset (ImageNet, Caltech256, ImageFolder)")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_target)
 
     s = sub.add_parser("parts", help="split a url/caption table into download parts")
     s.add_argument("--pool", required=True)
@@ -277,8 +303,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--retrieval", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "STATS"))
     s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
     s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
+    s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")
+    s.add_argument("--gpu", action="store_true", help="GPU rules ran on GPUs (their wall time is GPU time)")
+    s.add_argument("--grid", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "TAR", "OUT_PNG"))
+    s.add_argument("--grid-classes", type=int, default=4)
+    s.add_argument("--grid-images", type=int, default=6)
+    s.add_argument("--classes", help="classes.json (grids)")
+    s.add_argument("--real-table", help="real training split table (grids)")
+    s.add_argument("--root", default=".", help="folder the real table's paths are relative to")
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)
+    s.add_argument("--out-html")
+    s.add_argument("--out-plot")
+    s.add_argument("--out-cost")
     s.set_defaults(fn=cmd_report)
     return p
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -58,3 +59,36 @@ def shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1], no augmentation."""
     return x.permute(0, 3, 1, 2).float().div_(255)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop + horizontal flip for a whole batch: uint8 NHWC -> float NCHW in [0, 1].
+
+    One `roi_align` call crops and bilinearly resizes every sample's own random box, so the
+    in-memory batch path needs no per-image PIL work. Boxes follow torchvision's sampling (area
+    share in `scale`, log-uniform aspect ratio in `ratio`), clamped to the image.
+    """
+    from torchvision.ops import roi_align
+
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    n, _, h, w = x.shape
+    area = torch.empty(n).uniform_(scale[0], scale[1], generator=g) * h * w
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    aspect = torch.exp(log_r)
+    bw = torch.sqrt(area * aspect).clamp(1, w)
+    bh = torch.sqrt(area / aspect).clamp(1, h)
+    x0 = torch.rand(n, generator=g) * (w - bw)
+    y0 = torch.rand(n, generator=g) * (h - bh)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + bw, y0 + bh], dim=1)
+    out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, generator=g) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Central `size` x `size` crop of float NCHW images (evaluation after resizing to a larger `load_size`)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]

@@ -32,6 +32,11 @@ def load_embeddings(emb_files: list[Path], meta_files: list[Path]) -> tuple[np.n
         if len(emb) != len(meta):
             raise ValueError(f"{emb_file}: {len(emb)} embeddings but {meta_file} has {len(meta)} rows")
         embs.append(np.asarray(emb, dtype=np.float32))
+        if "key" not in meta.columns:  # precomputed LAION metadata may lack img2dataset's key: name rows by part and row
+            meta = meta.assign(key=[f"{Path(emb_file).stem}_{i:09d}" for i in range(len(meta))])
+        for column in ("url", "caption"):
+            if column not in meta.columns:
+                raise ValueError(f"{meta_file}: no {column!r} column (clip-retrieval metadata needs url and caption)")
         metas.append(meta.assign(shard=Path(emb_file).stem))
     if not embs:
         raise ValueError("index: no embedding files given")

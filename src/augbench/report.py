@@ -1,9 +1,13 @@
-"""The results table: one row per (method, n_aug), mean and std of top-1 over seeds.
+"""The report: results table, accuracy-vs-n_aug plot, image grids and compute cost per method.
+
+The table has one row per (method, n_aug), mean and std of top-1 over seeds.
 
 For retrieval methods it adds the leaked images removed and, in the toy world only (where the
 pool's hidden true labels exist), `retrieval_precision`: the share of the images actually used
 for training whose true label is the class they were retrieved for. For generation methods it adds
 `generation_fidelity`: the share of generated images CLIP assigns, zero-shot, to their intended class.
+Every row gets its price from the Snakemake `benchmark:` files (`cpu_hours`, `gpu_hours`,
+`cost_hours`) and `gain_per_hour`, top-1 points over `real` per hour of that price.
 """
 
 from __future__ import annotations
@@ -14,14 +18,185 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from augbench.classify import read_metrics
 from augbench.io import atomic_path, write_parquet
+from augbench.methods import BASELINES, RETRIEVAL_MODES
+from augbench.shards import iter_shard
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "n_aug", "seeds", "top1_mean", "top1_std", "top5_mean", "retrieval_precision", "leaked_removed",
            "generation_fidelity"]
+
+
+COST_COLUMNS = ["cpu_hours", "gpu_hours", "cost_hours", "gain_per_hour"]
+
+# Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU.
+GPU_STAGES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect", "train"}
+SHARED_BY_FAMILY = {
+    "baseline": ("world", "target"),
+    "retrieval": ("world", "target", "download", "pretrain_clip", "embed_pool", "embed_target", "index"),
+    "generated": ("world", "target", "download", "pretrain_clip", "pretrain_diffusion"),
+}
+
+
+def read_benchmarks(folder: Path) -> pd.DataFrame:
+    """Every Snakemake `benchmark:` file under `folder` as rows (stage, key, wall s, cpu s).
+
+    `key` is the path below the stage folder without suffix: `retrieval_image` for fetch,
+    `prompt_classname/circle` for generate, `real/0/1` for train. Unreadable files are logged and skipped.
+    """
+    rows = []
+    for path in sorted(Path(folder).rglob("*.tsv")):
+        rel = path.relative_to(folder).with_suffix("")
+        parts = rel.parts
+        if parts[0] == "embed":  # embed/pool/<part>, embed/target/<split>
+            stage, key = f"embed_{parts[1]}", "/".join(parts[2:])
+        else:
+            stage, key = parts[0], "/".join(parts[1:])
+        try:
+            bench = pd.read_csv(path, sep="\t")
+            wall, cpu = float(bench["s"].iloc[-1]), float(bench["cpu_time"].iloc[-1])
+        except (OSError, KeyError, IndexError, ValueError, pd.errors.ParserError) as exc:
+            log.warning("report: %s: unreadable benchmark file skipped (%s)", path, exc)
+            continue
+        rows.append({"stage": stage, "key": key, "wall_s": wall, "cpu_s": cpu})
+    return pd.DataFrame(rows, columns=["stage", "key", "wall_s", "cpu_s"])
+
+
+def _family(method: str) -> str:
+    if method in BASELINES:
+        return "baseline"
+    return "retrieval" if method in RETRIEVAL_MODES else "generated"
+
+
+def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool) -> dict[str, float]:
+    """CPU- and GPU-hours of one table row: its shared stages once, its own stages, one training run.
+
+    Shared stages are those the method's images depend on (pool, CLIP, index for retrieval; pool,
+    CLIP, diffusion pre-training for generation), each counted once, not per class; the method's
+    own stages are all its per-class and per-method jobs; training is the mean over seeds of the
+    runs at this n_aug (seeds are repeats for the error bar, not part of a method's price).
+    """
+    own = bench["stage"].isin(SHARED_BY_FAMILY[_family(method)])
+    if method in RETRIEVAL_MODES:
+        own |= (bench["stage"] == "retrieve") & (bench["key"] == RETRIEVAL_MODES[method])
+        own |= (bench["stage"] == "fetch") & (bench["key"] == method)
+    elif method not in BASELINES:
+        own |= bench["stage"].isin(["personalize", "generate"]) & bench["key"].str.startswith(f"{method}/")
+        own |= (bench["stage"] == "collect") & (bench["key"] == method)
+        if method == "cond_clusters":  # clusters come from the CLIP embeddings of the training images
+            own |= (bench["stage"] == "embed_target") | (bench["stage"] == "pretrain_clip")
+    runs = bench[(bench["stage"] == "train") & bench["key"].str.startswith(f"{method}/{n_aug}/")]
+    rows = bench[own]
+    on_gpu = rows["stage"].isin(GPU_STAGES)
+    cpu = rows["cpu_s"].sum() + (runs["cpu_s"].mean() if len(runs) else 0.0)
+    gpu_s = (rows.loc[on_gpu, "wall_s"].sum() + (runs["wall_s"].mean() if len(runs) else 0.0)) if gpu else 0.0
+    return {"cpu_hours": cpu / 3600, "gpu_hours": gpu_s / 3600}
+
+
+def add_cost(table: pd.DataFrame, bench: pd.DataFrame, gpu: bool) -> pd.DataFrame:
+    """Add cpu_hours, gpu_hours, cost_hours (GPU-hours when GPU rules ran on GPUs, else CPU-hours) and
+    gain_per_hour: top-1 points gained over `real` per hour of that cost."""
+    table = table.copy()
+    costs = [method_cost(bench, r.method, int(r.n_aug), gpu) for r in table.itertuples(index=False)]
+    table["cpu_hours"] = [c["cpu_hours"] for c in costs]
+    table["gpu_hours"] = [c["gpu_hours"] for c in costs]
+    table["cost_hours"] = table["gpu_hours"] if gpu else table["cpu_hours"]
+    real = table.loc[table["method"] == "real", "top1_mean"]
+    gain = 100 * (table["top1_mean"] - (real.iloc[0] if len(real) else np.nan))
+    table["gain_per_hour"] = np.where(table["cost_hours"] > 0, gain / table["cost_hours"].where(table["cost_hours"] > 0), np.nan)
+    return table
+
+
+def stage_costs(bench: pd.DataFrame, gpu: bool) -> pd.DataFrame:
+    """Hours per stage over the whole run (each job once): where the compute went."""
+    g = bench.groupby("stage")
+    out = pd.DataFrame({"jobs": g.size(), "cpu_hours": g["cpu_s"].sum() / 3600, "wall_hours": g["wall_s"].sum() / 3600})
+    out["gpu_hours"] = np.where(out.index.isin(GPU_STAGES) & gpu, out["wall_hours"], 0.0)
+    return out.reset_index().sort_values("cpu_hours", ascending=False)
+
+
+def plot_accuracy_vs_naug(table: pd.DataFrame, out: Path) -> None:
+    """accuracy_vs_naug.png: top-1 against augmentation images per class, one line per method, std as error bars.
+
+    Baselines have no n_aug: they are drawn as horizontal lines (mean) with a band (± std).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    aug = table[~table["method"].isin(BASELINES)]
+    xs = sorted(aug["n_aug"].unique()) or [0, 1]
+    for i, (method, g) in enumerate(aug.groupby("method", sort=False)):
+        g = g.sort_values("n_aug")
+        ax.errorbar(g["n_aug"], 100 * g["top1_mean"], yerr=100 * g["top1_std"].fillna(0), marker="o", capsize=3, label=method,
+                    linestyle="-" if method in RETRIEVAL_MODES else "--", color=plt.cm.tab20(i % 20))
+    for method, style in (("real", "k"), ("real_x2", "0.5")):
+        row = table[table["method"] == method]
+        if len(row):
+            m, s = 100 * row["top1_mean"].iloc[0], 100 * np.nan_to_num(row["top1_std"].iloc[0])
+            ax.axhline(m, color=style, linestyle=":", label=f"{method} (no augmentation)")
+            ax.axhspan(m - s, m + s, color=style, alpha=0.08)
+    ax.set_xscale("log", base=2) if len(xs) > 1 and min(xs) > 0 else None
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("augmentation images per class (n_aug)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Top-1 vs. number of added images (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def _tile(img: Image.Image, size: int) -> Image.Image:
+    return img.convert("RGB").resize((size, size), Image.Resampling.NEAREST if img.width < size else Image.Resampling.BILINEAR)
+
+
+def image_grid(method: str, real: pd.DataFrame, root: Path, manifest: Path, shard: Path, classes: list[tuple[str, str]],
+               n_images: int, out: Path, tile: int = 64) -> None:
+    """grids/<method>.png: one row per class, its real training images on the left, the method's images on the right."""
+    from PIL import ImageDraw
+
+    m = pd.read_parquet(manifest)
+    m = m[m["rank"] < n_images].assign(key=lambda d: d["key"].astype(str))
+    wanted = set(m["key"])
+    added = {s.key: s.pil() for s in iter_shard(shard) if s.key in wanted}
+    label_w, pad, head = 110, 4, 18
+    width = label_w + 2 * n_images * (tile + pad) + 3 * pad
+    canvas = Image.new("RGB", (width, head + len(classes) * (tile + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((label_w, 3), "real training images", fill="black")
+    draw.text((label_w + n_images * (tile + pad) + 2 * pad, 3), f"{method}", fill="black")
+    for row, (key, name) in enumerate(classes):
+        y = head + row * (tile + pad)
+        draw.text((pad, y + tile // 2 - 6), name[:18], fill="black")
+        paths = real.loc[real["class"] == key, "path"].head(n_images)
+        for j, p in enumerate(paths):
+            canvas.paste(_tile(Image.open(root / p), tile), (label_w + j * (tile + pad), y))
+        keys = m[m["class"] == key].sort_values("rank")["key"]
+        for j, k in enumerate(keys):
+            if k in added:
+                canvas.paste(_tile(added[k], tile), (label_w + (n_images + j) * (tile + pad) + 2 * pad, y))
+    with atomic_path(out) as tmp:
+        canvas.save(tmp)
+
+
+def to_html(table: pd.DataFrame) -> str:
+    """The results table as a small standalone HTML page (shown inside the Snakemake report)."""
+    shown = table.copy()
+    for col in ("top1_mean", "top1_std", "top5_mean"):
+        shown[col] = (100 * shown[col]).round(1)
+    body = shown.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="results")
+    style = "table{border-collapse:collapse;font:13px sans-serif}td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" \
+           f"<p>top-1/top-5 in %, mean (and std) over seeds; cost in hours.</p>{body}</body></html>\n"
 
 
 def retrieval_precision(manifest: Path, n_aug: int, truth: pd.DataFrame) -> float:
@@ -60,23 +235,30 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """A readable markdown table: top-1 as mean ± std in percent."""
-    lines = ["| method | n_aug | seeds | top-1 (%) | top-5 (%) | retrieval precision | leaked removed | generation fidelity |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """A readable markdown table: top-1 as mean ± std in percent, cost in hours."""
+    lines = ["| method | n_aug | seeds | top-1 (%) | top-5 (%) | retrieval precision | leaked removed | generation fidelity "
+             "| cost (h) | gain / h |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table.itertuples(index=False):
         std = "" if np.isnan(r.top1_std) else f" ± {100 * r.top1_std:.1f}"
         prec = "" if np.isnan(r.retrieval_precision) else f"{r.retrieval_precision:.3f}"
         leak = "" if np.isnan(r.leaked_removed) else f"{int(r.leaked_removed)}"
         fid = "" if np.isnan(r.generation_fidelity) else f"{r.generation_fidelity:.3f}"
         top = f"{100 * r.top1_mean:.1f}{std} | {100 * r.top5_mean:.1f}"
-        lines.append(f"| {r.method} | {r.n_aug} | {r.seeds} | {top} | {prec} | {leak} | {fid} |")
+        cost = getattr(r, "cost_hours", np.nan)
+        gain = getattr(r, "gain_per_hour", np.nan)
+        price = f"{'' if np.isnan(cost) else f'{cost:.3f}'} | {'' if np.isnan(gain) else f'{gain:.1f}'}"
+        lines.append(f"| {r.method} | {r.n_aug} | {r.seeds} | {top} | {prec} | {leak} | {fid} | {price} |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path) -> None:
-    """Write results.csv and results.md atomically."""
+def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path, out_html: Path | None = None) -> None:
+    """Write results.csv, results.md (and results.html) atomically."""
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out_md) as tmp:
         tmp.write_text(to_markdown(table))
+    if out_html is not None:
+        with atomic_path(out_html) as tmp:
+            tmp.write_text(to_html(table))
     write_parquet(out_csv.with_suffix(".parquet"), table)

@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 
 STAGE_VERSIONS: dict[str, int] = {
     "world": 1,
+    "target": 1,
     "download": 1,
     "pretrain_clip": 1,
     "embed": 1,
     "index": 1,
     "retrieve": 1,
     "fetch": 1,
-    "train": 1,
+    "train": 2,
     "report": 1,
     "pretrain_diffusion": 1,
     "personalize": 1,
@@ -244,10 +245,17 @@ class RetrieveSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Classifier recipe: architecture, schedule, augmentation, evaluation."""
+    """Classifier recipe: architecture, schedule, augmentation, evaluation, checkpointing.
 
-    arch: str = "resnet18"
-    input_size: int = 32
+    The defaults are the paper's kind of recipe (ResNet-50 from scratch, SGD + momentum, warm-up
+    and cosine decay, label smoothing, RandomResizedCrop + flip); the toy config overrides the
+    sizes. `checkpoint_every` steps a resumable checkpoint is written beside the outputs, so a
+    killed job resumes where it stopped and ends with the same weights as an uninterrupted run.
+    """
+
+    arch: str = "resnet50"
+    input_size: int = 224
+    load_size: int | None = None  # images are decoded to this square size (None: input_size); eval centre-crops input_size
     small_input_stem: bool = False
     epochs: int = 30
     batch_size: int = 64
@@ -256,7 +264,18 @@ class TrainSpec:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     warmup_epochs: int = 1
+    augment: str = "rrc"  # rrc: RandomResizedCrop + flip; shift_flip: small translations + flip
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    amp: bool = True  # bfloat16 autocast, on a GPU only
+    channels_last: bool = True  # on a GPU only (it slows small inputs on the CPU)
+    deterministic: bool = False
+    checkpoint_every: int = 200
     threads: int = 1
     min_steps: int = 200
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = STAGE_VERSIONS["train"]
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("rrc", "shift_flip"):
+            raise ValueError(f"TrainSpec.augment must be 'rrc' or 'shift_flip', got {self.augment!r}")
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))

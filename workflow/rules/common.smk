@@ -4,11 +4,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.methods import BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, WorldSpec, canonical_json, parse_spec  # noqa: E402
+from augbench.target import TargetSpec, target_classes  # noqa: E402
 from augbench.world import world_kinds  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
@@ -16,7 +18,9 @@ validate(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 R = f"results/{config['dataset']}"
 LOGS = f"logs/{config['dataset']}"
 BENCH = f"benchmarks/{config['dataset']}"
-TOY = config["pool"]["urls"] is None
+TOY_TARGET = config["target"]["source"] == "toy"
+PRECOMPUTED = config["pool"]["embeddings"]  # a clip-retrieval folder (img_emb/*.npy + metadata/*.parquet) or None
+TOY = config["pool"]["urls"] is None and PRECOMPUTED is None  # the toy pool, served from the world on 127.0.0.1
 PARTS = [f"{i:05d}" for i in range(config["pool"]["parts"])]
 SPLITS = ["train", "train_extra", "val", "test"]
 CLIP_MODEL = f"{R}/clip/model" if config["clip"]["model"] == "toy" else config["clip"]["model"]
@@ -24,10 +28,70 @@ SD_MODEL = f"{R}/diffusion/model" if config["diffusion"]["model"] == "toy" else 
 GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
 
 
+def config_error(message):
+    """Stop at parse time, before any job, with a message that names the config key."""
+    raise WorkflowError(f"config: {message}")
+
+
+if TOY and not TOY_TARGET:
+    config_error("the toy pool (pool.urls and pool.embeddings both null) exists only with target.source: toy")
+if PRECOMPUTED and "toy" in (config["clip"]["model"], config["diffusion"]["model"]):
+    config_error("pool.embeddings (precomputed) leaves no pool images to train a toy CLIP or diffusion model on; "
+                 "name real models in clip.model / diffusion.model")
+if PRECOMPUTED and config["pool"]["urls"]:
+    config_error("give either pool.urls (download and embed) or pool.embeddings (precomputed), not both")
+
+
+def precomputed_parts():
+    """Stems of a precomputed embedding folder's img_emb/*.npy, each with its metadata/<stem>.parquet."""
+    root = Path(PRECOMPUTED)
+    stems = sorted(p.stem for p in (root / "img_emb").glob("*.npy"))
+    if not stems:
+        config_error(f"pool.embeddings {PRECOMPUTED!r}: no img_emb/*.npy files (clip-retrieval layout expected)")
+    missing = [s for s in stems if not (root / "metadata" / f"{s}.parquet").exists()]
+    if missing:
+        config_error(f"pool.embeddings {PRECOMPUTED!r}: metadata/<part>.parquet missing for {missing[:5]}")
+    return stems
+
+
+if PRECOMPUTED:
+    _stems = precomputed_parts()
+    POOL_EMB = [f"{PRECOMPUTED}/img_emb/{s}.npy" for s in _stems]
+    POOL_META = [f"{PRECOMPUTED}/metadata/{s}.parquet" for s in _stems]
+else:
+    POOL_EMB = expand(f"{R}/embed/pool/img_emb/{{part}}.npy", part=PARTS)
+    POOL_META = expand(f"{R}/embed/pool/metadata/{{part}}.parquet", part=PARTS)
+# Local pool images: the leak filter verifies suspects by pixels, and retrieved images are copied from them.
+POOL_SHARDS = [] if PRECOMPUTED else expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS)
+
+
+def target_spec():
+    """The real target dataset's spec (config section `target` without `source`)."""
+    return parse_spec(TargetSpec, {k: v for k, v in config["target"].items() if k != "source"})
+
+
 def dataset_classes():
     """(key, name) of each target class in label order: known before any job runs, so per-class jobs fan out."""
+    if not TOY_TARGET:
+        try:
+            return target_classes(target_spec())
+        except (FileNotFoundError, ValueError) as exc:
+            config_error(str(exc))
     spec = parse_spec(WorldSpec, {k: v for k, v in config["world"].items()})
     return [(k.key, k.nouns[0]) for k in world_kinds(spec)[: spec.n_classes]]
+
+
+def resolve_n_aug(value):
+    """Augmentation images per class: an integer, or a multiple of the real images per class ("2x")."""
+    if isinstance(value, int):
+        return value
+    per_class = config.get("real_per_class") or (config["world"]["shots"] if TOY_TARGET else None)
+    if per_class is None:
+        config_error(f"n_aug {value!r} is a multiple of the real images per class: set real_per_class")
+    return max(1, round(float(value[:-1]) * per_class))
+
+
+N_AUG = sorted({resolve_n_aug(v) for v in config["n_aug"]})
 
 
 CLASSES = dataset_classes()
@@ -55,6 +119,8 @@ def stage_spec(stage, **extra):
         data = dict(config["clip"]["train"])
     if stage == "pretrain_diffusion":
         data = dict(config["diffusion"]["train"])
+    if stage == "target":
+        data = {k: v for k, v in config["target"].items() if k != "source"}
     method = extra.get("method", "")
     if stage == "personalize":  # drop what this method does not use: changing it reruns nothing
         if not method.endswith("_dm"):
@@ -62,14 +128,14 @@ def stage_spec(stage, **extra):
         if method != "cond_clusters":
             data.pop("cluster_size", None)
     if stage == "generate":
-        data["n_images"] = max(config["n_aug"])
+        data["n_images"] = max(N_AUG)
         if method != "img2img":
             data.pop("strength", None)
         if method == "prompt_templates" or method in COND_METHODS:
             data.pop("prompt", None)
     if stage == "retrieve":
         data = {k: v for k, v in config["retrieve"].items() if not (extra.get("mode") == "image" and k == "prompts")}
-        data["n_aug"] = max(config["n_aug"])
+        data["n_aug"] = max(N_AUG)
     data.update(extra)
     data["version"] = STAGE_VERSIONS[stage]
     return canonical_json(data)
@@ -81,8 +147,14 @@ def clip_input():
 
 
 def n_aug_values(method):
-    """Baselines have no augmentation images: their only n_aug is 0."""
-    return [0] if method in BASELINES else config["n_aug"]
+    """Baselines have no augmentation images (n_aug 0); `sweep_methods` (if set) limits the sweep to those methods.
+
+    A method outside `sweep_methods` runs at the largest n_aug only, the value of the main table.
+    """
+    if method in BASELINES:
+        return [0]
+    sweep = config.get("sweep_methods")
+    return N_AUG if sweep is None or method in sweep else [max(N_AUG)]
 
 
 def train_runs():
@@ -133,29 +205,38 @@ def class_args(wildcards):
     return f"--label {CLASS_LABEL[wildcards.cls]} --name {shlex.quote(CLASS_NAME[wildcards.cls])} --class-key {wildcards.cls}"
 
 
+AUGMENTED = [m for m in config["methods"] if m not in BASELINES]
+
+
 def report_inputs():
-    """Metrics of every run, and the retrieval methods' manifests and stats (for precision and leaks)."""
+    """Metrics of every run, the augmentation sets (grids, retrieval precision, leaks, fidelity) and the real images."""
     runs = [f"{R}/train/{m}/{n}/{s}/metrics.json" for m, n, s in train_runs()]
     retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
     return {
         "metrics": runs,
-        "manifests": [f"{R}/augment/{m}/manifest.parquet" for m in retrieval],
+        "manifests": [f"{R}/augment/{m}/manifest.parquet" for m in AUGMENTED],
+        "tars": [f"{R}/augment/{m}/images.tar" for m in AUGMENTED],
         "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
+        "classes": f"{R}/world/classes.json",
+        "real": f"{R}/world/target/train.parquet",
     }
 
 
-def report_args(wildcards, input):
-    """The report command's arguments, built from the resolved input files."""
+def report_args(wildcards, input, output):
+    """The report command's arguments, built from the resolved input and output files."""
     runs = " ".join(
         f"--run {shlex.quote(json.dumps({'method': m, 'n_aug': n, 'seed': s, 'metrics': f}))}"
         for (m, n, s), f in zip(train_runs(), input.metrics)
     )
+    manifest = dict(zip(AUGMENTED, input.manifests))
+    tar = dict(zip(AUGMENTED, input.tars))
     retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
-    retr = " ".join(
-        f"--retrieval {m} {man} {st}" for m, man, st in zip(retrieval, input.manifests, input.stats)
-    )
+    retr = " ".join(f"--retrieval {m} {manifest[m]} {st}" for m, st in zip(retrieval, input.stats))
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
-    return f"{runs} {retr} {fid} {truth}"
+    grids = " ".join(f"--grid {m} {manifest[m]} {tar[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
+    rep = config["report"]
+    opts = f"--grid-classes {rep['grid_classes']} --grid-images {rep['grid_images']}" + (" --gpu" if rep["gpu"] else "")
+    return f"{runs} {retr} {fid} {truth} {grids} {opts}"

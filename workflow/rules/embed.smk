@@ -1,25 +1,28 @@
-rule embed_pool:
-    input:
-        unpack(lambda wc: clip_input()),
-        shard=f"{R}/pool/shards/{{part}}.tar",
-    output:
-        emb=f"{R}/embed/pool/img_emb/{{part}}.npy",
-        meta=f"{R}/embed/pool/metadata/{{part}}.parquet",
-    log:
-        f"{LOGS}/embed/pool/{{part}}.log",
-    benchmark:
-        f"{BENCH}/embed/pool/{{part}}.tsv"
-    params:
-        spec=stage_spec("embed"),
-        model=CLIP_MODEL,
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        "python -m augbench embed --shard {input.shard:q} --model {params.model:q}"
-        " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} > {log:q} 2>&1"
+# CLIP embeddings in the clip-retrieval layout: pool shards (unless precomputed) and target splits.
+if not PRECOMPUTED:
+
+    rule embed_pool:
+        input:
+            unpack(lambda wc: clip_input()),
+            shard=f"{R}/pool/shards/{{part}}.tar",
+        output:
+            emb=f"{R}/embed/pool/img_emb/{{part}}.npy",
+            meta=f"{R}/embed/pool/metadata/{{part}}.parquet",
+        log:
+            f"{LOGS}/embed/pool/{{part}}.log",
+        benchmark:
+            f"{BENCH}/embed/pool/{{part}}.tsv"
+        params:
+            spec=stage_spec("embed"),
+            model=CLIP_MODEL,
+        threads: 1
+        resources:
+            gpu=1,
+        conda:
+            "../../envs/torch.yaml"
+        shell:
+            "python -m augbench embed --shard {input.shard:q} --model {params.model:q}"
+            " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
 rule embed_target:
@@ -31,6 +34,8 @@ rule embed_target:
         meta=f"{R}/embed/target/metadata/{{split}}.parquet",
     log:
         f"{LOGS}/embed/target/{{split}}.log",
+    benchmark:
+        f"{BENCH}/embed/target/{{split}}.tsv"
     params:
         spec=stage_spec("embed"),
         model=CLIP_MODEL,

@@ -47,6 +47,8 @@ rule collect_generated:
         method="|".join(GENERATION_METHODS),
     log:
         f"{LOGS}/collect/{{method}}.log",
+    benchmark:
+        f"{BENCH}/collect/{{method}}.tsv"
     params:
         clip=CLIP_MODEL,
     conda:

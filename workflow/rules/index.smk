@@ -1,7 +1,7 @@
 rule index:
     input:
-        emb=expand(f"{R}/embed/pool/img_emb/{{part}}.npy", part=PARTS),
-        meta=expand(f"{R}/embed/pool/metadata/{{part}}.parquet", part=PARTS),
+        emb=POOL_EMB,
+        meta=POOL_META,
     output:
         index=f"{R}/index/pool.index",
         ids=f"{R}/index/ids.parquet",

@@ -1,14 +1,29 @@
+# The results table, the accuracy-vs-n_aug plot, one image grid per augmentation method and the compute cost
+# per method (from every rule's benchmark: file). `snakemake --report results/<dataset>/report/report.html`
+# then bundles the outputs marked report() with their captions into one HTML file.
 rule report:
     input:
         **report_inputs(),
     output:
-        csv=f"{R}/report/results.csv",
+        csv=report(f"{R}/report/results.csv", caption="../report/results.rst", category="1. Results", labels={"file": "results.csv"}),
+        html=report(f"{R}/report/results.html", caption="../report/results.rst", category="1. Results", labels={"file": "table"}),
         md=f"{R}/report/results.md",
+        cost=report(f"{R}/report/cost.csv", caption="../report/cost.rst", category="3. Compute cost", labels={"file": "cost.csv"}),
+        plot=report(f"{R}/report/accuracy_vs_naug.png", caption="../report/accuracy_vs_naug.rst", category="1. Results",
+                    labels={"file": "accuracy_vs_naug.png"}),
+        grids=[
+            report(f"{R}/report/grids/{m}.png", caption="../report/grids.rst", category="2. Image grids", labels={"method": m})
+            for m in AUGMENTED
+        ],
     log:
         f"{LOGS}/report.log",
     params:
         args=report_args,
+        bench=BENCH,
+        root=f"{R}/world",
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench report {params.args} --out-csv {output.csv:q} --out-md {output.md:q} 2> {log:q}"
+        "python -m augbench report {params.args} --benchmarks {params.bench:q} --classes {input.classes:q}"
+        " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q}"
+        " --out-html {output.html:q} --out-cost {output.cost:q} --out-plot {output.plot:q} 2> {log:q}"

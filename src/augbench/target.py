@@ -1,0 +1,133 @@
+"""Real target datasets (ImageNet, Caltech256, any ImageFolder tree) as the split tables every stage reads.
+
+The toy world writes `target/{split}.parquet` (path, label, class) and `classes.json`; this module
+writes the same files for a class-per-folder dataset, so retrieval, personalisation, generation
+and the classifier never know which world they are in:
+
+- `train`: the real training images: a stratified subset (`train_fraction` of each class, at
+  least one image, or `train_per_class` images) drawn with a fixed seed — ImageNet-10 % is
+  `train_fraction: 0.1`;
+- `train_extra`: as many again, disjoint from `train` (the `real_x2` upper bound: 20 % ImageNet);
+- `val`: `val_per_class` further images of each class's training folder (for the leak filter and
+  model selection, never trained on);
+- `test`: the held-out evaluation split: every image of `test_dir` (ImageNet's 50k val images), or,
+  for datasets without one (Caltech256), `test_per_class` of the images left over.
+
+Paths in the tables are absolute, so `root / path` (how every stage resolves them) is the path itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from augbench.io import write_json, write_meta, write_parquet
+from augbench.specs import item_seed, spec_dict
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+DATA = Path(__file__).parent / "data"
+CLASS_LISTS = {"imagenet": DATA / "imagenet_classes.tsv"}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A class-per-folder target dataset (see `config/imagenet10.yaml`, `config/caltech256.yaml`)."""
+
+    root: str = ""
+    train_dir: str = "train"
+    test_dir: str | None = "val"
+    class_list: str = "folders"
+    train_fraction: float | None = 0.1
+    train_per_class: int | None = None
+    val_per_class: int = 10
+    test_per_class: int | None = None
+    seed: int = 0
+    version: int = 1
+
+
+def _read_tsv(path: Path) -> list[tuple[str, str]]:
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    if not rows or rows[0][:2] not in (["wnid", "name"], ["key", "name"]):
+        raise ValueError(f"{path}: a class list needs a header line 'key<TAB>name' (or 'wnid<TAB>name')")
+    bad = [i for i, r in enumerate(rows[1:], start=2) if len(r) < 2 or not r[0]]
+    if bad:
+        raise ValueError(f"{path}: line(s) {bad[:5]} are not 'key<TAB>name'")
+    return [(r[0], r[1]) for r in rows[1:]]
+
+
+def target_classes(spec: TargetSpec) -> list[tuple[str, str]]:
+    """(folder key, display name) of each class in label order; called at workflow parse time, so it is cheap.
+
+    `class_list` is `imagenet` (the shipped wnid/name table, no disk scan), `folders` (the sorted
+    sub-folders of `root/train_dir`; Caltech256's "001.ak47" becomes the name "ak47"), or a path to
+    a `key<TAB>name` table.
+    """
+    root = Path(spec.root)
+    if not spec.root or not root.is_dir():
+        raise FileNotFoundError(f"target.root {spec.root!r} does not exist or is not a folder (set it in your config)")
+    train = root / spec.train_dir
+    if not train.is_dir():
+        raise FileNotFoundError(f"target.root {spec.root!r}: no training folder {train} (target.train_dir)")
+    if spec.class_list in CLASS_LISTS:
+        return _read_tsv(CLASS_LISTS[spec.class_list])
+    if spec.class_list != "folders":
+        return _read_tsv(Path(spec.class_list))
+    keys = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not keys:
+        raise ValueError(f"{train}: no class folders")
+    return [(k, _display_name(k)) for k in keys]
+
+
+def _display_name(folder: str) -> str:
+    """A prompt-friendly name from a folder name: Caltech256's "253.faces-easy-101" -> "faces easy"."""
+    number, dot, rest = folder.partition(".")
+    name = rest if dot and number.isdigit() else folder
+    return name.removesuffix("-101").replace("_", " ").replace("-", " ")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
+    """Write `target/{train,train_extra,val,test}.parquet` and `classes.json` under `out`."""
+    started = time.time()
+    classes = target_classes(spec)
+    root = Path(spec.root)
+    splits: dict[str, list[dict[str, object]]] = {s: [] for s in ("train", "train_extra", "val", "test")}
+    empty = []
+    for label, (key, _) in enumerate(classes):
+        files = _images(root / spec.train_dir / key)
+        if not files:
+            empty.append(key)
+            continue
+        random.Random(item_seed(spec.seed, "target", key)).shuffle(files)
+        n = spec.train_per_class if spec.train_per_class is not None else max(1, round((spec.train_fraction or 0) * len(files)))
+        cuts = {"train": files[:n], "train_extra": files[n:2 * n], "val": files[2 * n:2 * n + spec.val_per_class]}
+        rest = files[2 * n + spec.val_per_class:]
+        if spec.test_dir is None:
+            cuts["test"] = rest[: spec.test_per_class] if spec.test_per_class is not None else rest
+        else:
+            cuts["test"] = _images(root / spec.test_dir / key)
+        for split, chosen in cuts.items():
+            splits[split] += [{"path": str(p.resolve()), "label": label, "class": key} for p in chosen]
+    if empty:
+        raise ValueError(f"target.root {spec.root!r}: {len(empty)} class folder(s) missing or without images under "
+                         f"{spec.train_dir}/, e.g. {empty[:5]}")
+    counts = {}
+    for split, rows in splits.items():
+        write_parquet(out / f"target/{split}.parquet", pd.DataFrame(rows, columns=["path", "label", "class"]))
+        counts[split] = len(rows)
+    if counts["test"] == 0:
+        raise ValueError(f"target.root {spec.root!r}: the test split is empty (target.test_dir / test_per_class)")
+    write_json(out / "classes.json", {"classes": [k for k, _ in classes], "names": dict(classes)})
+    write_meta(out / "classes.json", "target", spec_dict(spec), started, counts=counts)
+    log.info("target: %d classes, %s", len(classes), counts)
+    return counts

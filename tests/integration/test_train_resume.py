@@ -1,0 +1,79 @@
+"""A training job killed mid-epoch resumes from its last checkpoint and ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import subprocess_env
+
+from augbench.specs import WorldSpec, canonical_json
+from augbench.world import build_world
+
+SPEC = {"arch": "resnet18", "input_size": 32, "augment": "rrc", "crop_scale": [0.3, 1.0], "epochs": 1, "batch_size": 8,
+        "min_steps": 120, "checkpoint_every": 10, "deterministic": True, "threads": 1, "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "world"
+    build_world(WorldSpec(n_classes=3, n_distractors=0, shots=10, val_per_class=2, test_per_class=6, pool_size=10), out)
+    return out
+
+
+def _train_cmd(world: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "augbench", "train", "--real", str(world / "target/train.parquet"), "--root", str(world),
+            "--test", str(world / "target/test.parquet"), "--classes", str(world / "classes.json"), "--seed", "3",
+            "--out-metrics", str(out / "metrics.json"), "--out-ckpt", str(out / "model.pt"), "--spec", canonical_json(SPEC)]
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(world: Path, tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    res = subprocess.run(_train_cmd(world, whole), capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    # the second run is killed (SIGKILL: no cleanup at all) as soon as its first checkpoint lands
+    proc = subprocess.Popen(_train_cmd(world, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    resume = killed / "resume.pt"
+    deadline = time.time() + 300
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert resume.exists() and not (killed / "metrics.json").exists() and not (killed / "model.pt").exists()
+    step = torch.load(resume, weights_only=False)["step"]
+    steps_per_epoch = 30 // SPEC["batch_size"]
+    assert 0 < step < SPEC["min_steps"] and step % steps_per_epoch != 0, f"checkpoint at step {step} is not mid-epoch"
+
+    res = subprocess.run(_train_cmd(world, killed), capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {resume} at step {step}" in res.stderr
+    assert not resume.exists(), "the resume checkpoint is removed once the run is complete"
+
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert b["resumed_from_step"] == step and a["resumed_from_step"] == 0
+    for key in ("top1", "top5", "per_class_top1", "final_loss", "steps", "n_test"):
+        assert a[key] == b[key], key
+    wa = torch.load(whole / "model.pt", weights_only=False)["model"]
+    wb = torch.load(killed / "model.pt", weights_only=False)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(world: Path, tmp_path: Path) -> None:
+    """A resume.pt left by a run with other settings must not leak into this one."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"identity": {"spec": "something else"}, "step": 50, "loss_ema": 0.0, "model": {}, "optimizer": {}}, out / "resume.pt")
+    res = subprocess.run(_train_cmd(world, out), capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "belongs to another run" in res.stderr
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 0
