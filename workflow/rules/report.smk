@@ -20,7 +20,7 @@ rule report:
     params:
         args=report_args,
         bench=BENCH,
-        root=f"{R}/world",
+        root=lambda wildcards, input: Path(input.classes).parent,
     conda:
         "../../envs/torch.yaml"
     shell:
