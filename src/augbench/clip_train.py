@@ -149,19 +149,24 @@ def train_clip(images: np.ndarray, captions: list[str], spec: ClipSpec):  # -> (
     return model.to("cpu"), tokenizer, float(loss_ema or 0.0)
 
 
-def pretrain_clip(shards: list[Path], out: Path, spec: ClipSpec) -> dict[str, float]:
-    """Train the tiny CLIP on the pool's images and captions and save it as a transformers folder."""
+def save_clip(model: torch.nn.Module, tokenizer, image_size: int, out: Path) -> None:
+    """Save a CLIP-style model with its tokenizer and image processor as one `from_pretrained` folder, atomically."""
     from transformers import CLIPImageProcessor
 
-    started = time.time()
-    images, captions = load_pool_arrays(shards)
-    model, tokenizer, loss = train_clip(images, captions, spec)
-    processor = CLIPImageProcessor(size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                                    image_mean=list(MEAN), image_std=list(STD), do_convert_rgb=True)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+
+
+def pretrain_clip(shards: list[Path], out: Path, spec: ClipSpec) -> dict[str, float]:
+    """Train the tiny CLIP on the pool's images and captions and save it as a transformers folder."""
+    started = time.time()
+    images, captions = load_pool_arrays(shards)
+    model, tokenizer, loss = train_clip(images, captions, spec)
+    save_clip(model, tokenizer, spec.image_size, out)
     stats = {"final_loss": loss, "n_images": len(images), "steps": spec.steps}
     write_meta(out, "pretrain_clip", spec_dict(spec), started, stats=stats)
     return stats

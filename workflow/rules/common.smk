@@ -205,6 +205,23 @@ def class_args(wildcards):
     return f"--label {CLASS_LABEL[wildcards.cls]} --name {shlex.quote(CLASS_NAME[wildcards.cls])} --class-key {wildcards.cls}"
 
 
+# Per-class rules take all their wildcard-dependent arguments from one function: Snakemake inspects every
+# callable param of every job, which for ImageNet's 13,000 per-class jobs is a large share of the DAG time.
+def personalize_args(wildcards, input):
+    """Class, optional CLIP embeddings (cond_clusters) and spec of one personalize job."""
+    emb = f" --emb {shlex.quote(input.emb)} --meta {shlex.quote(input.meta)}" if "emb" in input.keys() else ""
+    spec = stage_spec("personalize", method=wildcards.method)
+    return f"{class_args(wildcards)}{emb} --spec {shlex.quote(spec)}"
+
+
+def generate_args(wildcards, input):
+    """Class, personalisation folder (personalised methods), chunk cache and spec of one generate job."""
+    pers = f" --personalization {shlex.quote(input.personalization)}" if "personalization" in input.keys() else ""
+    cache = f"{R}/generate/{wildcards.method}/{wildcards.cls}/cache"
+    spec = stage_spec("generate", method=wildcards.method)
+    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)} --spec {shlex.quote(spec)}"
+
+
 AUGMENTED = [m for m in config["methods"] if m not in BASELINES]
 
 

@@ -14,12 +14,9 @@ rule generate:
     benchmark:
         f"{BENCH}/generate/{{method}}/{{cls}}.tsv"
     params:
-        spec=lambda wc: stage_spec("generate", method=wc.method),
+        args=generate_args,
         model=SD_MODEL,
-        root=f"{R}/world",
-        cache=lambda wc: f"{R}/generate/{wc.method}/{wc.cls}/cache",
-        cls=class_args,
-        personalization=lambda wc, input: f"--personalization {input.personalization}" if "personalization" in input.keys() else "",
+        root=lambda wildcards, input: Path(input.table).parents[1],
     threads: config["generate"]["threads"]
     resources:
         gpu=1,
@@ -27,8 +24,7 @@ rule generate:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.cls} {params.personalization} --cache {params.cache:q} --out-tar {output.tar:q}"
-        " --out-manifest {output.manifest:q} --spec {params.spec:q} > {log:q} 2>&1"
+        " {params.args} --out-tar {output.tar:q} --out-manifest {output.manifest:q} > {log:q} 2>&1"
 
 
 # The per-class images of a method become one augmentation set, in the format the classifier reads;

@@ -12,11 +12,9 @@ rule personalize:
     benchmark:
         f"{BENCH}/personalize/{{method}}/{{cls}}.tsv"
     params:
-        spec=lambda wc: stage_spec("personalize", method=wc.method),
+        args=personalize_args,
         model=SD_MODEL,
-        root=f"{R}/world",
-        cls=class_args,
-        emb=lambda wc, input: f"--emb {input.emb} --meta {input.meta}" if "emb" in input.keys() else "",
+        root=lambda wildcards, input: Path(input.table).parents[1],
     threads: config["personalize"]["threads"]
     resources:
         gpu=1,
@@ -24,4 +22,4 @@ rule personalize:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench personalize --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.cls} {params.emb} --out {output.folder:q} --spec {params.spec:q} > {log:q} 2>&1"
+        " {params.args} --out {output.folder:q} > {log:q} 2>&1"
