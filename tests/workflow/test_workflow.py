@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, scheduled_jobs, subprocess_env
+from PIL import Image
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -52,6 +56,37 @@ def test_lint_is_clean() -> None:
     assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
 
 
+def _data_uris(html: str) -> dict[str, bytes]:
+    """The files a Snakemake HTML report embeds, by file name (data:...;filename=NAME;base64,...)."""
+    uri = re.compile(r"data:[a-z/+]+;charset=utf8;filename=([^;]+);base64,([A-Za-z0-9+/=]+)")
+    return {m.group(1): base64.b64decode(m.group(2)) for m in uri.finditer(html)}
+
+
+def _check_report(wf: Path, report: pd.DataFrame) -> None:
+    """Cost columns, the plot, one grid per augmentation method, and `snakemake --report` embedding them all."""
+    out = wf / "results/tiny/report"
+    assert (report["cost_hours"] > 0).all() and report["gain_per_hour"].notna().all(), report
+    assert report.loc[report["method"] == "real", "gain_per_hour"].item() == 0
+    # generated and retrieval rows pay for their shared stages: dearer than training on real images alone
+    baseline = report["method"].isin(["real", "real_x2"])
+    assert report.loc[~baseline, "cost_hours"].min() > report.loc[baseline, "cost_hours"].max()
+    augmented = sorted(set(report["method"]) - {"real", "real_x2"})
+    assert sorted(p.stem for p in (out / "grids").glob("*.png")) == augmented
+    for png in [out / "accuracy_vs_naug.png", *(out / "grids").glob("*.png")]:
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.width > 200
+    res = _smk(wf, "--configfile", "config/tiny.yaml", "--report", "results/tiny/report/report.html", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    embedded = _data_uris((out / "report.html").read_text())
+    table = embedded["results.html"].decode()
+    assert "<table" in table and all(m in table for m in report["method"])
+    assert embedded["results.csv"].decode().splitlines()[0].startswith("method,n_aug,seeds,top1_mean")
+    for name in ["accuracy_vs_naug.png", *(f"{m}.png" for m in augmented)]:
+        assert embedded[name][:8] == b"\x89PNG\r\n\x1a\n", name
+        assert Image.open(io.BytesIO(embedded[name])).size == Image.open(
+            out / ("grids/" if name != "accuracy_vs_naug.png" else "") / name).size
+
+
 @pytest.mark.slow
 def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     wf = _copy_workflow(tmp_path)
@@ -61,8 +96,10 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert set(report["method"]) == {"real", "real_x2", "retrieval_image", "retrieval_text", "prompt_classname",
                                      "textual_inversion_dm"}
     assert report["top1_mean"].between(0, 1).all()
-    generated = report[report["method"].isin(["prompt_classname", "textual_inversion_dm"])]
-    assert generated["generation_fidelity"].between(0, 1).all() and report["generation_fidelity"].isna().sum() == 4
+    is_generated = report["method"].isin(["prompt_classname", "textual_inversion_dm"])
+    assert report.loc[is_generated, "generation_fidelity"].between(0, 1).all()
+    assert report.loc[~is_generated, "generation_fidelity"].isna().all()
+    assert sorted(report.loc[report["method"] == "retrieval_image", "n_aug"]) == [4, 5]  # "1x" = 4 shots, and 5
     assert (wf / "results/tiny/diffusion/model/model_index.json").exists()
     assert (wf / "results/tiny/personalize/textual_inversion_dm/circle/pytorch_lora_weights.safetensors").exists()
     retrieval = report[report["method"].str.startswith("retrieval")]
@@ -72,6 +109,7 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert infos["factory"] == "Flat" and infos["recall_at_10"] == 1.0
     stats = json.loads((wf / "results/tiny/pool/shards/00000_stats.json").read_text())
     assert stats["successes"] > 0 and stats["attempts"] == 1
+    _check_report(wf, report)
 
     # nothing to do after a complete run
     res = _smk(wf, "-n", "--configfile", "config/tiny.yaml")
@@ -84,7 +122,7 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert res.returncode == 0, res.stderr
     jobs = scheduled_jobs(res.stdout)
-    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 2, "report": 1, "all": 1}, res.stdout
+    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 4, "report": 1, "all": 1}, res.stdout
 
 
 @pytest.mark.slow
