@@ -152,7 +152,11 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.unet.requires_grad_(False)
-    sched = pipe.scheduler
+    from diffusers import DDPMScheduler
+
+    # train with the DDPM form of the model's schedule (as diffusers' training examples do): the saved pipeline's
+    # sampling scheduler (PNDM for SD v1.4, DPM-Solver, ...) need not have add_noise / get_velocity
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     n = len(assign)
     g = torch.Generator().manual_seed(item_seed(spec.seed, "personalize", method, class_key))
     groups: list[dict] = []
@@ -209,7 +213,9 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
         eps = torch.randn(z0.shape, generator=g).to(z0)
         zt = sched.add_noise(z0, eps, t.to(z0.device))
         pred = pipe.unet(zt, t.to(z0.device), encoder_hidden_states=c.to(pipe.unet.dtype)).sample
-        loss = F.mse_loss(pred.float(), eps.float())
+        # the model's own objective: SD 1.x predicts the noise, SD 2.x (768 px) the velocity
+        target = eps if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, eps, t.to(z0.device))
+        loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -96,3 +96,48 @@ def test_lora_adapters_start_as_identity(tiny_sd: Path) -> None:
         add_lora(pipe.unet, 4)
         after = pipe.unet(z, torch.tensor([10]), encoder_hidden_states=cond).sample
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_personalisation_trains_against_the_models_own_objective(tiny_sd: Path, tmp_path: Path, prediction: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """SD v1.4's folder ships a PNDM sampling scheduler and SD 2.x predicts velocity: the loss must follow the model.
+
+    A tiny pipeline saved that way trains one step; the regression target handed to the loss is
+    the noise (epsilon) or the velocity of the noised latents (v-prediction).
+    """
+    import types
+
+    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    import augbench.personalize as personalize_module
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.scheduler = PNDMScheduler.from_config({**pipe.scheduler.config, "prediction_type": prediction, "skip_prk_steps": True})
+    pipe.save_pretrained(tmp_path / "sd")
+    pipe = load_pipeline(tmp_path / "sd")
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+
+    seen: dict[str, object] = {}
+    add_noise = DDPMScheduler.add_noise
+
+    def recording_add_noise(self, z0, eps, t):  # type: ignore[no-untyped-def]
+        seen.update(sched=self, z0=z0, eps=eps, t=t)
+        return add_noise(self, z0, eps, t)
+
+    def recording_mse(pred, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["target"] = target
+        return torch.nn.functional.mse_loss(pred, target, *args, **kwargs)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
+    monkeypatch.setattr(personalize_module, "F", types.SimpleNamespace(mse_loss=recording_mse))
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    spec = PersonalizeSpec(method="textual_inversion_dm", steps=1, batch_size=2)
+    learned = train_personalization(pipe, encode_latents(pipe, images), np.zeros(4, int), "circle", "circle", spec)
+
+    assert np.isfinite(learned.final_loss)
+    sched, z0, eps, t = seen["sched"], seen["z0"], seen["eps"], seen["t"]
+    expected = eps if prediction == "epsilon" else sched.get_velocity(z0, eps, t)  # type: ignore[union-attr]
+    assert torch.allclose(seen["target"].float(), expected.float())  # type: ignore[union-attr]
+    if prediction == "v_prediction":
+        assert not torch.allclose(expected.float(), eps.float())  # type: ignore[union-attr]
