@@ -31,8 +31,6 @@ COLUMNS = ["method", "n_aug", "seeds", "top1_mean", "top1_std", "top5_mean", "re
            "generation_fidelity"]
 
 
-COST_COLUMNS = ["cpu_hours", "gpu_hours", "cost_hours", "gain_per_hour"]
-
 # Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU.
 GPU_STAGES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect", "train"}
 SHARED_BY_FAMILY = {
@@ -142,7 +140,8 @@ def plot_accuracy_vs_naug(table: pd.DataFrame, out: Path) -> None:
             m, s = 100 * row["top1_mean"].iloc[0], 100 * np.nan_to_num(row["top1_std"].iloc[0])
             ax.axhline(m, color=style, linestyle=":", label=f"{method} (no augmentation)")
             ax.axhspan(m - s, m + s, color=style, alpha=0.08)
-    ax.set_xscale("log", base=2) if len(xs) > 1 and min(xs) > 0 else None
+    if len(xs) > 1 and min(xs) > 0:
+        ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("augmentation images per class (n_aug)")
     ax.set_ylabel("top-1 accuracy (%)")
