@@ -51,7 +51,7 @@ def shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
     x = x[:, :, dy:dy + h, dx:dx + w]
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
     x[flip] = x[flip].flip(-1)
     return x
 
@@ -67,7 +67,8 @@ def random_resized_crop(x: torch.Tensor, size: int, g: torch.Generator, scale: t
 
     One `roi_align` call crops and bilinearly resizes every sample's own random box, so the
     in-memory batch path needs no per-image PIL work. Boxes follow torchvision's sampling (area
-    share in `scale`, log-uniform aspect ratio in `ratio`), clamped to the image.
+    share in `scale`, log-uniform aspect ratio in `ratio`), clamped to the image. The random numbers
+    come from the CPU generator `g` whatever `x`'s device, so a GPU run crops the same boxes.
     """
     from torchvision.ops import roi_align
 
@@ -80,9 +81,9 @@ def random_resized_crop(x: torch.Tensor, size: int, g: torch.Generator, scale: t
     bh = torch.sqrt(area / aspect).clamp(1, h)
     x0 = torch.rand(n, generator=g) * (w - bw)
     y0 = torch.rand(n, generator=g) * (h - bh)
-    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + bw, y0 + bh], dim=1)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + bw, y0 + bh], dim=1).to(x.device)
     out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
     out[flip] = out[flip].flip(-1)
     return out
 

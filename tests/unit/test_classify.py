@@ -1,0 +1,30 @@
+"""Classifier construction: the toy's resnet10 and the error for an unknown architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from augbench.classify import augment_batch, build_model
+from augbench.specs import TrainSpec
+
+
+def test_resnet10_is_a_torchvision_resnet_with_one_block_per_stage() -> None:
+    model = build_model(TrainSpec(arch="resnet10", input_size=32), n_classes=7)
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    r18 = build_model(TrainSpec(arch="resnet18", input_size=32), n_classes=7)
+    assert sum(p.numel() for p in model.parameters()) < 0.5 * sum(p.numel() for p in r18.parameters())
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_unknown_architecture_is_named_in_the_error() -> None:
+    with pytest.raises(ValueError, match="resnet_nope"):
+        build_model(TrainSpec(arch="resnet_nope"), n_classes=3)
+
+
+@pytest.mark.parametrize("augment", ["rrc", "shift_flip"])
+def test_batch_augmentation_is_a_function_of_seed_and_step(augment: str) -> None:
+    spec = TrainSpec(input_size=24, augment=augment)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    a, b, c = augment_batch(x, spec, 0, 5), augment_batch(x, spec, 0, 5), augment_batch(x, spec, 0, 6)
+    assert a.shape == (4, 3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
