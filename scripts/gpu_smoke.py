@@ -9,7 +9,7 @@ Not a test (CI has no GPU): run by hand on a GPU machine, it prints one line per
 - classifier: `augbench.classify.train`, ResNet-50 at 224 px, bfloat16 autocast + channels_last,
   images/s against a plain torchvision loop (same model, batch, optimiser) in the same run.
 
-Usage: PYTHONPATH=src python scripts/gpu_smoke.py OUT_DIR
+Usage: PYTHONPATH=src python scripts/gpu_smoke.py OUT_DIR [generate|personalize|train ...]  (default: all three)
 """
 
 from __future__ import annotations
@@ -158,11 +158,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
+    parts = sys.argv[2:] or ["generate", "personalize", "train"]
     rows = [figure("gpu", 0, "", device=torch.cuda.get_device_name(), torch=torch.__version__)]
-    t = time.perf_counter()
-    model = sd_v1_pipeline(work / "sd_v1_random")
-    rows.append(figure("build_sd_v1_random_s", time.perf_counter() - t, "s"))
-    for bench in (lambda: bench_generation(model, work), lambda: bench_personalize(model), lambda: bench_train(work)):
+    model = work / "sd_v1_random"
+    if {"generate", "personalize"} & set(parts):
+        t = time.perf_counter()
+        sd_v1_pipeline(model)
+        rows.append(figure("build_sd_v1_random_s", time.perf_counter() - t, "s"))
+    benches = {"generate": lambda: bench_generation(model, work), "personalize": lambda: bench_personalize(model),
+               "train": lambda: bench_train(work)}
+    for bench in (benches[p] for p in parts):
         try:
             rows += bench()
         except Exception as exc:  # one failing part must not hide the others' figures
