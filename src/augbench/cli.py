@@ -151,7 +151,7 @@ def cmd_report(a: argparse.Namespace) -> object:
     fidelity = {m: Path(f) for m, f in a.fidelity or []}
     table = report.build_table(runs, retrieval, truth, fidelity)
     if a.benchmarks:
-        bench = report.read_benchmarks(Path(a.benchmarks))
+        bench = report.read_benchmarks(Path(a.benchmarks), Path(a.logs) if a.logs else None)
         table = report.add_cost(table, bench, a.gpu)
         if a.out_cost:
             with report.atomic_path(Path(a.out_cost)) as tmp:
@@ -304,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
     s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
     s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")
+    s.add_argument("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line")
     s.add_argument("--gpu", action="store_true", help="GPU rules ran on GPUs (their wall time is GPU time)")
     s.add_argument("--grid", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "TAR", "OUT_PNG"))
     s.add_argument("--grid-classes", type=int, default=4)
@@ -318,6 +319,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out-cost")
     s.set_defaults(fn=cmd_report)
     return p
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process (every thread, imports included) and of its finished children.
+
+    Logged on the closing line of every command, where the report reads it: Snakemake's `benchmark:`
+    samples a job every 0.5 s for about 15 s, then every 30 s, and keeps the last sample, so a 35-s
+    job's CPU was recorded as 15 s.
+    """
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,5 +349,5 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s: %s", args.command, exc)
         return 2
-    log.info("augbench %s done in %.1fs: %s", args.command, time.time() - started, result)
+    log.info("augbench %s done in %.1fs (cpu %.1fs): %s", args.command, time.time() - started, cpu_seconds(), result)
     return 0

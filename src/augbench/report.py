@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,25 @@ SHARED_BY_FAMILY = {
 }
 
 
-def read_benchmarks(folder: Path) -> pd.DataFrame:
+CPU_LINE = re.compile(r"augbench \S+ done in [0-9.]+s \(cpu ([0-9.]+)s\)")
+
+
+def logged_cpu(log_file: Path) -> float | None:
+    """The CPU seconds on the closing line of an augbench command's log (None without one)."""
+    try:
+        found = CPU_LINE.findall(log_file.read_text(errors="replace"))
+    except OSError:
+        return None
+    return float(found[-1]) if found else None
+
+
+def read_benchmarks(folder: Path, logs: Path | None = None) -> pd.DataFrame:
     """Every Snakemake `benchmark:` file under `folder` as rows (stage, key, wall s, cpu s).
 
     `key` is the path below the stage folder without suffix: `retrieval_image` for fetch,
     `prompt_classname/circle` for generate, `real/0/1` for train. Unreadable files are logged and skipped.
+    CPU seconds come from the job's own log (`logs/<same path>.log`, see `augbench.cli.cpu_seconds`)
+    where it has them: the benchmark's `cpu_time` is its last 30-s sample, which misses up to 30 s of a job.
     """
     rows = []
     for path in sorted(Path(folder).rglob("*.tsv")):
@@ -60,6 +75,9 @@ def read_benchmarks(folder: Path) -> pd.DataFrame:
         except (OSError, KeyError, IndexError, ValueError, pd.errors.ParserError) as exc:
             log.warning("report: %s: unreadable benchmark file skipped (%s)", path, exc)
             continue
+        own = logged_cpu(logs / rel.with_suffix(".log")) if logs is not None else None
+        if own is not None:
+            cpu = own
         rows.append({"stage": stage, "key": key, "wall_s": wall, "cpu_s": cpu})
     return pd.DataFrame(rows, columns=["stage", "key", "wall_s", "cpu_s"])
 

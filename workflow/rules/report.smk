@@ -20,10 +20,11 @@ rule report:
     params:
         args=report_args,
         bench=BENCH,
+        logs=LOGS,
         root=lambda wildcards, input: Path(input.classes).parent,
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench report {params.args} --benchmarks {params.bench:q} --classes {input.classes:q}"
+        "python -m augbench report {params.args} --benchmarks {params.bench:q} --logs {params.logs:q} --classes {input.classes:q}"
         " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q}"
         " --out-html {output.html:q} --out-cost {output.cost:q} --out-plot {output.plot:q} 2> {log:q}"
