@@ -131,8 +131,8 @@ def bench_train(work: Path) -> list[dict[str, object]]:
     t = time.perf_counter()
     out = train([work / "train.parquet"], root, work / "test.parquet", [], 0, 0, 10, work / "m.json", work / "m.pt", spec)
     total = time.perf_counter() - t
-    n_steps = int(out.get("steps", 0)) if isinstance(out, dict) else 0
-    result = [figure("train_resnet50_wall_s", total, "s", steps=n_steps, batch=bs, images=1280, note="includes decode, eval, save")]
+    result = [figure("train_resnet50_wall_s", total, "s", steps=int(out["steps"]), batch=bs, images=1280,
+                     note="includes decode, eval, save")]
     # plain loop: same model, batch, optimiser, bf16 autocast + channels_last, random tensors already on the GPU
     model = torchvision.models.resnet50(num_classes=10).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
