@@ -33,6 +33,10 @@ SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=600
+# A client that cannot reach the controller gives up after MessageTimeout - 1 s (measured: 9 s at the default
+# 10). Snakemake's Slurm plugin runs `scontrol show config` when it is imported, i.e. in every snakemake
+# command once this file exists, also after stop.sh: 3 makes that 2 s. Loopback RPCs need far less.
+MessageTimeout=3
 ReturnToService=2
 StateSaveLocation=${DIR}/state
 SlurmdSpoolDir=${DIR}/spool

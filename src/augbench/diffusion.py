@@ -69,12 +69,12 @@ def build_unet(spec: DiffusionSpec, cross_attention_dim: int):  # -> UNet2DCondi
     )
 
 
-def noise_scheduler():  # -> DDPMScheduler
-    """SD v1's training schedule (scaled-linear betas, 1000 steps, epsilon prediction)."""
+def noise_scheduler(prediction_type: str = "epsilon"):  # -> DDPMScheduler
+    """SD v1's training schedule (scaled-linear betas, 1000 steps); epsilon prediction as SD v1, v as SD 2."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         steps_offset=1, clip_sample=False, prediction_type="epsilon")
+                         steps_offset=1, clip_sample=False, prediction_type=prediction_type)
 
 
 def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
@@ -153,16 +153,33 @@ def encode_texts(text_encoder, tokenizer, texts: list[str], device: torch.device
     return torch.cat(out)
 
 
+def denoising_loss(pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, sched, gamma: float) -> torch.Tensor:
+    """MSE against the scheduler's own target (noise or velocity), min-SNR-gamma weighted (Hang et al. 2023).
+
+    The weighting stops the easy low-noise steps from dominating; for v-prediction the same weighting
+    of the x0 error is min(snr, gamma) / (snr + 1). v-prediction is the toy default: with the same
+    UNet, data and 1,500 steps it gave 0.19-0.20 fidelity where epsilon gave 0.14-0.16 (README).
+    """
+    a = sched.alphas_cumprod.to(t.device)[t]
+    snr = a / (1 - a)
+    if sched.config.prediction_type == "epsilon":
+        target, weight = eps, snr.clamp(max=gamma) / snr
+    elif sched.config.prediction_type == "v_prediction":
+        target, weight = sched.get_velocity(z0, eps, t), snr.clamp(max=gamma) / (snr + 1)
+    else:
+        raise ValueError(f"diffusion: prediction_type {sched.config.prediction_type!r} is not epsilon or v_prediction")
+    return (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
 def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor, spec: DiffusionSpec, device: torch.device):
-    """Epsilon-prediction training on cached latents and text states, with caption dropout for guidance."""
+    """Denoiser training on cached latents and text states, with caption dropout for guidance."""
     import copy
 
     unet = build_unet(spec, states.shape[-1]).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False) if spec.ema_decay > 0 else unet
-    sched = noise_scheduler()
+    sched = noise_scheduler(spec.prediction_type)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(spec.seed + 1)
-    alphas = sched.alphas_cumprod
     ema = None
     started = time.time()
     unet.train()
@@ -176,13 +193,9 @@ def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor,
         cond[drop] = empty
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         eps = torch.randn(z0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        zt = sched.add_noise(z0, eps, t)
         pred = unet(zt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
-        # min-SNR-gamma weighting (Hang et al. 2023): the easy low-noise steps stop dominating the loss
-        snr = (a / (1 - a)).view(-1).to(device)
-        weight = snr.clamp(max=spec.min_snr_gamma) / snr
-        loss = (weight * F.mse_loss(pred, eps.to(device), reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = denoising_loss(pred, z0.to(device), eps.to(device), t.to(device), sched, spec.min_snr_gamma)
         for group in opt.param_groups:
             group["lr"] = _cosine(step, spec.unet_steps, spec.unet_lr, 100)
         opt.zero_grad(set_to_none=True)
@@ -239,7 +252,7 @@ def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, sp
     log.info("pretrain_diffusion: vae reconstruction PSNR %.1f dB, scaling factor %.3f", psnr, vae.config.scaling_factor)
     unet, loss = train_unet(latents, states, empty, spec, device)
     pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
-                                   scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=noise_scheduler(spec.prediction_type), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)

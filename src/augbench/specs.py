@@ -149,9 +149,10 @@ class DiffusionSpec:
     unet_batch_size: int = 64
     unet_lr: float = 2e-3
     min_snr_gamma: float = 5.0
+    prediction_type: str = "v_prediction"
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    threads: int = 2
+    threads: int = 1
     version: int = STAGE_VERSIONS["pretrain_diffusion"]
 
     def __post_init__(self) -> None:

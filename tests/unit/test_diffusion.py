@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from augbench.diffusion import build_unet, build_vae, standardise_latents
+from augbench.diffusion import build_unet, build_vae, denoising_loss, noise_scheduler, standardise_latents
 from augbench.specs import DiffusionSpec
 
 
@@ -31,3 +32,24 @@ def test_unet_sample_size_follows_the_vae_factor() -> None:
     assert unet.config.sample_size == 8
     out = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, 24)).sample
     assert out.shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_denoising_loss_is_zero_only_for_the_schedulers_own_target(prediction: str) -> None:
+    """The toy UNet is trained against what its saved scheduler will ask of it at sampling time."""
+    sched = noise_scheduler(prediction)
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 100, 300, 500, 800, 999])
+    own = eps if prediction == "epsilon" else sched.get_velocity(z0, eps, t)
+    other = sched.get_velocity(z0, eps, t) if prediction == "epsilon" else eps
+    assert denoising_loss(own, z0, eps, t, sched, 5.0).item() == pytest.approx(0.0, abs=1e-10)
+    assert denoising_loss(other, z0, eps, t, sched, 5.0).item() > 1e-3
+    assert sched.config.prediction_type == prediction
+
+
+def test_denoising_loss_rejects_an_unknown_prediction_type() -> None:
+    sched = noise_scheduler("sample")
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        denoising_loss(x, x, x, torch.tensor([10]), sched, 5.0)

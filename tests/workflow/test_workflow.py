@@ -101,6 +101,8 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert report.loc[~is_generated, "generation_fidelity"].isna().all()
     assert sorted(report.loc[report["method"] == "retrieval_image", "n_aug"]) == [4, 5]  # "1x" = 4 shots, and 5
     assert (wf / "results/tiny/diffusion/model/model_index.json").exists()
+    sched = json.loads((wf / "results/tiny/diffusion/model/scheduler/scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"  # the toy default; personalise and generate read it from here
     assert (wf / "results/tiny/personalize/textual_inversion_dm/circle/pytorch_lora_weights.safetensors").exists()
     retrieval = report[report["method"].str.startswith("retrieval")]
     assert retrieval["retrieval_precision"].between(0, 1).all()
