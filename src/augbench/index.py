@@ -101,6 +101,7 @@ def build_index(emb_files: list[Path], meta_files: list[Path], out_index: Path, 
                 spec: IndexSpec) -> dict[str, object]:
     """Build the pool index and write it, its id map and its infos atomically."""
     started = time.time()
+    faiss.omp_set_num_threads(spec.threads)  # k-means and adding use them; the job asked the scheduler for this many
     vectors, meta = load_embeddings(emb_files, meta_files)
     index = build(vectors, spec)
     rs = np.random.default_rng(spec.seed)

@@ -219,6 +219,7 @@ class IndexSpec:
     refine: int = 1
     recall_sample: int = 500
     seed: int = 0
+    threads: int = 1
     version: int = STAGE_VERSIONS["index"]
 
 

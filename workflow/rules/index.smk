@@ -12,7 +12,10 @@ rule index:
         f"{BENCH}/index.tsv"
     params:
         spec=stage_spec("index"),
-    threads: 2
+    # FAISS follows OMP_NUM_THREADS, which Snakemake sets to this. One by default: in the demo a 2-thread index
+    # job waited 8 minutes for pretrain_diffusion (1 thread) to free the second core, and every retrieval row
+    # waited on it; the real config asks for more (config/imagenet10.yaml).
+    threads: config["index"]["threads"]
     conda:
         "../../envs/faiss.yaml"
     shell:
