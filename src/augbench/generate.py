@@ -124,11 +124,21 @@ def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources:
 
 def cache_key(spec: GenerateSpec, model: str | Path, class_key: str, personalization: Path | None) -> str:
     """Everything that fixes the pixels of a chunk: spec minus `n_images`, model, class, personalisation."""
-    ident = {"spec": spec_dict(replace(spec, n_images=0, threads=0)), "model": str(model), "class": class_key}
+    ident = {"spec": spec_dict(replace(spec, n_images=0, threads=0)), "model": _identity(model), "class": class_key}
     if personalization is not None:
-        meta = personalization.with_name(personalization.name + ".meta.json")
-        ident["personalization"] = json.loads(meta.read_text()).get("spec") if meta.exists() else str(personalization)
+        ident["personalization"] = _identity(personalization)
     return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+
+
+def _identity(folder: str | Path) -> object:
+    """What made a folder the workflow wrote (the spec in its `.meta.json`), else its name (a hub id, a given folder).
+
+    A retrained toy model or a re-run personalisation lands at the same path; keying the cache by the
+    path alone would hand back images from the old one.
+    """
+    path = Path(folder)
+    meta = path.with_name(path.name + ".meta.json")
+    return json.loads(meta.read_text()).get("spec") if meta.exists() else str(folder)
 
 
 def generate(model: str | Path, class_key: str, class_name: str, label: int, out_tar: Path, out_manifest: Path,

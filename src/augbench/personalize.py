@@ -131,12 +131,19 @@ class Learned:
     final_loss: float = float("nan")
 
 
-def add_lora(unet, rank: int) -> None:
-    """Freeze the UNet and give its attention projections trainable LoRA adapters (peft)."""
+def add_lora(unet, rank: int, seed: int) -> None:
+    """Freeze the UNet and give its attention projections trainable LoRA adapters (peft).
+
+    peft draws the A matrices from torch's global generator; it is seeded here (inside a forked RNG
+    state, so the caller's stays as it was), else two runs of the same job personalise differently.
+    """
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    devices = [unet.device.index or 0] if unet.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
 
 
 def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class_key: str, class_name: str,
@@ -188,7 +195,7 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
         learned.cond = cond
     if dm:
         if spec.dm_finetune == "lora":
-            add_lora(pipe.unet, spec.lora_rank)
+            add_lora(pipe.unet, spec.lora_rank, item_seed(spec.seed, "lora", method, class_key))
         elif spec.dm_finetune == "full":
             pipe.unet.requires_grad_(True)
         else:

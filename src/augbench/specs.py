@@ -25,7 +25,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "train": 2,
     "report": 1,
     "pretrain_diffusion": 1,
-    "personalize": 1,
+    "personalize": 2,  # 2: LoRA initialised from a seeded generator
     "generate": 1,
     "collect": 1,
 }

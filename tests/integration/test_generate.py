@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,20 @@ def test_changed_setting_does_not_reuse_cache(tiny_sd: Path, target: tuple[Path,
                       GenerateSpec(**base, guidance_scale=4.0))
     assert first["chunks_made"] == 1 and second["chunks_made"] == 1
     assert _images(tmp_path / "a.tar") != _images(tmp_path / "b.tar")
+
+
+def test_a_retrained_model_at_the_same_path_does_not_reuse_cache(tiny_sd: Path, tmp_path: Path) -> None:
+    """The toy model is rewritten in place when its settings change; its `.meta.json` spec keys the cache, not its path."""
+    model = tmp_path / "diffusion" / "model"
+    shutil.copytree(tiny_sd, model)
+    meta = model.with_name("model.meta.json")
+    spec = GenerateSpec(method="prompt_classname", n_images=2, batch_size=2, steps=2)
+    made = []
+    for unet_steps in (10, 10, 20):
+        meta.write_text(json.dumps({"stage": "pretrain_diffusion", "spec": {"unet_steps": unet_steps}}))
+        stats = generate(model, "circle", "circle", 0, tmp_path / "a.tar", tmp_path / "a.parquet", tmp_path / "cache", spec)
+        made.append(stats["chunks_made"])
+    assert made == [1, 0, 1]
 
 
 @pytest.mark.gpu

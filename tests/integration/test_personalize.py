@@ -93,9 +93,36 @@ def test_lora_adapters_start_as_identity(tiny_sd: Path) -> None:
     cond = encode_prompt(pipe, ["a photo of a circle."])
     with torch.no_grad():
         before = pipe.unet(z, torch.tensor([10]), encoder_hidden_states=cond).sample
-        add_lora(pipe.unet, 4)
+        add_lora(pipe.unet, 4, seed=0)
         after = pipe.unet(z, torch.tensor([10]), encoder_hidden_states=cond).sample
     torch.testing.assert_close(before, after)
+
+
+def test_pseudo_word_plus_lora_is_repeatable_whatever_the_global_rng(tiny_sd: Path) -> None:
+    """Same spec, same class: the same LoRA weights, whatever the process's global RNG (peft initialises LoRA A
+    from it; before it was seeded, the demo's *_dm rows changed between two runs)."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+
+    def lora_after(global_seed: int, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        pipe = load_pipeline(tiny_sd)
+        spec = PersonalizeSpec(method="textual_inversion_dm", steps=2, batch_size=2, dm_finetune="lora", seed=seed)
+        train_personalization(pipe, encode_latents(pipe, images), np.zeros(4, int), "circle", "circle", spec)
+        return {k: v.detach().clone() for k, v in pipe.unet.state_dict().items() if "lora" in k}
+
+    first, second, other = lora_after(1, 0), lora_after(2, 0), lora_after(1, 1)
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    lora_a = next(k for k in first if "lora_A" in k)
+    assert not torch.equal(first[lora_a], other[lora_a]), "another seed must start elsewhere"
+
+
+def test_add_lora_leaves_the_callers_rng_where_it_was(tiny_sd: Path) -> None:
+    pipe = load_pipeline(tiny_sd)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    add_lora(pipe.unet, 4, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
