@@ -126,6 +126,26 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     jobs = scheduled_jobs(res.stdout)
     assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 4, "report": 1, "all": 1}, res.stdout
 
+    # a personalisation setting: only the personalised method's chain (its spec is a param Snakemake records)
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["personalize"]["steps"] = 4
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
+    assert jobs == {"personalize": 3, "generate": 3, "collect_generated": 1, "train": 2, "report": 1, "all": 1}, jobs
+
+    # a sampling setting reruns generation of every generated method; a report setting only the report
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["generate"]["guidance_scale"] = 3.0
+    cfg["report"] = {"grid_images": 3}
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
+    assert jobs == {"generate": 6, "collect_generated": 2, "train": 4, "report": 1, "all": 1}, jobs
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["report"] = {"grid_images": 3}
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
+    assert jobs == {"report": 1, "all": 1}, jobs
+
 
 @pytest.mark.slow
 def test_real_path_stable_diffusion_folder_personalise_and_generate(tmp_path: Path) -> None:

@@ -208,18 +208,16 @@ def class_args(wildcards):
 # Per-class rules take all their wildcard-dependent arguments from one function: Snakemake inspects every
 # callable param of every job, which for ImageNet's 13,000 per-class jobs is a large share of the DAG time.
 def personalize_args(wildcards, input):
-    """Class, optional CLIP embeddings (cond_clusters) and spec of one personalize job."""
+    """Class and optional CLIP embeddings (cond_clusters) of one personalize job (the spec is its own param)."""
     emb = f" --emb {shlex.quote(input.emb)} --meta {shlex.quote(input.meta)}" if "emb" in input.keys() else ""
-    spec = stage_spec("personalize", method=wildcards.method)
-    return f"{class_args(wildcards)}{emb} --spec {shlex.quote(spec)}"
+    return f"{class_args(wildcards)}{emb}"
 
 
 def generate_args(wildcards, input):
-    """Class, personalisation folder (personalised methods), chunk cache and spec of one generate job."""
+    """Class, personalisation folder (personalised methods) and chunk cache of one generate job (the spec is its own param)."""
     pers = f" --personalization {shlex.quote(input.personalization)}" if "personalization" in input.keys() else ""
     cache = f"{R}/generate/{wildcards.method}/{wildcards.cls}/cache"
-    spec = stage_spec("generate", method=wildcards.method)
-    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)} --spec {shlex.quote(spec)}"
+    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)}"
 
 
 AUGMENTED = [m for m in config["methods"] if m not in BASELINES]
@@ -254,6 +252,10 @@ def report_args(wildcards, input, output):
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
     grids = " ".join(f"--grid {m} {manifest[m]} {tar[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
+    return f"{runs} {retr} {fid} {truth} {grids}"
+
+
+def report_opts():
+    """The report settings, a plain param (recorded by Snakemake: changing one reruns the report)."""
     rep = config["report"]
-    opts = f"--grid-classes {rep['grid_classes']} --grid-images {rep['grid_images']}" + (" --gpu" if rep["gpu"] else "")
-    return f"{runs} {retr} {fid} {truth} {grids} {opts}"
+    return f"--grid-classes {rep['grid_classes']} --grid-images {rep['grid_images']}" + (" --gpu" if rep["gpu"] else "")

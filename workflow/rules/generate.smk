@@ -13,7 +13,10 @@ rule generate:
         f"{LOGS}/generate/{{method}}/{{cls}}.log",
     benchmark:
         f"{BENCH}/generate/{{method}}/{{cls}}.tsv"
+    # The spec is a param of its own, a function of the wildcards only: Snakemake records such params and reruns
+    # the job when they change, but not params computed from the job's input (as `args` is).
     params:
+        spec=lambda wc: stage_spec("generate", method=wc.method),
         args=generate_args,
         model=SD_MODEL,
         root=lambda wildcards, input: Path(input.table).parents[1],
@@ -24,7 +27,7 @@ rule generate:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.args} --out-tar {output.tar:q} --out-manifest {output.manifest:q} > {log:q} 2>&1"
+        " {params.args} --spec {params.spec:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q} > {log:q} 2>&1"
 
 
 # The per-class images of a method become one augmentation set, in the format the classifier reads;

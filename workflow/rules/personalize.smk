@@ -11,7 +11,10 @@ rule personalize:
         f"{LOGS}/personalize/{{method}}/{{cls}}.log",
     benchmark:
         f"{BENCH}/personalize/{{method}}/{{cls}}.tsv"
+    # The spec is a param of its own, a function of the wildcards only: Snakemake records such params and reruns
+    # the job when they change, but not params computed from the job's input (as `args` is).
     params:
+        spec=lambda wc: stage_spec("personalize", method=wc.method),
         args=personalize_args,
         model=SD_MODEL,
         root=lambda wildcards, input: Path(input.table).parents[1],
@@ -22,4 +25,4 @@ rule personalize:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench personalize --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.args} --out {output.folder:q} > {log:q} 2>&1"
+        " {params.args} --spec {params.spec:q} --out {output.folder:q} > {log:q} 2>&1"

@@ -19,12 +19,13 @@ rule report:
         f"{LOGS}/report.log",
     params:
         args=report_args,
+        opts=report_opts(),
         bench=BENCH,
         logs=LOGS,
         root=lambda wildcards, input: Path(input.classes).parent,
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench report {params.args} --benchmarks {params.bench:q} --logs {params.logs:q} --classes {input.classes:q}"
+        "python -m augbench report {params.args} {params.opts} --benchmarks {params.bench:q} --logs {params.logs:q} --classes {input.classes:q}"
         " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q}"
         " --out-html {output.html:q} --out-cost {output.cost:q} --out-plot {output.plot:q} 2> {log:q}"
