@@ -6,8 +6,9 @@ For retrieval methods it adds the leaked images removed and, in the toy world on
 pool's hidden true labels exist), `retrieval_precision`: the share of the images actually used
 for training whose true label is the class they were retrieved for. For generation methods it adds
 `generation_fidelity`: the share of generated images CLIP assigns, zero-shot, to their intended class.
-Every row gets its price from the jobs' own logged CPU seconds (the Snakemake `benchmark:` files
-where a log has none, and for wall time) (`cpu_hours`, `gpu_hours`, `cost_hours`) and `gain_per_hour`, top-1 points over `real` per hour of that price.
+Every row gets its price (`cpu_hours`, `gpu_hours`, `cost_hours`) from the jobs' own logged CPU
+seconds (the Snakemake `benchmark:` files where a log has none, and for wall time), and
+`gain_per_hour`, top-1 points over `real` per hour of that price.
 """
 
 from __future__ import annotations
