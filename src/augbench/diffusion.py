@@ -194,8 +194,9 @@ def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor,
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         zt = sched.add_noise(z0, eps, t)
-        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
-        loss = denoising_loss(pred, z0.to(device), eps.to(device), t.to(device), sched, spec.min_snr_gamma)
+        z0, eps, t = z0.to(device), eps.to(device), t.to(device)
+        pred = unet(zt.to(device), t, encoder_hidden_states=cond.to(device)).sample
+        loss = denoising_loss(pred, z0, eps, t, sched, spec.min_snr_gamma)
         for group in opt.param_groups:
             group["lr"] = _cosine(step, spec.unet_steps, spec.unet_lr, 100)
         opt.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.methods import BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
-from augbench.specs import STAGE_VERSIONS, WorldSpec, canonical_json, parse_spec  # noqa: E402
+from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
 from augbench.world import world_kinds  # noqa: E402
 
@@ -205,8 +205,25 @@ def class_args(wildcards):
     return f"--label {CLASS_LABEL[wildcards.cls]} --name {shlex.quote(CLASS_NAME[wildcards.cls])} --class-key {wildcards.cls}"
 
 
-# Per-class rules take all their wildcard-dependent arguments from one function: Snakemake inspects every
-# callable param of every job, which for ImageNet's 13,000 per-class jobs is a large share of the DAG time.
+# Per-class rules take their input-dependent arguments from one function and their spec from a second,
+# `method_spec` (Snakemake records and compares only params that depend on the wildcards alone); Snakemake
+# inspects every callable param of every job, so ImageNet's 13,000 per-class jobs get two, and the spec
+# string is built once per (stage, method), not once per job.
+METHOD_SPECS = {}
+
+
+def method_spec(stage):
+    """A params function: the stage's canonical spec for the job's method, computed once per method."""
+
+    def spec(wildcards):
+        key = (stage, wildcards.method)
+        if key not in METHOD_SPECS:
+            METHOD_SPECS[key] = stage_spec(stage, method=wildcards.method)
+        return METHOD_SPECS[key]
+
+    return spec
+
+
 def personalize_args(wildcards, input):
     """Class and optional CLIP embeddings (cond_clusters) of one personalize job (the spec is its own param)."""
     emb = f" --emb {shlex.quote(input.emb)} --meta {shlex.quote(input.meta)}" if "emb" in input.keys() else ""

@@ -14,7 +14,7 @@ rule personalize:
     # The spec is a param of its own, a function of the wildcards only: Snakemake records such params and reruns
     # the job when they change, but not params computed from the job's input (as `args` is).
     params:
-        spec=lambda wc: stage_spec("personalize", method=wc.method),
+        spec=method_spec("personalize"),
         args=personalize_args,
         model=SD_MODEL,
         root=lambda wildcards, input: Path(input.table).parents[1],

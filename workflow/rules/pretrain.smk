@@ -36,7 +36,7 @@ rule pretrain_diffusion:
         clip=CLIP_MODEL,
     # One thread by default: a second thread speeds a UNet step up only 1.4x (VAE 1.6x) on 2 cores, while the
     # classifier runs of real and retrieval rows, which need no diffusion model, can use the other core.
-    threads: config["diffusion"]["train"].get("threads", 1)
+    threads: config["diffusion"]["train"].get("threads", DiffusionSpec.threads)
     resources:
         gpu=1,
     conda:
