@@ -5,14 +5,17 @@
 #   pool/parts/{part}.parquet                url/caption table of one download job
 #   pool/shards/{part}.tar|.parquet|_stats.json   img2dataset webdataset shard, per-row status, failure counts
 #   clip/model/                              toy CLIP (transformers folder); real runs name a folder or hub id
-#   embed/pool/img_emb/{part}.npy + metadata/{part}.parquet    clip-retrieval layout
+#   embed/pool/img_emb/img_emb_{part}.npy + metadata/metadata_{part}.parquet    clip-retrieval's layout and naming
 #   embed/target/img_emb/{split}.npy + metadata/{split}.parquet
-#   index/pool.index, ids.parquet, index_infos.json
-#   retrieve/{mode}/neighbors.parquet, stats.json
+#   retrieve/{mode}/queries.npy|.parquet     query vectors per mode (training images / class prompts)
+#   retrieve/search/{block}.npz              per-query top-k (score, part, row) over one block of pool parts
+#   retrieve/{mode}/neighbors.parquet, stats.json   ranked candidates per class (n_aug x overfetch), with url/caption
+#   retrieve/url_cache/                      remote pools: img2dataset shards by url, shared by both modes (not an output)
+#   index/trained.index, parts/{ipart}.index, pool.index + pool.ivfdata, index_infos.json   the optional ANN index
 #   diffusion/model/                         toy latent diffusion model (StableDiffusionPipeline folder); real runs name SD
 #   personalize/{method}/{cls}/              learned_embeds.safetensors | cond.safetensors (+ LoRA weights or unet/)
 #   generate/{method}/{cls}/images.tar, manifest.parquet, cache/   generated images of one class (cache: by chunk)
-#   augment/{method}/images.tar, manifest.parquet (+ fidelity.json for generated sets)
+#   augment/{method}/images.tar, manifest.parquet (+ fetch_stats.json / fidelity.json)
 #   train/{method}/{n_aug}/{seed}/metrics.json, model.pt
 #   report/results.csv|md|html, cost.csv, accuracy_vs_naug.png, grids/{method}.png
 
@@ -32,8 +35,8 @@ include: "workflow/rules/world.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/embed.smk"
-include: "workflow/rules/index.smk"
 include: "workflow/rules/retrieve.smk"
+include: "workflow/rules/index.smk"
 include: "workflow/rules/personalize.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/classify.smk"

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 log = logging.getLogger("augbench")
 
@@ -103,31 +102,99 @@ def cmd_embed(a: argparse.Namespace) -> object:
     return embed_split(Path(a.split), Path(a.root), a.model, Path(a.out_emb), Path(a.out_meta), spec)
 
 
-def cmd_index(a: argparse.Namespace) -> object:
-    from augbench.index import build_index
-    from augbench.specs import IndexSpec, parse_spec
+def _parts(a: argparse.Namespace) -> list:
+    """The pool parts named by --pool-emb/--pool-meta/--pool-names (see augbench.pool)."""
+    from augbench.pool import PoolPart
 
-    return build_index(_paths(a.emb), _paths(a.meta), Path(a.out_index), Path(a.out_ids), Path(a.out_infos),
-                       parse_spec(IndexSpec, a.spec))
+    key = a.embedding_key if a.pool_layout == "datacomp" else None
+    return [PoolPart(n, Path(e), Path(m), a.pool_layout, key)
+            for e, m, n in zip(a.pool_emb, a.pool_meta, a.pool_names, strict=True)]
+
+
+def _query_files(a: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
+    """{mode: (vectors, table)} from --modes/--queries/--tables, matched by the mode in the file's folder name."""
+    out = {}
+    for mode in a.modes:
+        vec = next(Path(q) for q in a.queries if Path(q).parent.name == mode)
+        table = next(Path(t) for t in a.tables if Path(t).parent.name == mode)
+        out[mode] = (vec, table)
+    return out
+
+
+def cmd_queries(a: argparse.Namespace) -> object:
+    from augbench.retrieve import make_queries
+
+    return make_queries(a.mode, Path(a.classes), Path(a.out_vectors), Path(a.out_table), tuple(a.prompts or ()),
+                        train=(Path(a.train_emb), Path(a.train_meta)), model=a.model)
+
+
+def cmd_search(a: argparse.Namespace) -> object:
+    from augbench.device import pick_device
+    from augbench.search import search_block
+
+    device = pick_device(a.device).type if a.device != "cpu" else "cpu"
+    return search_block(_parts(a), a.first_part, _query_files(a), Path(a.out), json.loads(a.spec) | {"tile_rows": a.tile_rows},
+                        device=device)
 
 
 def cmd_retrieve(a: argparse.Namespace) -> object:
-    from augbench.retrieve import retrieve
+    from augbench.retrieve import merge
     from augbench.specs import RetrieveSpec, parse_spec
 
     evals = list(zip(_paths(a.eval_emb), _paths(a.eval_meta), strict=True))
-    return retrieve(Path(a.index), Path(a.ids), _paths(a.pool_emb), Path(a.classes), (Path(a.train_emb), Path(a.train_meta)),
-                    evals, Path(a.out), Path(a.out_stats), parse_spec(RetrieveSpec, a.spec), model=a.model,
-                    pool_shards=_paths(a.pool_shards) or None, eval_root=Path(a.eval_root) if a.eval_root else None)
+    return merge(_paths(a.blocks), Path(a.table), _parts(a), Path(a.classes), evals, Path(a.out), Path(a.out_stats),
+                 parse_spec(RetrieveSpec, a.spec), pool_shards=_paths(a.pool_shards) or None,
+                 eval_root=Path(a.eval_root) if a.eval_root else None)
 
 
 def cmd_fetch(a: argparse.Namespace) -> object:
     from augbench.fetch import fetch
-    from augbench.specs import DownloadSpec, parse_spec
+    from augbench.specs import DownloadSpec, FetchSpec, parse_spec
 
-    spec = parse_spec(DownloadSpec, a.spec) if a.spec else None
-    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), shards=_paths(a.shards) or None,
-                 cache=Path(a.cache) if a.cache else None, download_spec=spec)
+    dl = parse_spec(DownloadSpec, a.download_spec) if a.download_spec else None
+    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec),
+                 shards=_paths(a.shards) or None, cache=Path(a.cache) if a.cache else None, download_spec=dl, model=a.model,
+                 parts=_parts(a) if a.pool_emb else None, processes=a.threads, shard_size=a.shard_size)
+
+
+def cmd_index_train(a: argparse.Namespace) -> object:
+    from augbench.index import train_index
+    from augbench.specs import IndexSpec, parse_spec
+
+    return train_index(_parts(a), Path(a.out), parse_spec(IndexSpec, json.loads(a.spec) | {"threads": a.threads}))
+
+
+def cmd_index_add(a: argparse.Namespace) -> object:
+    from augbench.index import add_part
+
+    return add_part(Path(a.trained), _parts(a)[0], a.first_part, Path(a.out), threads=a.threads)
+
+
+def cmd_index_merge(a: argparse.Namespace) -> object:
+    from augbench.index import merge_index
+
+    return merge_index(Path(a.trained), _paths(a.parts), Path(a.out_index), Path(a.out_ivfdata))
+
+
+def cmd_index_recall(a: argparse.Namespace) -> object:
+    from augbench.index import index_recall
+    from augbench.specs import IndexSpec, parse_spec
+
+    spec = parse_spec(IndexSpec, json.loads(a.spec) | {"threads": a.threads})
+    return index_recall(Path(a.index), _parts(a), _paths(a.queries), Path(a.out), spec)
+
+
+def cmd_index_search(a: argparse.Namespace) -> object:
+    from augbench.index import search_index
+
+    return search_index(Path(a.index), _parts(a), _query_files(a), Path(a.out), json.loads(a.spec), a.nprobe, a.refine, a.threads)
+
+
+def cmd_query(a: argparse.Namespace) -> object:
+    from augbench.query import query
+
+    return query(a.text, Path(a.image) if a.image else None, a.model, _parts(a), a.k, Path(a.index) if a.index else None,
+                 a.nprobe, a.refine)
 
 
 def cmd_train(a: argparse.Namespace) -> object:
@@ -149,7 +216,9 @@ def cmd_report(a: argparse.Namespace) -> object:
     retrieval = {m: {"manifest": Path(man), "stats": Path(st)} for m, man, st in a.retrieval or []}
     truth = pd.read_parquet(a.truth) if a.truth else None
     fidelity = {m: Path(f) for m, f in a.fidelity or []}
-    table = report.build_table(runs, retrieval, truth, fidelity)
+    manifests = {m: Path(f) for m, f in a.augment or []}
+    n_classes = len(json.loads(Path(a.classes).read_text())["classes"]) if a.classes else None
+    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes)
     if a.benchmarks:
         bench = report.read_benchmarks(Path(a.benchmarks), Path(a.logs) if a.logs else None)
         table = report.add_cost(table, bench, a.gpu)
@@ -167,6 +236,22 @@ def cmd_report(a: argparse.Namespace) -> object:
             report.image_grid(method, real, Path(a.root), Path(manifest), Path(tar), classes, a.grid_images, Path(out))
     print(Path(a.out_md).read_text())
     return {"rows": len(table)}
+
+
+def _pool_args(s: argparse.ArgumentParser, required: bool = True) -> None:
+    """Pool parts as parallel lists of embedding files, metadata files and names (the workflow's pool_args)."""
+    s.add_argument("--pool-emb", nargs="+", required=required)
+    s.add_argument("--pool-meta", nargs="+", required=required)
+    s.add_argument("--pool-names", nargs="+", required=required)
+    s.add_argument("--pool-layout", choices=("clip_retrieval", "datacomp"), default="clip_retrieval")
+    s.add_argument("--embedding-key", default="l14_img")
+    s.add_argument("--first-part", type=int, default=0, help="global number of the first part given")
+
+
+def _query_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--modes", nargs="+", required=True)
+    s.add_argument("--queries", nargs="+", required=True, help="<mode>/queries.npy files")
+    s.add_argument("--tables", nargs="+", required=True, help="<mode>/queries.parquet files")
 
 
 def _class_args(s: argparse.ArgumentParser) -> None:
@@ -259,33 +344,99 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_embed)
 
-    s = sub.add_parser("index", help="build a FAISS index over pool embeddings")
-    s.add_argument("--emb", nargs="+", required=True)
-    s.add_argument("--meta", nargs="+", required=True)
-    for name in ("out-index", "out-ids", "out-infos"):
+    s = sub.add_parser("queries", help="one retrieval mode's query vectors: training images (image) or class prompts (text)")
+    s.add_argument("--mode", choices=("image", "text"), required=True)
+    for name in ("classes", "train-emb", "train-meta", "out-vectors", "out-table"):
         s.add_argument(f"--{name}", required=True)
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_index)
+    s.add_argument("--model", help="CLIP folder or hub id (text mode)")
+    s.add_argument("--prompts", nargs="*", default=[])
+    s.set_defaults(fn=cmd_queries)
 
-    s = sub.add_parser("retrieve", help="nearest neighbours per class, de-duplicated and leak-filtered")
-    for name in ("index", "ids", "classes", "train-emb", "train-meta", "out", "out-stats"):
+    s = sub.add_parser("search", help="exact search of one block of pool parts (the map step)")
+    _pool_args(s)
+    _query_args(s)
+    s.add_argument("--tile-rows", type=int, default=131072)
+    s.add_argument("--device", choices=("cpu", "auto"), default="cpu")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True)
+    s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("retrieve", help="merge search blocks into ranked, de-duplicated, leak-filtered candidates per class")
+    _pool_args(s)
+    s.add_argument("--blocks", nargs="+", required=True)
+    for name in ("table", "classes", "out", "out-stats", "spec"):
         s.add_argument(f"--{name}", required=True)
-    s.add_argument("--pool-emb", nargs="+", required=True)
     s.add_argument("--eval-emb", nargs="*", default=[])
     s.add_argument("--eval-meta", nargs="*", default=[])
-    s.add_argument("--model", help="CLIP folder or hub id (text mode)")
-    s.add_argument("--pool-shards", nargs="*", help="local pool shards: leak suspects are verified by pixels")
-    s.add_argument("--eval-root", help="folder the eval split tables' paths are relative to")
-    s.add_argument("--spec", default="{}")
+    s.add_argument("--pool-shards", nargs="*", help="local pool shards, one per part (pixel confirmation of leak suspects)")
+    s.add_argument("--eval-root", help="folder the eval tables' paths are relative to (pixel confirmation)")
     s.set_defaults(fn=cmd_retrieve)
 
-    s = sub.add_parser("fetch", help="materialise retrieved images from shards or by download")
-    for name in ("neighbors", "out-tar", "out-manifest"):
+    s = sub.add_parser("fetch", help="materialise retrieved images from local shards or by download (resumable)")
+    _pool_args(s, required=False)
+    for name in ("neighbors", "out-tar", "out-manifest", "out-stats", "spec"):
         s.add_argument(f"--{name}", required=True)
-    s.add_argument("--shards", nargs="*")
-    s.add_argument("--cache")
-    s.add_argument("--spec", help="download spec (remote pools)")
+    s.add_argument("--n-aug", type=int, required=True)
+    s.add_argument("--shards", nargs="*", help="local pool shards, one per part")
+    s.add_argument("--cache", help="remote pools: the url cache folder")
+    s.add_argument("--download-spec", help="remote pools: img2dataset settings")
+    s.add_argument("--model", help="remote pools: CLIP for the content check")
+    s.add_argument("--shard-size", type=int, default=10000)
+    s.add_argument("--threads", type=int, default=1)
     s.set_defaults(fn=cmd_fetch)
+
+    s = sub.add_parser("index-train", help="train the ANN index's quantizer on a sample of the pool")
+    _pool_args(s)
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_index_train)
+
+    s = sub.add_parser("index-add", help="add one pool part to a copy of the trained index")
+    _pool_args(s)
+    s.add_argument("--trained", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_index_add)
+
+    s = sub.add_parser("index-merge", help="merge the parts' inverted lists on disk")
+    s.add_argument("--trained", required=True)
+    s.add_argument("--parts", nargs="+", required=True)
+    s.add_argument("--out-index", required=True)
+    s.add_argument("--out-ivfdata", required=True)
+    s.set_defaults(fn=cmd_index_merge)
+
+    s = sub.add_parser("index-recall", help="recall@10 of the ANN index against exact search on the real queries")
+    _pool_args(s)
+    s.add_argument("--index", required=True)
+    s.add_argument("--queries", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_index_recall)
+
+    s = sub.add_parser("index-search", help="search one mode's queries with the ANN index (re-ranked exactly)")
+    _pool_args(s)
+    _query_args(s)
+    s.add_argument("--index", required=True)
+    s.add_argument("--nprobe", type=int, default=16)
+    s.add_argument("--refine", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=cmd_index_search)
+
+    s = sub.add_parser("query", help="print the pool's nearest items to a text or an image (url, caption, score)")
+    _pool_args(s)
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text")
+    what.add_argument("--image")
+    s.add_argument("--model", required=True, help="the CLIP that embedded the pool (folder or hub id)")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--index", help="the merged ANN index (index/pool.index); without it the parts are scanned exactly")
+    s.add_argument("--nprobe", type=int, default=16)
+    s.add_argument("--refine", type=int, default=10)
+    s.set_defaults(fn=cmd_query)
 
     s = sub.add_parser("train", help="train and evaluate the classifier for one (method, n_aug, seed)")
     for name in ("root", "test", "classes", "out-metrics", "out-ckpt"):
@@ -302,6 +453,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}')
     s.add_argument("--retrieval", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "STATS"))
     s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
+    s.add_argument("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class")
     s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
     s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")
     s.add_argument("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line")

@@ -78,8 +78,14 @@ def _attempts(cache: Path) -> list[Path]:
     return sorted(p for p in cache.glob("attempt_*") if p.is_dir())
 
 
-def _run_img2dataset(rows: pd.DataFrame, folder: Path, spec: DownloadSpec) -> None:
-    """One img2dataset call on `rows` (columns key, url, caption) into `folder` (webdataset)."""
+def run_img2dataset(rows: pd.DataFrame, folder: Path, spec: DownloadSpec, shard_size: int | None = None,
+                     processes: int | None = None) -> None:
+    """One img2dataset call on `rows` (columns key, url, caption) into `folder`/out (webdataset).
+
+    `shard_size` urls per output shard (default: one shard); `processes` img2dataset worker processes
+    (default: the spec's `processes_count`). img2dataset writes a shard's `_stats.json` once the shard is
+    complete, which is what a resumed fetch reads to know which urls were tried.
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as i2d_download
 
@@ -91,8 +97,8 @@ def _run_img2dataset(rows: pd.DataFrame, folder: Path, spec: DownloadSpec) -> No
         url_list=str(urls), input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=["pool_key"], output_format="webdataset", output_folder=str(folder / "out"),
         image_size=spec.image_size, resize_mode=spec.resize_mode, encode_format=spec.encode_format,
-        encode_quality=spec.encode_quality, processes_count=spec.processes_count, thread_count=spec.thread_count,
-        timeout=spec.timeout, retries=spec.retries, number_sample_per_shard=max(len(rows), 1),
+        encode_quality=spec.encode_quality, processes_count=processes or spec.processes_count, thread_count=spec.thread_count,
+        timeout=spec.timeout, retries=spec.retries, number_sample_per_shard=max(shard_size or len(rows), 1),
         # the folder is always fresh; "overwrite" would delete the _tmp folder img2dataset has just made
         enable_wandb=False, distributor="multiprocessing", incremental_mode="incremental", compute_hash="sha256",
         extract_exif=False,
@@ -138,7 +144,7 @@ def download_part(
             if serve is not None:
                 base = stack.enter_context(serve_directory(serve))
                 todo = todo.assign(url=[u if "://" in u else f"{base}/{u.lstrip('/')}" for u in todo["url"]])
-            _run_img2dataset(todo, tmp, spec)
+            run_img2dataset(todo, tmp, spec)
         os.replace(tmp, cache / f"attempt_{n:03d}")
     return assemble_part(rows, cache, out_tar, out_status, out_stats, spec, started)
 

@@ -124,7 +124,8 @@ def embed_shard(shard: Path, model: str | Path, out_emb: Path, out_meta: Path, s
     """Embed every image of one pool shard."""
     started = time.time()
     clip = Clip(model)
-    items = (({"key": s.key, "url": s.record.get("url"), "caption": s.caption}, s.image) for s in iter_shard(shard))
+    items = (({"image_path": s.key, "key": s.key, "url": s.record.get("url"), "caption": s.caption}, s.image)
+             for s in iter_shard(shard))
     emb, meta, skipped = _embed_batches(clip, items, spec.batch_size, str(shard))
     _write(emb, meta, out_emb, out_meta, spec.precision)
     stats = {"embedded": len(meta), "skipped": skipped}

@@ -1,61 +1,255 @@
-"""Materialise retrieved images: from the local pool shards, or with img2dataset when the pool is remote.
+"""Materialise retrieved images: from the local pool shards, or downloaded by url when the pool is remote.
 
-The result is one tar shard of the retrieved images (sample key = pool key) and a manifest
-(key, class, label, rank, score, caption) that the classifier reads, taking the first `n_aug`
-ranks per class.
+Remote pools lose links: 30-50 % of LAION and DataComp urls are dead today, and some answer with
+an HTTP-200 placeholder ("image no longer available"). So `neighbors.parquet` holds `n_aug ×
+overfetch` ranked candidates per class, and fetch:
+
+1. downloads the urls no earlier attempt has tried, with img2dataset, in shards of at most
+   `shard_size` urls. A url cache keyed by the download settings that change pixels (not by
+   process counts) is shared by both query modes; img2dataset writes a shard's `_stats.json`
+   when the shard is complete, so a killed fetch keeps every completed shard and a rerun asks
+   only for the urls not yet tried;
+2. checks each downloaded image: one CLIP embedding, compared with the pool's stored embedding of
+   that (part, row) — under `min_cosine` the content changed since the pool was embedded
+   (`content_changed`); leak suspects nominated by the merge are confirmed on these pixels
+   (`leaked`);
+3. keeps the first `n_aug` good images per class in rank order; a class below `min_yield × n_aug`
+   fails the job with the classes and their main failure reasons.
+
+The result is one tar shard (sample key = pool key), a manifest (key, class, label, rank, score,
+caption, url) that the classifier reads, and stats with failures counted by reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from augbench.download import download_part
-from augbench.io import write_meta, write_parquet
-from augbench.shards import iter_shard, write_shard
-from augbench.specs import DownloadSpec, spec_dict
+from augbench.download import failure_reason, run_img2dataset
+from augbench.imaging import open_rgb
+from augbench.io import write_json, write_meta, write_parquet
+from augbench.pool import PoolPart, gather
+from augbench.retrieve import is_copy
+from augbench.shards import Sample, iter_shard, write_shard
+from augbench.specs import DownloadSpec, FetchSpec, canonical_json, spec_dict
 
 log = logging.getLogger(__name__)
 
+# download settings that do not change a downloaded image: not part of the url cache's key
+_SCHEDULING = ("processes_count", "thread_count")
 
-def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, shards: list[Path] | None = None,
-          cache: Path | None = None, download_spec: DownloadSpec | None = None) -> dict[str, int]:
-    """Collect the images of `neighbors.parquet` into `out_tar`; rows that cannot be had are dropped and counted."""
+
+class YieldError(RuntimeError):
+    """Some classes got fewer good images than `min_yield × n_aug`."""
+
+
+def cache_key(spec: DownloadSpec) -> str:
+    """The url cache's folder name: a hash of the download settings that change pixels."""
+    data = {k: v for k, v in spec_dict(spec).items() if k not in _SCHEDULING}
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+
+
+def completed_shards(cache: Path) -> list[Path]:
+    """Status parquets of every completed img2dataset shard under the cache (their `_stats.json` exists)."""
+    out = []
+    for stats in sorted(cache.glob("attempt_*/out/*_stats.json")):
+        status = stats.with_name(stats.name[: -len("_stats.json")] + ".parquet")
+        if status.exists() and status.with_suffix(".tar").exists():
+            out.append(status)
+    return out
+
+
+def download_urls(urls: list[str], cache: Path, spec: DownloadSpec, shard_size: int, processes: int) -> dict[str, object]:
+    """Download the urls that no completed shard under `cache` has tried; returns counts."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tried: set[str] = set()
+    for status in completed_shards(cache):
+        tried.update(pd.read_parquet(status, columns=["url"])["url"].astype(str))
+    todo = [u for u in dict.fromkeys(urls) if u not in tried]
+    log.info("fetch: %d urls, %d tried by earlier attempts, %d to request", len(set(urls)), len(set(urls) & tried), len(todo))
+    if todo:
+        folder = cache / f"attempt_{time.strftime('%Y%m%dT%H%M%S')}_{os.getpid()}"
+        rows = pd.DataFrame({"key": [f"{i:09d}" for i in range(len(todo))], "url": todo, "caption": [""] * len(todo)})
+        run_img2dataset(rows, folder, spec, shard_size=shard_size, processes=processes)
+    return {"urls": len(set(urls)), "already_tried": len(set(urls) & tried), "requested": len(todo)}
+
+
+def _downloaded(cache: Path) -> tuple[dict[str, tuple[str, str]], dict[str, Path]]:
+    """url -> (status, error) over every completed shard (a success anywhere wins), and url -> the tar holding it."""
+    status: dict[str, tuple[str, str]] = {}
+    where: dict[str, Path] = {}
+    for st_file in completed_shards(cache):
+        st = pd.read_parquet(st_file, columns=["url", "status", "error_message"])
+        for url, s, err in zip(st["url"].astype(str), st["status"], st["error_message"], strict=True):
+            if status.get(url, ("",))[0] != "success":
+                status[url] = (s, err or "")
+                if s == "success":
+                    where[url] = st_file.with_suffix(".tar")
+    return status, where
+
+
+def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n_aug: int, spec: FetchSpec,
+          shards: list[Path] | None = None, cache: Path | None = None, download_spec: DownloadSpec | None = None,
+          model: str | Path | None = None, parts: list[PoolPart] | None = None, processes: int = 1,
+          shard_size: int = 10000) -> dict[str, object]:
+    """Collect the first `n_aug` good images per class of `neighbors.parquet` into `out_tar`."""
     started = time.time()
-    table = pd.read_parquet(neighbors)
+    table = pd.read_parquet(neighbors).sort_values(["label", "rank"], kind="stable").reset_index(drop=True)
     table["key"] = table["key"].astype(str)
+    verdict: dict[int, str] = {}  # row of `table` -> "ok" or a failure reason
+    images: dict[int, tuple[Path, str]] = {}  # row -> (tar, member key) of its image
     if shards:
-        wanted = set(table["key"])
-        by_shard = {Path(s).stem: Path(s) for s in shards}
-        needed = sorted(set(table["shard"])) if "shard" in table.columns else sorted(by_shard)
-        samples = {}
-        for name in needed:
-            if name not in by_shard:
-                raise FileNotFoundError(f"{neighbors}: neighbours come from shard {name!r}, which is not among the given shards")
-            for s in iter_shard(by_shard[name]):
+        for part in sorted(table["part"].unique()):
+            wanted = {k: i for i, k in zip(table.index[table["part"] == part], table.loc[table["part"] == part, "key"], strict=True)}
+            for s in iter_shard(shards[int(part)]):
                 if s.key in wanted:
-                    samples[s.key] = s
-        ordered = [samples[k] for k in dict.fromkeys(table["key"]) if k in samples]
-        write_shard(out_tar, ordered)
+                    verdict[wanted[s.key]] = "ok"
+                    images[wanted[s.key]] = (shards[int(part)], s.key)
+        for i in table.index.difference(list(verdict)):
+            verdict[i] = "missing_from_shard"
+        dl_stats: dict[str, object] = {}
     else:
-        if cache is None:
-            raise ValueError("fetch: without local shards, a cache folder for the download is needed")
-        urls = cache / "urls.parquet"
-        write_parquet(urls, table.drop_duplicates("key")[["key", "url", "caption"]])
-        download_part(urls, out_tar, cache / "status.parquet", cache / "stats.json", cache / "attempts",
-                      download_spec or DownloadSpec())
-        ordered = list(iter_shard(out_tar))
-    have = {s.key for s in ordered}
-    missing = int((~table["key"].isin(have)).sum())
-    if missing:
-        log.warning("fetch: %d of %d retrieved images could not be materialised and are dropped", missing, len(table))
-    manifest = table[table["key"].isin(have)].copy()
-    # ranks stay dense per class after drops, so `rank < n_aug` still yields n_aug images where possible
+        if cache is None or download_spec is None:
+            raise ValueError("fetch: a remote pool needs a url cache folder and the download settings")
+        folder = cache / cache_key(download_spec)
+        dl_stats = download_urls(list(table["url"].astype(str)), folder, download_spec, shard_size, processes)
+        status, where = _downloaded(folder)
+        by_url: dict[str, list[int]] = {}
+        for i, url in zip(table.index, table["url"].astype(str), strict=True):
+            s, err = status.get(url, ("not_attempted", ""))
+            if s != "success":
+                verdict[i] = failure_reason(err) if s != "not_attempted" else "not_attempted"
+            else:
+                by_url.setdefault(url, []).append(i)
+        _check_downloads(table, by_url, where, verdict, images, spec, model, parts)
+    # the first n_aug good images per class, in rank order; an image already used (same url) is not used twice
+    used: set[tuple[Path, str]] = set()
+    keep: list[int] = []
+    reasons: dict[int, Counter] = {}
+    for label, idx in table.groupby("label").indices.items():
+        n = 0
+        reasons[int(label)] = Counter()
+        for i in idx:
+            if n >= n_aug:
+                break
+            v = verdict.get(int(i), "not_attempted")
+            if v == "ok" and images[int(i)] in used:
+                v = "duplicate_image"
+            if v != "ok":
+                reasons[int(label)][v] += 1
+                continue
+            used.add(images[int(i)])
+            keep.append(int(i))
+            n += 1
+    manifest = table.loc[keep].copy()
     manifest["rank"] = manifest.groupby("label").cumcount()
-    write_parquet(out_manifest, manifest)
-    stats = {"images": len(have), "missing": missing}
-    write_meta(out_tar, "fetch", spec_dict(download_spec) if download_spec else {}, started, stats=stats)
+    achieved = manifest.groupby("label").size()
+    classes = table.drop_duplicates("label").set_index("label")["class"]
+    achieved = achieved.reindex(classes.index, fill_value=0)
+    floor = spec.min_yield * n_aug
+    short = achieved[achieved < floor]
+    counts = Counter(v for v in verdict.values())
+    stats = {"n_aug": n_aug, "images": len(manifest), "achieved_min": int(achieved.min()) if len(achieved) else 0,
+             "achieved_median": float(achieved.median()) if len(achieved) else 0.0,
+             "candidates": len(table), "by_reason": dict(sorted(counts.items())), **dl_stats,
+             "per_class": {str(classes[label]): int(n) for label, n in achieved.items()}}
+    if len(short):
+        lines = [f"{classes[label]} ({int(n)}; {', '.join(f'{r} {c}' for r, c in reasons[int(label)].most_common(3)) or 'no candidates'})"
+                 for label, n in short.head(10).items()]
+        write_json(out_stats, stats)
+        raise YieldError(f"fetch: {len(short)} class(es) below the yield floor {floor:g} of n_aug {n_aug} "
+                         f"(fetch.min_yield {spec.min_yield}): {'; '.join(lines)}"
+                         f"{' ...' if len(short) > 10 else ''}; failures over all candidates: {dict(counts.most_common(5))}")
+    _write_images(manifest, images, out_tar)
+    cols = [c for c in ("class", "label", "rank", "key", "url", "caption", "score", "part", "row", "query") if c in manifest.columns]
+    write_parquet(out_manifest, manifest[cols].reset_index(drop=True))
+    write_json(out_stats, stats)
+    write_meta(out_tar, "fetch", spec_dict(spec), started, stats={k: v for k, v in stats.items() if k != "per_class"})
+    log.info("fetch: %d images (per class min %d, median %.0f of n_aug %d) from %d candidates; %s",
+             len(manifest), stats["achieved_min"], stats["achieved_median"], n_aug, len(table), stats["by_reason"])
     return stats
+
+
+def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], where: dict[str, Path], verdict: dict[int, str],
+                     images: dict[int, tuple[Path, str]], spec: FetchSpec, model: str | Path | None,
+                     parts: list[PoolPart] | None) -> None:
+    """Content check (CLIP embedding vs the stored one) and leak confirmation, on the downloaded pixels, tar by tar."""
+    clip = None
+    if spec.min_cosine is not None:
+        if model is None or not parts:
+            raise ValueError("fetch: the content check (fetch.min_cosine) needs the CLIP model and the pool parts")
+        from augbench.embed import Clip
+
+        clip = Clip(model)
+    eval_cache: dict[Path, np.ndarray] = {}
+    for tar in sorted(set(where.values())):
+        batch: list[tuple[list[int], Sample]] = []
+        for s in iter_shard(tar):
+            url = str(s.record.get("url"))
+            if url not in by_url or where.get(url) != tar:
+                continue
+            try:
+                open_rgb(s.image)
+            except Exception as exc:  # img2dataset re-encoded it, so this is rare: count it
+                log.warning("fetch: %s: downloaded image does not decode (%s)", url, exc)
+                for i in by_url[url]:
+                    verdict[i] = "undecodable_image"
+                continue
+            batch.append((by_url[url], s))
+            if len(batch) >= 256:
+                _judge(batch, tar, table, verdict, images, spec, clip, parts, eval_cache)
+                batch = []
+        _judge(batch, tar, table, verdict, images, spec, clip, parts, eval_cache)
+
+
+def _judge(batch: list[tuple[list[int], Sample]], tar: Path, table: pd.DataFrame, verdict: dict[int, str],
+           images: dict[int, tuple[Path, str]], spec: FetchSpec, clip: object | None, parts: list[PoolPart] | None,
+           eval_cache: dict[Path, np.ndarray]) -> None:
+    """Verdicts for one batch of downloaded images: content_changed, leaked, or ok."""
+    if not batch:
+        return
+    if clip is not None and parts:
+        rows = [ids[0] for ids, _ in batch]
+        stored = gather(parts, table.loc[rows, "part"].to_numpy(), table.loc[rows, "row"].to_numpy())
+        stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
+        got = clip.images([open_rgb(s.image) for _, s in batch])  # type: ignore[attr-defined]
+        cos = np.sum(stored * got, axis=1)
+    else:
+        cos = np.ones(len(batch))
+    has_suspects = "leak_suspects" in table.columns
+    for (ids, s), c in zip(batch, cos, strict=True):
+        for i in ids:
+            suspects = table.at[i, "leak_suspects"] if has_suspects else None
+            if spec.min_cosine is not None and c < spec.min_cosine:
+                verdict[i] = "content_changed"
+            elif suspects is not None and len(suspects) and is_copy(s.image, [Path(p) for p in suspects], spec.leak_pixel_mad,
+                                                                    eval_cache):
+                verdict[i] = "leaked"
+            else:
+                verdict[i] = "ok"
+                images[i] = (tar, s.key)
+
+
+def _write_images(manifest: pd.DataFrame, images: dict[int, tuple[Path, str]], out_tar: Path) -> None:
+    """Stream the kept images into one shard (sample key = pool key), reading each source tar once."""
+    wanted: dict[Path, dict[str, list[int]]] = {}
+    for i in manifest.index:
+        tar, key = images[int(i)]
+        wanted.setdefault(tar, {}).setdefault(key, []).append(int(i))
+
+    def samples():
+        for tar in sorted(wanted):
+            for s in iter_shard(tar):
+                for i in wanted[tar].get(s.key, []):
+                    row = manifest.loc[i]
+                    yield Sample(str(row["key"]), s.image, s.ext, str(row["caption"]),
+                                 {"key": str(row["key"]), "url": row["url"], "class": row["class"]})
+
+    write_shard(out_tar, samples())

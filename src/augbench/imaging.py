@@ -19,9 +19,15 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+def open_rgb(data: bytes | str) -> Image.Image:
+    """Open image bytes or a path as an RGB PIL image (decoded now, so a broken file fails here)."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    return img.convert("RGB")
+
+
 def decode(data: bytes | str, size: int) -> np.ndarray:
     """Decode bytes or a path to an RGB uint8 HWC array of `size` x `size`."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
+    img = open_rgb(data)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)

@@ -1,60 +1,40 @@
-"""FAISS index over the pool embeddings, built from a factory string, with measured recall.
+"""The FAISS ANN index over the pool, built in shards and searched memory-mapped.
 
-Row ids in the index are global positions in the concatenation of the shards' `img_emb/*.npy`
-files, in the order given; `ids.parquet` maps them back to (shard, key, url, caption).
-`index_infos.json` records the factory string, size, memory and recall@10 against exact search
-on a sample of the pool, so an approximate index that loses neighbours is visible, not silent.
+* `train_index`: the quantizer (an IVF factory string) trained once on a sample of `train_size`
+  rows drawn from the parts' memory-maps (each part contributes in proportion to its rows).
+* `add_part`: one job per part adds that part's rows to an empty copy of the trained index, with
+  global ids `part << 32 | row`, so a hit names its part and row without any id table.
+* `merge_index`: the parts' inverted lists are merged on disk (faiss.contrib.ondisk); the merged
+  index is read with its inverted lists memory-mapped.
+* `search_index`: all queries of one mode, k × refine candidates re-ranked by exact inner product
+  from the stored embeddings; written in the search blocks' format, so the merge step is shared
+  with the exact search.
+* `index_recall`: recall@10 of the index against exact search on a sample of the *real* queries
+  (the target's training images and the class prompts, not the pool's own vectors), to
+  `index_infos.json`, so an approximate index that loses neighbours is visible.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
-import pandas as pd
 
-from augbench.io import atomic_path, write_json, write_meta, write_parquet
+from augbench.io import atomic_path, write_json, write_meta
+from augbench.pool import PoolPart, check_part, gather, iter_tiles
+from augbench.search import QuerySet, TopK, load_queries, mode_k, search_parts, write_block
 from augbench.specs import IndexSpec, spec_dict
 
 log = logging.getLogger(__name__)
 
-
-def load_embeddings(emb_files: list[Path], meta_files: list[Path]) -> tuple[np.ndarray, pd.DataFrame]:
-    """Concatenate shard embeddings (as float32) and their metadata, checking that rows match."""
-    embs, metas = [], []
-    for emb_file, meta_file in zip(emb_files, meta_files, strict=True):
-        emb = np.load(emb_file, mmap_mode="r")
-        meta = pd.read_parquet(meta_file)
-        if len(emb) != len(meta):
-            raise ValueError(f"{emb_file}: {len(emb)} embeddings but {meta_file} has {len(meta)} rows")
-        embs.append(np.asarray(emb, dtype=np.float32))
-        if "key" not in meta.columns:  # precomputed LAION metadata may lack img2dataset's key: name rows by part and row
-            meta = meta.assign(key=[f"{Path(emb_file).stem}_{i:09d}" for i in range(len(meta))])
-        for column in ("url", "caption"):
-            if column not in meta.columns:
-                raise ValueError(f"{meta_file}: no {column!r} column (clip-retrieval metadata needs url and caption)")
-        metas.append(meta.assign(shard=Path(emb_file).stem))
-    if not embs:
-        raise ValueError("index: no embedding files given")
-    return np.concatenate(embs), pd.concat(metas, ignore_index=True)
+ROW_BITS = 32
 
 
-def build(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
-    """Build (train if needed, then add) an index from `spec.factory` for inner-product search."""
-    d = vectors.shape[1]
-    metric = faiss.METRIC_INNER_PRODUCT if spec.metric == "ip" else faiss.METRIC_L2
-    index = faiss.index_factory(d, spec.factory, metric)
-    if not index.is_trained:
-        rs = np.random.default_rng(spec.seed)
-        sample = vectors if len(vectors) <= spec.train_size else vectors[rs.choice(len(vectors), spec.train_size, replace=False)]
-        index.train(np.ascontiguousarray(sample))
-    index.add(np.ascontiguousarray(vectors))
-    set_nprobe(index, spec.nprobe)
-    return index
+def _metric(spec: IndexSpec) -> int:
+    return faiss.METRIC_INNER_PRODUCT if spec.metric == "ip" else faiss.METRIC_L2
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -65,56 +45,127 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         pass
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, refine: int = 1,
-           vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest neighbours; with `refine` > 1, ask for k*refine and re-rank them by exact inner product.
-
-    Re-ranking from the stored embeddings (memory-mapped, so it costs k*refine row reads per
-    query) recovers most of what product quantisation loses, without holding full vectors in RAM.
-    """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if refine <= 1 or vectors is None:
-        return index.search(queries, k)
-    _, cand = index.search(queries, min(k * refine, index.ntotal))
-    scores = np.full((len(queries), k), -np.inf, np.float32)
-    ids = np.full((len(queries), k), -1, np.int64)
-    for i, row in enumerate(cand):
-        row = row[row >= 0]
-        exact = vectors(row) @ queries[i]
-        top = np.argsort(-exact, kind="stable")[:k]
-        scores[i, : len(top)] = exact[top]
-        ids[i, : len(top)] = row[top]
-    return scores, ids
+def sample_rows(parts: list[PoolPart], n: int, seed: int) -> np.ndarray:
+    """`n` rows drawn without replacement across the parts (proportionally), as float32."""
+    sizes = np.array([check_part(p)[0] for p in parts])
+    n = min(n, int(sizes.sum()))
+    rs = np.random.default_rng(seed)
+    flat = np.sort(rs.choice(int(sizes.sum()), n, replace=False))
+    bounds = np.cumsum(np.concatenate([[0], sizes]))
+    part_idx = np.searchsorted(bounds, flat, side="right") - 1
+    return gather(parts, part_idx, flat - bounds[part_idx])
 
 
-def recall_at_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = 10, refine: int = 1) -> float:
-    """Share of the exact top-k (brute-force inner product) that the search (with re-ranking) also returns."""
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors))
-    _, truth = exact.search(queries, k)
-    _, found = search(index, queries, k, refine, lambda ids: vectors[ids])
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
-    return hits / truth.size
-
-
-def build_index(emb_files: list[Path], meta_files: list[Path], out_index: Path, out_ids: Path, out_infos: Path,
-                spec: IndexSpec) -> dict[str, object]:
-    """Build the pool index and write it, its id map and its infos atomically."""
+def train_index(parts: list[PoolPart], out: Path, spec: IndexSpec) -> dict[str, object]:
+    """Train the index's quantizer on a sample of the pool and write the empty trained index."""
     started = time.time()
-    faiss.omp_set_num_threads(spec.threads)  # k-means and adding use them; the job asked the scheduler for this many
-    vectors, meta = load_embeddings(emb_files, meta_files)
-    index = build(vectors, spec)
-    rs = np.random.default_rng(spec.seed)
-    n_q = min(spec.recall_sample, len(vectors))
-    queries = vectors[rs.choice(len(vectors), n_q, replace=False)]
-    recall = recall_at_k(index, vectors, queries, k=min(10, len(vectors)), refine=spec.refine)
+    faiss.omp_set_num_threads(spec.threads)
+    sample = sample_rows(parts, spec.train_size, spec.seed)
+    index = faiss.index_factory(sample.shape[1], spec.factory, _metric(spec))
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        raise ValueError(f"index.factory {spec.factory!r}: the sharded index needs an IVF factory (e.g. IVF1024,PQ64x8)") from None
+    index.train(np.ascontiguousarray(sample))
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, str(tmp))
+    stats = {"trained_on": len(sample), "dim": int(sample.shape[1])}
+    write_meta(out, "index_train", spec_dict(spec), started, stats=stats)
+    return stats
+
+
+def add_part(trained: Path, part: PoolPart, part_number: int, out: Path, tile_rows: int = 131072, threads: int = 1) -> int:
+    """Add one part's rows (ids part << 32 | row) to a copy of the trained index; returns the rows added."""
+    started = time.time()
+    faiss.omp_set_num_threads(threads)
+    index = faiss.read_index(str(trained))
+    rows, _ = check_part(part, index.d)
+    for start, tile in iter_tiles(part, tile_rows):
+        ids = (np.int64(part_number) << ROW_BITS) + np.arange(start, start + len(tile), dtype=np.int64)
+        index.add_with_ids(tile, ids)
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, str(tmp))
+    write_meta(out, "index_add", {"part": part.name}, started, stats={"rows": rows})
+    return rows
+
+
+def merge_index(trained: Path, part_indexes: list[Path], out_index: Path, out_ivfdata: Path) -> int:
+    """Merge the parts' inverted lists on disk into `out_ivfdata`; `out_index` refers to it (same folder)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    started = time.time()
+    index = faiss.read_index(str(trained))
+    # the index file names its .ivfdata (read back from the same folder): merge straight into the final name;
+    # a job killed here leaves an index file missing, which Snakemake reruns
+    out_ivfdata.unlink(missing_ok=True)
+    merge_ondisk(index, [str(p) for p in part_indexes], str(out_ivfdata))
     with atomic_path(out_index) as tmp:
         faiss.write_index(index, str(tmp))
-    write_parquet(out_ids, meta)
-    infos = {"factory": spec.factory, "size": int(index.ntotal), "dim": int(vectors.shape[1]),
-             "recall_at_10": recall, "recall_sample": n_q, "nprobe": spec.nprobe, "refine": spec.refine,
-             "index_bytes": out_index.stat().st_size}
+    write_meta(out_index, "index_merge", {"parts": len(part_indexes)}, started, stats={"ntotal": int(index.ntotal)})
+    return int(index.ntotal)
+
+
+def read_index(path: Path, nprobe: int) -> faiss.Index:
+    """The merged index with its inverted lists memory-mapped from the .ivfdata beside it."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    set_nprobe(index, nprobe)
+    return index
+
+
+def ann_search(index: faiss.Index, parts: list[PoolPart], queries: np.ndarray, k: int, refine: int) -> TopK:
+    """k nearest pool rows per query: ask the index for k × refine, re-rank exactly from the stored embeddings."""
+    top = TopK(len(queries), k)
+    if not len(queries):
+        return top
+    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k * max(refine, 1), index.ntotal))
+    part_idx = np.where(ids >= 0, ids >> ROW_BITS, -1)
+    rows = np.where(ids >= 0, ids & ((1 << ROW_BITS) - 1), -1)
+    valid = ids >= 0
+    vec = gather(parts, part_idx[valid], rows[valid])
+    exact = np.full(ids.shape, -np.inf, np.float32)
+    qi = np.nonzero(valid)[0]
+    exact[valid] = np.einsum("ij,ij->i", vec, queries[qi])
+    top.push(exact, part_idx.astype(np.int32), rows)
+    return top
+
+
+def search_index(index_file: Path, parts: list[PoolPart], query_files: dict[str, tuple[Path, Path]], out: Path,
+                 spec: dict[str, float], nprobe: int, refine: int, threads: int = 1) -> dict[str, object]:
+    """All queries of the given modes against the ANN index, written like a search block."""
+    started = time.time()
+    faiss.omp_set_num_threads(threads)
+    index = read_index(index_file, nprobe)
+    tops, ks = {}, {}
+    for mode, (vec, table) in sorted(query_files.items()):
+        v, t = load_queries(vec, table)
+        ks[mode] = mode_k(t, int(spec["n_aug"]), float(spec["overfetch"]), float(spec["margin"]))
+        tops[mode] = ann_search(index, parts, v, ks[mode], refine)
+    write_block(out, tops, ks)
+    write_meta(out, "index_search", spec, started, stats={"k": ks, "nprobe": nprobe, "refine": refine})
+    return {"k": ks}
+
+
+def index_recall(index_file: Path, parts: list[PoolPart], query_files: list[Path], out_infos: Path, spec: IndexSpec,
+                 k: int = 10, tile_rows: int = 131072) -> dict[str, object]:
+    """recall@k of the index (with its re-ranking) against exact search, on a sample of the real queries."""
+    started = time.time()
+    faiss.omp_set_num_threads(spec.threads)
+    queries = np.concatenate([np.load(f).astype(np.float32) for f in query_files])
+    rs = np.random.default_rng(spec.seed)
+    sample = queries[np.sort(rs.choice(len(queries), min(spec.recall_sample, len(queries)), replace=False))]
+    exact = search_parts(parts, 0, [QuerySet("q", sample, k)], tile_rows)["q"].finish()
+    index = read_index(index_file, spec.nprobe)
+    t0 = time.perf_counter()
+    found = ann_search(index, parts, sample, k, spec.refine).finish()
+    per_query_ms = 1000 * (time.perf_counter() - t0) / max(len(sample), 1)
+    truth = exact[1].astype(np.int64) << ROW_BITS | exact[2]
+    got = found[1].astype(np.int64) << ROW_BITS | found[2]
+    hits = sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, got, strict=True))
+    recall = hits / max(int((exact[2] >= 0).sum()), 1)
+    infos = {"factory": spec.factory, "size": int(index.ntotal), "dim": int(index.d), f"recall_at_{k}": recall,
+             "recall_queries": len(sample), "recall_queries_are": "the target's real queries (training images, class prompts)",
+             "nprobe": spec.nprobe, "refine": spec.refine, "ms_per_query": per_query_ms}
     write_json(out_infos, infos)
-    write_meta(out_index, "index", spec_dict(spec), started, infos=infos)
+    write_meta(out_infos, "index_recall", spec_dict(spec), started, infos=infos)
     log.info("index: %s", infos)
     return infos

@@ -1,56 +1,47 @@
-"""Nearest-neighbour retrieval per class, de-duplication, and the leak filter.
+"""Queries per class, and the merge that turns the searched top-k lists into ranked candidates per class.
 
 `image` mode queries with each training image of a class; `text` mode with the class prompts.
 A class's candidates are ordered round-robin over its queries (every query's 1st neighbour, then
 every 2nd, ...; ties by score), so each training image contributes its own neighbours as in the
-paper. Then: same pool key -> once; near-duplicates among the kept (cosine >= dedup_threshold)
--> once; any candidate that copies a val or test image -> removed and counted, because a
-retrieval result that leaks evaluation images is a wrong result. Copies are nominated by
-embedding (cosine >= leak_threshold) or difference hash (distance <= leak_hash_distance) and
-confirmed by pixels (see `_verify_leaks`). Finally capped at `n_aug` per class.
+paper. Then, in this order:
+
+* the same pool item (part, row) reached by several queries of a class -> once;
+* a pool item reached by several classes -> kept by the class where it scores highest, and counted;
+* a candidate that copies a val or test image -> removed and counted, because a retrieval result
+  that leaks evaluation images is a wrong result. Copies are nominated by one FAISS search of the
+  candidates against the val + test embeddings (cosine >= leak_threshold) and, where the pool
+  carries difference hashes, one binary FAISS search (distance <= leak_hash_distance); a nominee
+  is confirmed by pixels (`_verify_leaks`) where the pool's images are local, and otherwise handed
+  to fetch, which confirms it on the downloaded pixels;
+* near-duplicates among a class's kept candidates (cosine >= dedup_threshold) -> once;
+* capped at `n_aug × overfetch` per class (fetch keeps the first `n_aug` that download).
+
+Candidates are processed in chunks of classes, so memory follows the chunk, not the target dataset;
+url and caption are read only for the rows kept (by part and row, from the parts' own metadata).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from augbench.imaging import decode
-from augbench.index import search
-from augbench.io import write_json, write_meta, write_parquet
+from augbench.io import atomic_path, write_json, write_meta, write_parquet
+from augbench.pool import PoolPart, gather, read_rows
+from augbench.search import merge_blocks
 from augbench.shards import iter_shard
 from augbench.specs import RetrieveSpec, spec_dict
 
 log = logging.getLogger(__name__)
-
-
-class PoolVectors:
-    """Random access to pool embedding rows by global id, over memory-mapped shard files."""
-
-    def __init__(self, emb_files: list[Path]) -> None:
-        self.arrays = [np.load(f, mmap_mode="r") for f in emb_files]
-        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
-
-    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.zeros((len(ids), self.arrays[0].shape[1]), np.float32)
-        shard = np.searchsorted(self.offsets, ids, side="right") - 1
-        for s in np.unique(shard):
-            sel = shard == s
-            out[sel] = self.arrays[s][ids[sel] - self.offsets[s]]
-        return out
-
-
-def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between two arrays of int64 hashes."""
-    x = np.bitwise_xor(a[:, None].astype(np.int64), b[None, :].astype(np.int64)).view(np.uint64)
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
 
 
 def load_split(emb: Path, meta: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -62,47 +53,71 @@ def load_split(emb: Path, meta: Path) -> tuple[np.ndarray, pd.DataFrame]:
     return e, m
 
 
-def class_queries(spec: RetrieveSpec, classes: dict, train_emb: np.ndarray, train_meta: pd.DataFrame,
-                  model: str | Path | None) -> dict[int, tuple[np.ndarray, list[str]]]:
-    """Per class label: (query vectors, query ids)."""
+def make_queries(mode: str, classes_file: Path, out_vectors: Path, out_table: Path, prompts: tuple[str, ...] = (),
+                 train: tuple[Path, Path] | None = None, model: str | Path | None = None) -> dict[str, int]:
+    """Write one mode's queries: vectors (float32, unit rows) and a table (label, class, query)."""
+    started = time.time()
+    classes = json.loads(Path(classes_file).read_text())
     names = classes.get("names", {})
-    out: dict[int, tuple[np.ndarray, list[str]]] = {}
-    if spec.mode == "image":
-        for label in range(len(classes["classes"])):
-            sel = (train_meta["label"] == label).to_numpy()
-            out[label] = (train_emb[sel], list(train_meta.loc[sel, "path"].astype(str)))
-        return out
-    if model is None:
-        raise ValueError("retrieve: text mode needs --model (the CLIP that embeds the prompts)")
-    from augbench.embed import Clip
+    if mode == "image":
+        if train is None:
+            raise ValueError("queries: image mode needs the training split's embeddings")
+        emb, meta = load_split(*train)
+        table = pd.DataFrame({"label": meta["label"].astype(int), "query": meta["path"].astype(str)})
+        vectors = emb
+    elif mode == "text":
+        if model is None:
+            raise ValueError("queries: text mode needs --model (the CLIP that embeds the prompts)")
+        from augbench.embed import Clip
 
-    clip = Clip(model)
-    for label, cls in enumerate(classes["classes"]):
-        prompts = [p.format(names.get(cls, cls)) for p in spec.prompts]
-        out[label] = (clip.texts(prompts), prompts)
-    return out
+        rows = [(label, p.format(names.get(cls, cls))) for label, cls in enumerate(classes["classes"]) for p in prompts]
+        table = pd.DataFrame(rows, columns=["label", "query"])
+        vectors = Clip(model).texts(list(table["query"])) if rows else np.zeros((0, 1), np.float32)
+    else:
+        raise ValueError(f"queries: mode must be image or text, got {mode!r}")
+    table["class"] = [classes["classes"][i] for i in table["label"]]
+    empty = sorted(set(classes["classes"]) - set(table["class"]))
+    if empty:
+        raise ValueError(f"queries: classes {empty[:5]} have no {mode} queries (no training images in {train[1] if train else ''}?)")
+    with atomic_path(out_vectors) as tmp:
+        np.save(tmp, np.ascontiguousarray(vectors, dtype=np.float32))
+    write_parquet(out_table, table)
+    stats = {"queries": len(table), "dim": int(vectors.shape[1])}
+    write_meta(out_vectors, "queries", {"mode": mode, "prompts": list(prompts)}, started, stats=stats)
+    return stats
 
 
-def _suspects(emb: np.ndarray, hashes: np.ndarray | None, eval_emb: np.ndarray, eval_hash: np.ndarray | None,
-              spec: RetrieveSpec) -> list[np.ndarray]:
-    """Per candidate, the eval images it may copy: cosine >= leak_threshold or hash distance <= leak_hash_distance.
+def candidates(scores: np.ndarray, parts: np.ndarray, rows: np.ndarray, queries: pd.DataFrame) -> tuple[pd.DataFrame, Counter]:
+    """Every (class, pool item) candidate in round-robin order, duplicates within a class removed, and cross-class
+    duplicates resolved (the class where the item scores highest keeps it). Returns (table, removed per class by reason)."""
+    nq, k = scores.shape
+    cand = pd.DataFrame({
+        "label": np.repeat(queries["label"].to_numpy(), k), "query": np.repeat(queries["query"].to_numpy(), k),
+        "rank": np.tile(np.arange(k), nq), "score": scores.ravel(), "part": parts.ravel().astype(np.int64),
+        "row": rows.ravel(),
+    })
+    cand = cand[cand["row"] >= 0]
+    cand = cand.sort_values(["label", "rank", "score", "part", "row"], ascending=[True, True, False, True, True], kind="stable")
+    removed: Counter = Counter()
+    n_before = cand.groupby("label").size()
+    best = cand.groupby(["label", "part", "row"], sort=False)["score"].transform("max")
+    cand = cand.assign(best=best).drop_duplicates(["label", "part", "row"], keep="first")
+    for label, n in (n_before - cand.groupby("label").size()).items():
+        removed[("same_item_removed", int(label))] += int(n)
+    # cross-class: the class where the item scores highest keeps it (ties: the lower label)
+    winner = cand.sort_values(["best", "label"], ascending=[False, True], kind="stable").drop_duplicates(["part", "row"])
+    win = pd.Series(winner["label"].to_numpy(), index=pd.MultiIndex.from_arrays([winner["part"], winner["row"]]))
+    keep = win.reindex(pd.MultiIndex.from_arrays([cand["part"], cand["row"]])).to_numpy() == cand["label"].to_numpy()
+    for label, n in cand.loc[~keep, "label"].value_counts().items():
+        removed[("cross_class_removed", int(label))] += int(n)
+    return cand[keep].drop(columns="best").reset_index(drop=True), removed
 
-    Only the `leak_match_candidates` closest eval images of each kind are kept for pixel verification.
-    """
-    out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(emb)
-    if not len(eval_emb):
-        return out
-    sims = emb @ eval_emb.T
-    dist = _hamming(hashes, eval_hash) if hashes is not None else None
-    m = spec.leak_match_candidates
-    for i in range(len(emb)):
-        by_cos = np.argsort(-sims[i])[:m]
-        match = by_cos[sims[i, by_cos] >= spec.leak_threshold]
-        if dist is not None:
-            by_hash = np.argsort(dist[i], kind="stable")[:m]
-            match = np.union1d(match, by_hash[dist[i, by_hash] <= spec.leak_hash_distance])
-        out[i] = match
-    return out
+
+def _hamming_search(cand_hash: np.ndarray, eval_hash: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest eval hashes (Hamming) of each candidate hash: one binary FAISS search."""
+    index = faiss.IndexBinaryFlat(64)
+    index.add(np.ascontiguousarray(eval_hash.astype(">i8").view(np.uint8).reshape(-1, 8)))
+    return index.search(np.ascontiguousarray(cand_hash.astype(">i8").view(np.uint8).reshape(-1, 8)), min(k, len(eval_hash)))
 
 
 def _pixels(data: bytes | Path, size: int = 32) -> np.ndarray:
@@ -121,116 +136,160 @@ def pixel_distance(a: np.ndarray, b: np.ndarray, shift: int = 1) -> float:
     return best
 
 
-def _verify_leaks(found: dict, eval_meta: pd.DataFrame, pool_shards: list[Path] | None, eval_root: Path | None,
-                  spec: RetrieveSpec) -> set[str]:
-    """Keys of candidates that really copy an eval image.
+def is_copy(image: bytes | Path, eval_paths: list[Path], max_mad: float, cache: dict[Path, np.ndarray] | None = None) -> bool:
+    """Whether an image's pixels match one of the nominated eval images (mean absolute difference <= max_mad).
 
-    Embeddings and hashes only nominate suspects: in a small embedding space, different images of
-    one class reach cosine 0.99, and simple images share hashes. A suspect is a leak when its
-    pixels match a nominated eval image (mean absolute difference <= leak_pixel_mad, over
-    1-pixel shifts). Without the pool's pixels (a remote pool) every suspect counts as a leak.
+    Embeddings and hashes only nominate suspects: in a small embedding space different images of one
+    class reach cosine 0.99, and simple images share hashes.
     """
-    suspects = {str(c["key"].iat[i]): (c["shard"].iat[i] if "shard" in c else None, m)
-                for c, _, ms in found.values() for i, m in enumerate(ms) if len(m)}
-    if not suspects:
-        return set()
-    if not pool_shards or eval_root is None:
-        log.warning("retrieve: no pool shards to verify %d leak suspects by pixels; removing them all", len(suspects))
-        return set(suspects)
-    shard_files = {Path(p).stem: Path(p) for p in pool_shards}
-    pixels: dict[str, np.ndarray] = {}
-    for shard in sorted({s for s, _ in suspects.values() if s is not None} or shard_files):
-        for sample in iter_shard(shard_files[shard]):
-            if sample.key in suspects:
-                pixels[sample.key] = _pixels(sample.image)
-    eval_cache: dict[int, np.ndarray] = {}
-    leaked = set()
-    for key, (_, matches) in suspects.items():
-        if key not in pixels:
-            leaked.add(key)  # cannot check: err on the side of not leaking
-            continue
-        for j in matches:
-            if j not in eval_cache:
-                eval_cache[j] = _pixels(eval_root / str(eval_meta["path"].iat[j]))
-            if pixel_distance(pixels[key], eval_cache[j]) <= spec.leak_pixel_mad:
-                leaked.add(key)
-                break
-    log.info("retrieve: %d leak suspects, %d confirmed by pixels", len(suspects), len(leaked))
+    cache = {} if cache is None else cache
+    a = _pixels(image)
+    for p in eval_paths:
+        if p not in cache:
+            cache[p] = _pixels(p)
+        if pixel_distance(a, cache[p]) <= max_mad:
+            return True
+    return False
+
+
+def _verify_leaks(suspects: dict[tuple[int, int], list[Path]], shards: list[Path], keys: dict[tuple[int, int], str],
+                  spec: RetrieveSpec, cache: dict[Path, np.ndarray]) -> set[tuple[int, int]]:
+    """(part, row) of the suspects whose pixels (from the local pool shards, one per part) copy an eval image."""
+    leaked: set[tuple[int, int]] = set()
+    for part in sorted({p for p, _ in suspects}):
+        wanted = {keys[item]: item for item in suspects if item[0] == part}
+        found: set[tuple[int, int]] = set()
+        for sample in iter_shard(shards[part]):
+            item = wanted.get(sample.key)
+            if item is not None:
+                found.add(item)
+                if is_copy(sample.image, suspects[item], spec.leak_pixel_mad, cache):
+                    leaked.add(item)
+        leaked |= set(wanted.values()) - found  # not in the shard: cannot check, so err on the side of not leaking
     return leaked
 
 
-def retrieve(index_file: Path, ids_file: Path, emb_files: list[Path], classes_file: Path,
-             train: tuple[Path, Path], evals: list[tuple[Path, Path]], out: Path, out_stats: Path,
-             spec: RetrieveSpec, model: str | Path | None = None, pool_shards: list[Path] | None = None,
-             eval_root: Path | None = None) -> dict[str, object]:
-    """Retrieve, de-duplicate, leak-filter and cap neighbours for every class; write `neighbors.parquet`."""
+def _chunks(sizes: pd.Series, max_rows: int) -> list[list[int]]:
+    """Groups of labels whose candidate counts add up to at most max_rows (a class alone may exceed it)."""
+    out, cur, n = [], [], 0
+    for label, size in sizes.items():
+        if cur and n + size > max_rows:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(int(label))
+        n += int(size)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classes_file: Path,
+          evals: list[tuple[Path, Path]], out: Path, out_stats: Path, spec: RetrieveSpec,
+          pool_shards: list[Path] | None = None, eval_root: Path | None = None, chunk_rows: int = 262144) -> dict[str, object]:
+    """The reduce job of one mode: ranked, de-duplicated, leak-filtered candidates per class -> neighbors.parquet."""
     started = time.time()
-    classes = json.loads(Path(classes_file).read_text())
-    index = faiss.read_index(str(index_file))
-    ids = pd.read_parquet(ids_file)
-    if index.ntotal != len(ids):
-        raise ValueError(f"{index_file}: index has {index.ntotal} vectors but {ids_file} lists {len(ids)}")
-    vectors = PoolVectors(emb_files)
-    train_emb, train_meta = load_split(*train)
+    classes = json.loads(Path(classes_file).read_text())["classes"]
+    queries = pd.read_parquet(queries_table)
+    scores, part_idx, rows = merge_blocks(blocks, spec.mode)
+    if len(scores) != len(queries):
+        raise ValueError(f"merge: the search blocks hold {len(scores)} queries but {queries_table} lists {len(queries)}")
+    cand, removed = candidates(scores, part_idx, rows, queries)
+    need = math.ceil(spec.n_aug * spec.overfetch)
     eval_parts = [load_split(*p) for p in evals]
-    eval_emb = np.concatenate([e for e, _ in eval_parts]) if eval_parts else np.zeros((0, train_emb.shape[1]), np.float32)
-    eval_hash = np.concatenate([m["dhash"].to_numpy() for _, m in eval_parts]) if eval_parts else np.zeros(0, np.int64)
-    eval_meta_all = pd.concat([m for _, m in eval_parts], ignore_index=True) if eval_parts else pd.DataFrame()
-    has_hash = "dhash" in ids.columns
-    if not has_hash:
-        log.warning("retrieve: %s has no dhash column; the leak filter uses embeddings only", ids_file)
-    queries = class_queries(spec, classes, train_emb, train_meta, model)
-    k = min(spec.k_per_query, index.ntotal)
-    per_class: dict[str, dict[str, int]] = {}
-    found: dict[int, tuple[pd.DataFrame, np.ndarray, list[np.ndarray]]] = {}
-    for label, cls in enumerate(classes["classes"]):
-        qv, qid = queries[label]
-        if len(qv) == 0:
-            raise ValueError(f"retrieve: class {cls!r} has no queries (no training images in {train[1]}?)")
-        scores, hits = search(index, qv, k, spec.refine, vectors.__getitem__)
-        cand = pd.DataFrame({"gid": hits.ravel(), "score": scores.ravel(),
-                             "rank": np.tile(np.arange(k), len(qv)), "query": np.repeat(qid, k)})
-        cand = cand[cand["gid"] >= 0].sort_values(["rank", "score"], ascending=[True, False], kind="stable")
-        n_cand = len(cand)
-        cand = cand.drop_duplicates("gid", keep="first")
-        gids = cand["gid"].to_numpy()
-        cand = cand.assign(key=ids["key"].to_numpy()[gids].astype(str), shard=ids["shard"].to_numpy()[gids]).drop_duplicates("key")
-        emb = vectors[cand["gid"].to_numpy()]
-        suspects = _suspects(emb, ids["dhash"].to_numpy()[cand["gid"].to_numpy()] if has_hash else None,
-                             eval_emb, eval_hash if has_hash else None, spec)
-        found[label] = (cand, emb, suspects)
-        per_class[cls] = {"candidates": int(n_cand), "same_key_removed": int(n_cand - len(cand))}
-    leaked_keys = _verify_leaks(found, eval_meta_all, pool_shards, eval_root, spec)
-    rows: list[dict[str, object]] = []
-    for label, cls in enumerate(classes["classes"]):
-        cand, emb, _ = found[label]
-        leaked = cand["key"].isin(leaked_keys).to_numpy()
-        keep_idx: list[int] = []
-        n_near_dup = 0
-        for i in np.flatnonzero(~leaked):
-            if len(keep_idx) >= spec.n_aug:
-                break
-            if keep_idx and float(np.max(emb[keep_idx] @ emb[i])) >= spec.dedup_threshold:
-                n_near_dup += 1
-                continue
-            keep_idx.append(i)
-        kept = cand.iloc[keep_idx]
-        for r, (gid, score, query) in enumerate(zip(kept["gid"], kept["score"], kept["query"], strict=True)):
-            rows.append({"class": cls, "label": label, "key": str(ids["key"].iat[gid]), "url": ids["url"].iat[gid],
-                         "caption": ids["caption"].iat[gid], "shard": ids["shard"].iat[gid], "score": float(score),
-                         "rank": r, "query": query})
-        per_class[cls].update({"near_dup_removed": n_near_dup, "leaked_removed": int(leaked.sum()), "kept": len(keep_idx)})
-        if len(keep_idx) < spec.n_aug:
-            log.warning("retrieve: class %s: only %d of %d images after filtering; raise k_per_query", cls, len(keep_idx), spec.n_aug)
-    table = pd.DataFrame(rows)
+    eval_emb = np.concatenate([e for e, _ in eval_parts]) if eval_parts else np.zeros((0, 1), np.float32)
+    eval_meta = pd.concat([m for _, m in eval_parts], ignore_index=True) if eval_parts else pd.DataFrame({"path": []})
+    eval_paths = [(eval_root / p) if eval_root else Path(p) for p in eval_meta["path"].astype(str)]
+    eval_index = faiss.IndexFlatIP(eval_emb.shape[1])
+    if len(eval_emb):
+        eval_index.add(np.ascontiguousarray(eval_emb))
+    has_hash = bool(parts) and "dhash" in eval_meta.columns and all("dhash" in pq.ParquetFile(p.meta).schema_arrow.names for p in parts)
+    local = bool(pool_shards)
+    pixel_cache: dict[Path, np.ndarray] = {}
+    per_class: dict[str, dict[str, int]] = {c: {"candidates": 0, "same_item_removed": 0, "cross_class_removed": 0,
+                                                 "leaked_removed": 0, "leak_suspects": 0, "near_dup_removed": 0, "kept": 0}
+                                             for c in classes}
+    for (reason, label), n in removed.items():
+        per_class[classes[label]][reason] += n
+    kept_frames = []
+    sizes = cand.groupby("label").size()
+    for labels in _chunks(sizes, chunk_rows):
+        chunk = cand[cand["label"].isin(labels)].reset_index(drop=True)
+        vec = gather(parts, chunk["part"].to_numpy(), chunk["row"].to_numpy())
+        suspects: dict[int, list[int]] = {}
+        if len(eval_emb):
+            m = min(spec.leak_match_candidates, len(eval_emb))
+            d, j = eval_index.search(vec, m)
+            for i, js in zip(*np.nonzero(d >= spec.leak_threshold), strict=True):
+                suspects.setdefault(int(i), []).append(int(j[i, js]))
+        meta = None
+        if has_hash and len(eval_emb):
+            meta = _chunk_meta(parts, chunk, ("dhash",))
+            d, j = _hamming_search(meta["dhash"].to_numpy(np.int64), eval_meta["dhash"].to_numpy(np.int64), spec.leak_match_candidates)
+            for i, js in zip(*np.nonzero(d <= spec.leak_hash_distance), strict=True):
+                suspects.setdefault(int(i), []).append(int(j[i, js]))
+        suspect_paths = {i: [eval_paths[x] for x in sorted(set(js))] for i, js in suspects.items()}
+        leaked = np.zeros(len(chunk), bool)
+        if local and suspect_paths:
+            if meta is None:
+                meta = _chunk_meta(parts, chunk, ())
+            items = {i: (int(chunk["part"].iat[i]), int(chunk["row"].iat[i])) for i in suspect_paths}
+            confirmed = _verify_leaks({items[i]: suspect_paths[i] for i in items}, list(pool_shards),
+                                      {items[i]: str(meta["key"].iat[i]) for i in items}, spec, pixel_cache)
+            for i, item in items.items():
+                leaked[i] = item in confirmed
+            log.info("merge: %d leak suspects, %d confirmed by pixels", len(items), int(leaked.sum()))
+        for label in labels:
+            idx = np.flatnonzero(chunk["label"].to_numpy() == label)
+            stats = per_class[classes[label]]
+            stats["candidates"] += len(idx)
+            keep: list[int] = []
+            for i in idx:
+                if len(keep) >= need:
+                    break
+                if leaked[i]:
+                    stats["leaked_removed"] += 1
+                    continue
+                if keep and float(np.max(vec[keep] @ vec[i])) >= spec.dedup_threshold:
+                    stats["near_dup_removed"] += 1
+                    continue
+                keep.append(int(i))
+            stats["kept"] = len(keep)
+            stats["leak_suspects"] = 0 if local else sum(1 for i in keep if i in suspect_paths)
+            sel = chunk.iloc[keep].copy()
+            sel["leak_suspects"] = [[str(p) for p in suspect_paths.get(i, [])] if not local else [] for i in keep]
+            kept_frames.append(sel)
+            if len(keep) < need:
+                log.warning("merge: class %s: only %d of %d candidates after filtering (searched k per query %d)",
+                            classes[label], len(keep), need, scores.shape[1])
+    table = pd.concat(kept_frames, ignore_index=True) if kept_frames else cand.head(0).assign(leak_suspects=[])
+    meta = _chunk_meta(parts, table, ())
+    table = table.assign(key=meta["key"].to_numpy(), url=meta["url"].to_numpy(), caption=meta["caption"].to_numpy())
+    table["class"] = [classes[i] for i in table["label"]]
+    table["part_name"] = [parts[i].name for i in table["part"]]
+    table["rank"] = table.groupby("label").cumcount()
+    table = table[["class", "label", "rank", "score", "query", "part", "part_name", "row", "key", "url", "caption", "leak_suspects"]]
     write_parquet(out, table)
-    stats = {"mode": spec.mode, "per_class": per_class,
-             "leaked_removed": sum(v["leaked_removed"] for v in per_class.values()),
-             "leaked_unique": len(leaked_keys),
-             "near_dup_removed": sum(v["near_dup_removed"] for v in per_class.values()),
-             "kept": len(table)}
+    kept = table.groupby("label").size().reindex(range(len(classes)), fill_value=0)
+    stats = {"mode": spec.mode, "need_per_class": need, "k_per_query": int(scores.shape[1]), "per_class": per_class,
+             "kept": len(table), "kept_min": int(kept.min()) if len(kept) else 0,
+             **{r: sum(v[r] for v in per_class.values()) for r in
+                ("same_item_removed", "cross_class_removed", "leaked_removed", "leak_suspects", "near_dup_removed")}}
     write_json(out_stats, stats)
     write_meta(out, "retrieve", spec_dict(spec), started, stats={k: v for k, v in stats.items() if k != "per_class"})
-    log.info("retrieve: %s mode: kept %d, leaked removed %d, near-duplicates removed %d",
-             spec.mode, stats["kept"], stats["leaked_removed"], stats["near_dup_removed"])
+    log.info("merge: %s mode: kept %d (min per class %d of %d), cross-class %d, leaked %d, suspects for fetch %d, near-dup %d",
+             spec.mode, stats["kept"], stats["kept_min"], need, stats["cross_class_removed"], stats["leaked_removed"],
+             stats["leak_suspects"], stats["near_dup_removed"])
     return stats
+
+
+def _chunk_meta(parts: list[PoolPart], table: pd.DataFrame, extra: tuple[str, ...]) -> pd.DataFrame:
+    """Metadata (key, url, caption, extra) of the table's (part, row) items, in the table's order."""
+    out: pd.DataFrame | None = None
+    frames = []
+    for p in sorted(table["part"].unique()):
+        sel = np.flatnonzero(table["part"].to_numpy() == p)
+        m = read_rows(parts[int(p)], table["row"].to_numpy()[sel], extra)
+        m.index = sel
+        frames.append(m)
+    out = pd.concat(frames).sort_index() if frames else pd.DataFrame(columns=["key", "url", "caption", *extra])
+    return out.reset_index(drop=True)

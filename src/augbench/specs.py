@@ -20,8 +20,9 @@ STAGE_VERSIONS: dict[str, int] = {
     "pretrain_clip": 1,
     "embed": 1,
     "index": 1,
-    "retrieve": 1,
-    "fetch": 1,
+    "retrieve": 2,  # 2: exact search over pool parts, derived k, cross-class resolution, over-fetch
+    "search": 1,
+    "fetch": 2,  # 2: over-fetched candidates, content check, sharded resumable downloads
     "train": 2,
     "report": 1,
     "pretrain_diffusion": 1,
@@ -225,12 +226,15 @@ class IndexSpec:
 
 @dataclass(frozen=True)
 class RetrieveSpec:
-    """Nearest-neighbour retrieval per class, de-duplication and leak filtering."""
+    """Candidates per class from the searched neighbours: de-duplication, leak filtering, over-fetching.
+
+    `n_aug` is the largest number of images a class must end with; `overfetch` times as many
+    ranked candidates are kept for fetch, which takes the first `n_aug` that download (dead links);
+    """
 
     mode: str = "image"
     n_aug: int = 50
-    k_per_query: int = 100
-    refine: int = 1
+    overfetch: float = 1.0
     prompts: tuple[str, ...] = ("a photo of a {}.",)
     dedup_threshold: float = 0.995
     leak_threshold: float = 0.95
@@ -243,6 +247,22 @@ class RetrieveSpec:
         if self.mode not in ("image", "text"):
             raise ValueError(f"RetrieveSpec.mode must be 'image' or 'text', got {self.mode!r}")
         object.__setattr__(self, "prompts", tuple(self.prompts))
+
+
+@dataclass(frozen=True)
+class FetchSpec:
+    """Turning ranked candidates into images: what counts as a good download, and how many must arrive.
+
+    `min_cosine`: a downloaded image whose CLIP embedding has a cosine under this with the pool's
+    stored embedding is `content_changed` (a placeholder, a replaced image); None skips the check
+    (local pools, whose pixels are the embedded ones). `min_yield`: a class with fewer than
+    `min_yield × n_aug` good images fails the job.
+    """
+
+    min_cosine: float | None = 0.85
+    min_yield: float = 0.8
+    leak_pixel_mad: float = 0.075
+    version: int = STAGE_VERSIONS["fetch"]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.methods import BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
+from augbench.pool import list_parts, part_shape  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
 from augbench.world import world_kinds  # noqa: E402
 
@@ -42,27 +43,45 @@ if PRECOMPUTED and config["pool"]["urls"]:
     config_error("give either pool.urls (download and embed) or pool.embeddings (precomputed), not both")
 
 
-def precomputed_parts():
-    """Stems of a precomputed embedding folder's img_emb/*.npy, each with its metadata/<stem>.parquet."""
-    root = Path(PRECOMPUTED)
-    stems = sorted(p.stem for p in (root / "img_emb").glob("*.npy"))
-    if not stems:
-        config_error(f"pool.embeddings {PRECOMPUTED!r}: no img_emb/*.npy files (clip-retrieval layout expected)")
-    missing = [s for s in stems if not (root / "metadata" / f"{s}.parquet").exists()]
-    if missing:
-        config_error(f"pool.embeddings {PRECOMPUTED!r}: metadata/<part>.parquet missing for {missing[:5]}")
-    return stems
-
-
+POOL_LAYOUT = config["pool"]["layout"]
 if PRECOMPUTED:
-    _stems = precomputed_parts()
-    POOL_EMB = [f"{PRECOMPUTED}/img_emb/{s}.npy" for s in _stems]
-    POOL_META = [f"{PRECOMPUTED}/metadata/{s}.parquet" for s in _stems]
-else:
-    POOL_EMB = expand(f"{R}/embed/pool/img_emb/{{part}}.npy", part=PARTS)
-    POOL_META = expand(f"{R}/embed/pool/metadata/{{part}}.parquet", part=PARTS)
+    try:
+        _parts = list_parts(PRECOMPUTED, POOL_LAYOUT, config["pool"]["embedding_key"])
+    except ValueError as exc:
+        config_error(f"pool.embeddings: {exc}")
+    POOL_EMB = [str(p.emb) for p in _parts]
+    POOL_META = [str(p.meta) for p in _parts]
+    POOL_NAMES = [p.name for p in _parts]
+else:  # the workflow's own pool embeddings, written in clip-retrieval's naming
+    POOL_LAYOUT = "clip_retrieval"
+    POOL_EMB = expand(f"{R}/embed/pool/img_emb/img_emb_{{part}}.npy", part=PARTS)
+    POOL_META = expand(f"{R}/embed/pool/metadata/metadata_{{part}}.parquet", part=PARTS)
+    POOL_NAMES = [str(int(p)) for p in PARTS]
 # Local pool images: the leak filter verifies suspects by pixels, and retrieved images are copied from them.
 POOL_SHARDS = [] if PRECOMPUTED else expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS)
+PARTS_PER_BLOCK = config["retrieve"]["parts_per_block"]
+BLOCKS = [f"{b:05d}" for b in range((len(POOL_EMB) + PARTS_PER_BLOCK - 1) // PARTS_PER_BLOCK)]
+
+
+def pool_args(first=0, last=None):
+    """The pool parts [first, last) as command-line arguments (files, names, layout)."""
+    sl = slice(first, last)
+    q = lambda xs: " ".join(map(shlex.quote, xs))  # noqa: E731
+    return (f"--pool-emb {q(POOL_EMB[sl])} --pool-meta {q(POOL_META[sl])} --pool-names {q(POOL_NAMES[sl])}"
+            f" --pool-layout {POOL_LAYOUT} --embedding-key {config['pool']['embedding_key']} --first-part {first}")
+
+
+def pool_dim():
+    """Embedding width, for memory estimates: read from a precomputed part's header, else the toy CLIP's or ViT-L/14's."""
+    if PRECOMPUTED:
+        return part_shape(_parts[0])[1]
+    return int(config["clip"].get("train", {}).get("embed_dim", 64)) if config["clip"]["model"] == "toy" else 768
+
+
+def overfetch():
+    """Ranked candidates per class = n_aug x this: remote pools lose links, local ones do not."""
+    value = config["fetch"]["overfetch"]
+    return value if value is not None else (1.0 if POOL_SHARDS else 2.0)
 
 
 def target_spec():
@@ -110,6 +129,9 @@ wildcard_constraints:
     cls=r"[A-Za-z0-9_.-]+",
 
 
+SEARCH_SCHEDULING = ("search", "parts_per_block", "tile_rows", "threads", "gpu", "margin")
+
+
 def stage_spec(stage, **extra):
     """One canonical JSON string of a stage's settings plus its version: a changed setting reruns the stage."""
     section = {"world": "world", "download": "download", "embed": "embed", "index": "index", "train": "train",
@@ -133,9 +155,19 @@ def stage_spec(stage, **extra):
             data.pop("strength", None)
         if method == "prompt_templates" or method in COND_METHODS:
             data.pop("prompt", None)
-    if stage == "retrieve":
-        data = {k: v for k, v in config["retrieve"].items() if not (extra.get("mode") == "image" and k == "prompts")}
-        data["n_aug"] = max(N_AUG)
+    if stage == "retrieve":  # content only: how the search is scheduled (blocks, tiles, threads, device) is not
+        data = {k: v for k, v in config["retrieve"].items() if k not in SEARCH_SCHEDULING
+                and not (extra.get("mode") == "image" and k == "prompts")}
+        data.update(n_aug=max(N_AUG), overfetch=overfetch())
+    if stage == "search":
+        data = {"n_aug": max(N_AUG), "overfetch": overfetch(), "margin": config["retrieve"]["margin"]}
+    if stage == "fetch":
+        data = {k: v for k, v in config["fetch"].items() if k in ("min_yield", "min_cosine")}
+        data["leak_pixel_mad"] = config["retrieve"]["leak_pixel_mad"]
+        if POOL_SHARDS:
+            data["min_cosine"] = None  # a local pool's pixels are the embedded ones
+    if stage == "index":
+        data = {k: v for k, v in config["index"].items() if k != "threads"}
     data.update(extra)
     data["version"] = STAGE_VERSIONS[stage]
     return canonical_json(data)
@@ -269,7 +301,8 @@ def report_args(wildcards, input, output):
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
     grids = " ".join(f"--grid {m} {manifest[m]} {tar[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
-    return f"{runs} {retr} {fid} {truth} {grids}"
+    augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
+    return f"{runs} {retr} {fid} {truth} {grids} {augment}"
 
 
 def report_opts():

@@ -6,8 +6,8 @@ if not PRECOMPUTED:
             unpack(lambda wc: clip_input()),
             shard=f"{R}/pool/shards/{{part}}.tar",
         output:
-            emb=f"{R}/embed/pool/img_emb/{{part}}.npy",
-            meta=f"{R}/embed/pool/metadata/{{part}}.parquet",
+            emb=f"{R}/embed/pool/img_emb/img_emb_{{part}}.npy",  # clip-retrieval's naming
+            meta=f"{R}/embed/pool/metadata/metadata_{{part}}.parquet",
         log:
             f"{LOGS}/embed/pool/{{part}}.log",
         benchmark:
@@ -18,6 +18,8 @@ if not PRECOMPUTED:
         threads: 1
         resources:
             gpu=1,
+            mem_mb=lambda wc, attempt: 6000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
         conda:
             "../../envs/torch.yaml"
         shell:
@@ -41,6 +43,9 @@ rule embed_target:
         model=CLIP_MODEL,
         root=lambda wildcards, input: Path(input.split).parents[1],
     threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 6000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -1,16 +1,106 @@
-rule retrieve:
+# Retrieval: queries per mode, exact search as map (one job per block of pool parts) and reduce (one merge
+# job per mode), then the retrieved images, from the local pool shards or downloaded by url.
+MODES = sorted({RETRIEVAL_MODES[m] for m in config["methods"] if m in RETRIEVAL_MODES})
+SEARCH_THREADS = config["retrieve"]["threads"]
+
+
+def search_mem_mb(wildcards, attempt):
+    """A search job holds one tile (raw + float32), the queries of every mode and their top-k, plus ~1.5 GB of libraries."""
+    dim = pool_dim()
+    tile = config["retrieve"]["tile_rows"] * dim * 6
+    n_queries = (len(CLASSES) * 200 if "image" in MODES else 0) + len(CLASSES) * len(config["retrieve"]["prompts"])
+    return int((1500e6 + tile + n_queries * dim * 4 * 2 + n_queries * 2048 * 16) / 1e6 * attempt)
+
+
+rule queries:
     input:
-        unpack(lambda wc: clip_input()),
-        index=f"{R}/index/pool.index",
-        ids=f"{R}/index/ids.parquet",
-        pool_emb=POOL_EMB,
+        unpack(lambda wc: clip_input() if wc.mode == "text" else {}),
         classes=f"{R}/world/classes.json",
         train_emb=f"{R}/embed/target/img_emb/train.npy",
         train_meta=f"{R}/embed/target/metadata/train.parquet",
-        eval_emb=expand(f"{R}/embed/target/img_emb/{{split}}.npy", split=["val", "test"]),
-        eval_meta=expand(f"{R}/embed/target/metadata/{{split}}.parquet", split=["val", "test"]),
-        eval_tables=expand(f"{R}/world/target/{{split}}.parquet", split=["val", "test"]),
-        shards=POOL_SHARDS,
+    output:
+        vectors=f"{R}/retrieve/{{mode}}/queries.npy",
+        table=f"{R}/retrieve/{{mode}}/queries.parquet",
+    log:
+        f"{LOGS}/queries/{{mode}}.log",
+    benchmark:
+        f"{BENCH}/queries/{{mode}}.tsv"
+    params:
+        prompts=lambda wc: " ".join(shlex.quote(p) for p in config["retrieve"]["prompts"]) if wc.mode == "text" else "",
+        model=CLIP_MODEL,
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench queries --mode {wildcards.mode} --classes {input.classes:q} --train-emb {input.train_emb:q}"
+        " --train-meta {input.train_meta:q} --model {params.model:q} --prompts {params.prompts} --out-vectors {output.vectors:q}"
+        " --out-table {output.table:q} > {log:q} 2>&1"
+
+
+def block_parts(wildcards):
+    """The pool files of one search block."""
+    b = int(wildcards.block)
+    sl = slice(b * PARTS_PER_BLOCK, (b + 1) * PARTS_PER_BLOCK)
+    return {"emb": POOL_EMB[sl], "meta": POOL_META[sl]}
+
+
+rule search_block:
+    input:
+        unpack(block_parts),
+        queries=expand(f"{R}/retrieve/{{mode}}/queries.npy", mode=MODES),
+        tables=expand(f"{R}/retrieve/{{mode}}/queries.parquet", mode=MODES),
+    output:
+        f"{R}/retrieve/search/{{block}}.npz",
+    wildcard_constraints:
+        block=r"\d{5}",
+    log:
+        f"{LOGS}/search/{{block}}.log",
+    benchmark:
+        f"{BENCH}/search/{{block}}.tsv"
+    params:
+        spec=stage_spec("search"),
+        pool=lambda wc: pool_args(int(wc.block) * PARTS_PER_BLOCK, (int(wc.block) + 1) * PARTS_PER_BLOCK),
+        modes=" ".join(MODES),
+        tile_rows=config["retrieve"]["tile_rows"],
+        device="auto" if config["retrieve"]["gpu"] else "cpu",
+    threads: SEARCH_THREADS
+    resources:
+        gpu=1 if config["retrieve"]["gpu"] else 0,
+        mem_mb=search_mem_mb,
+        # a CPU scans ~180 GFLOP/s per 2 cores: queries x rows x dim x 2 FLOP per block, with room to spare
+        runtime=lambda wc, attempt: int(30 + 60 * attempt * PARTS_PER_BLOCK),
+    conda:
+        "../../envs/faiss.yaml"
+    shell:
+        "python -m augbench search {params.pool} --modes {params.modes} --queries {input.queries:q} --tables {input.tables:q}"
+        " --tile-rows {params.tile_rows} --device {params.device} --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
+
+
+def retrieve_inputs(wildcards):
+    """What the merge of one mode reads: the search results, the pool's files (rows by part), the eval splits."""
+    if config["retrieve"]["search"] == "index":
+        found = [f"{R}/index/search/{wildcards.mode}.npz"]
+    else:
+        found = expand(f"{R}/retrieve/search/{{block}}.npz", block=BLOCKS)
+    return {
+        "blocks": found,
+        "table": f"{R}/retrieve/{wildcards.mode}/queries.parquet",
+        "pool_emb": POOL_EMB,
+        "pool_meta": POOL_META,
+        "classes": f"{R}/world/classes.json",
+        "eval_emb": expand(f"{R}/embed/target/img_emb/{{split}}.npy", split=["val", "test"]),
+        "eval_meta": expand(f"{R}/embed/target/metadata/{{split}}.parquet", split=["val", "test"]),
+        "eval_tables": expand(f"{R}/world/target/{{split}}.parquet", split=["val", "test"]),
+        "shards": POOL_SHARDS,
+    }
+
+
+rule retrieve:
+    input:
+        unpack(retrieve_inputs),
     output:
         neighbors=f"{R}/retrieve/{{mode}}/neighbors.parquet",
         stats=f"{R}/retrieve/{{mode}}/stats.json",
@@ -20,26 +110,38 @@ rule retrieve:
         f"{BENCH}/retrieve/{{mode}}.tsv"
     params:
         spec=lambda wc: stage_spec("retrieve", mode=wc.mode),
-        model=CLIP_MODEL,
+        pool=pool_args(),
         eval_root=lambda wildcards, input: Path(input.eval_tables[0]).parents[1],
         shards=lambda wildcards, input: f"--pool-shards {' '.join(map(shlex.quote, input.shards))}" if input.shards else "",
+    threads: 1
+    resources:
+        # the merged top-k of one mode plus one chunk of candidates (retrieve.merge's chunk_rows) and their vectors
+        mem_mb=lambda wc, attempt: int((2000 + 262144 * pool_dim() * 8 / 1e6 + len(CLASSES) * max(N_AUG) * overfetch() * 0.01) * attempt),
+        runtime=lambda wc, attempt: 60 * attempt,
     conda:
         "../../envs/faiss.yaml"
     shell:
-        "python -m augbench retrieve --index {input.index:q} --ids {input.ids:q} --pool-emb {input.pool_emb:q}"
-        " --classes {input.classes:q} --train-emb {input.train_emb:q} --train-meta {input.train_meta:q}"
-        " --eval-emb {input.eval_emb:q} --eval-meta {input.eval_meta:q} --model {params.model:q}"
+        "python -m augbench retrieve --blocks {input.blocks:q} --table {input.table:q} {params.pool}"
+        " --classes {input.classes:q} --eval-emb {input.eval_emb:q} --eval-meta {input.eval_meta:q}"
         " {params.shards} --eval-root {params.eval_root:q}"
         " --out {output.neighbors:q} --out-stats {output.stats:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
+def fetch_inputs(wildcards):
+    """Local pools: the shards; remote pools: the CLIP (content check) and the pool's embeddings."""
+    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet"}
+    if POOL_SHARDS:
+        return {**inputs, "shards": POOL_SHARDS}
+    return {**inputs, **clip_input(), "pool_emb": POOL_EMB, "pool_meta": POOL_META}
+
+
 rule fetch_retrieved:
     input:
-        neighbors=lambda wc: f"{R}/retrieve/{RETRIEVAL_MODES[wc.method]}/neighbors.parquet",
-        shards=POOL_SHARDS,
+        unpack(fetch_inputs),
     output:
         tar=f"{R}/augment/{{method}}/images.tar",
         manifest=f"{R}/augment/{{method}}/manifest.parquet",
+        stats=f"{R}/augment/{{method}}/fetch_stats.json",
     wildcard_constraints:
         method="|".join(RETRIEVAL_MODES),
     log:
@@ -47,13 +149,21 @@ rule fetch_retrieved:
     benchmark:
         f"{BENCH}/fetch/{{method}}.tsv"
     params:
-        # without local shards the retrieved urls are downloaded; attempts are kept in the cache for resuming
+        spec=stage_spec("fetch"),
+        n_aug=max(N_AUG),
+        # without local shards the retrieved urls are downloaded into a url cache shared by both modes
         source=lambda wc, input: (
-            f"--shards {' '.join(map(shlex.quote, input.shards))}" if input.shards
-            else f"--cache {R}/augment/{wc.method}/cache --spec {shlex.quote(stage_spec('download'))}"
+            f"--shards {' '.join(map(shlex.quote, input.shards))}" if POOL_SHARDS
+            else f"--cache {R}/retrieve/url_cache --download-spec {shlex.quote(stage_spec('download'))} --model {shlex.quote(CLIP_MODEL)}"
+            f" {pool_args()} --shard-size {config['fetch']['shard_size']}"
         ),
+    threads: config["fetch"]["threads"]
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: int(60 + len(CLASSES) * max(N_AUG) * overfetch() / 300 / 60) * attempt,
     conda:
         "../../envs/download.yaml"
     shell:
-        "python -m augbench fetch --neighbors {input.neighbors:q} {params.source}"
-        " --out-tar {output.tar:q} --out-manifest {output.manifest:q} > {log:q} 2>&1"
+        "python -m augbench fetch --neighbors {input.neighbors:q} {params.source} --n-aug {params.n_aug}"
+        " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
+        " --spec {params.spec:q} --threads {threads} > {log:q} 2>&1"
