@@ -63,9 +63,13 @@ def train_index(parts: list[PoolPart], out: Path, spec: IndexSpec) -> dict[str, 
     sample = sample_rows(parts, spec.train_size, spec.seed)
     index = faiss.index_factory(sample.shape[1], spec.factory, _metric(spec))
     try:
-        faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:
         raise ValueError(f"index.factory {spec.factory!r}: the sharded index needs an IVF factory (e.g. IVF1024,PQ64x8)") from None
+    if hasattr(ivf, "do_polysemous_training"):
+        # polysemous codes (Hamming pre-filtering) are never used here, and training them took 99 % of an
+        # IVF1024,PQ64x8 training on 3,500 vectors (90 s of 91 s)
+        ivf.do_polysemous_training = False
     index.train(np.ascontiguousarray(sample))
     with atomic_path(out) as tmp:
         faiss.write_index(index, str(tmp))

@@ -11,10 +11,11 @@ from PIL import Image, ImageEnhance
 
 from augbench.clip_train import pretrain_clip
 from augbench.embed import embed_shard, embed_split
-from augbench.index import build_index
-from augbench.retrieve import retrieve
+from augbench.pool import PoolPart
+from augbench.retrieve import make_queries, merge
+from augbench.search import search_block
 from augbench.shards import Sample, write_shard
-from augbench.specs import ClipSpec, EmbedSpec, IndexSpec, RetrieveSpec, rng
+from augbench.specs import ClipSpec, EmbedSpec, RetrieveSpec, rng
 from augbench.world import KINDS, render
 
 
@@ -66,19 +67,20 @@ def _setup(tmp_path: Path) -> dict[str, Path]:
 
 def _run(tmp_path: Path, spec: RetrieveSpec, tag: str) -> tuple[pd.DataFrame, dict]:
     model = tmp_path / "clip"
+    part = PoolPart("0", tmp_path / "emb/img_emb/img_emb_0.npy", tmp_path / "emb/metadata/metadata_0.parquet")
     if not model.exists():
         pretrain_clip([tmp_path / "pool.tar"], model, ClipSpec(steps=2, batch_size=16, warmup_steps=1, vocab_size=600))
-        embed_shard(tmp_path / "pool.tar", model, tmp_path / "emb/pool.npy", tmp_path / "emb/pool.parquet", EmbedSpec())
+        embed_shard(tmp_path / "pool.tar", model, part.emb, part.meta, EmbedSpec())
         for split in ("train", "test"):
             embed_split(tmp_path / f"world/{split}.parquet", tmp_path / "world", model,
                         tmp_path / f"emb/{split}.npy", tmp_path / f"emb/{split}.parquet", EmbedSpec())
-        build_index([tmp_path / "emb/pool.npy"], [tmp_path / "emb/pool.parquet"], tmp_path / "pool.index",
-                    tmp_path / "ids.parquet", tmp_path / "infos.json", IndexSpec())
-    stats = retrieve(tmp_path / "pool.index", tmp_path / "ids.parquet", [tmp_path / "emb/pool.npy"], tmp_path / "classes.json",
-                     (tmp_path / "emb/train.npy", tmp_path / "emb/train.parquet"),
-                     [(tmp_path / "emb/test.npy", tmp_path / "emb/test.parquet")],
-                     tmp_path / f"{tag}.parquet", tmp_path / f"{tag}.json", spec,
-                     pool_shards=[tmp_path / "pool.tar"], eval_root=tmp_path / "world")
+        make_queries("image", tmp_path / "classes.json", tmp_path / "q/image/queries.npy", tmp_path / "q/image/queries.parquet",
+                     train=(tmp_path / "emb/train.npy", tmp_path / "emb/train.parquet"))
+    search_block([part], 0, {"image": (tmp_path / "q/image/queries.npy", tmp_path / "q/image/queries.parquet")},
+                 tmp_path / f"{tag}.npz", {"n_aug": spec.n_aug, "overfetch": 1, "margin": 3, "tile_rows": 50})
+    stats = merge([tmp_path / f"{tag}.npz"], tmp_path / "q/image/queries.parquet", [part], tmp_path / "classes.json",
+                  [(tmp_path / "emb/test.npy", tmp_path / "emb/test.parquet")], tmp_path / f"{tag}.parquet", tmp_path / f"{tag}.json",
+                  spec, pool_shards=[tmp_path / "pool.tar"], eval_root=tmp_path / "world", chunk_rows=40)
     return pd.read_parquet(tmp_path / f"{tag}.parquet"), stats
 
 
@@ -86,14 +88,14 @@ def test_planted_duplicates_are_removed_and_counted(tmp_path: Path) -> None:
     _setup(tmp_path)
     planted = {f"exact{j}" for j in range(8)} | {f"near{j}" for j in range(8)}
     # control: with the filter off, the planted copies are among the nearest neighbours
-    off = RetrieveSpec(mode="image", n_aug=30, k_per_query=40, leak_threshold=1.01, leak_hash_distance=-1, dedup_threshold=1.01)
+    off = RetrieveSpec(mode="image", n_aug=30, leak_threshold=1.01, leak_hash_distance=-1, dedup_threshold=1.01)
     unfiltered, _ = _run(tmp_path, off, "off")
     assert planted & set(unfiltered["key"]), "test setup: planted duplicates should be retrieved without the filter"
-    on = RetrieveSpec(mode="image", n_aug=30, k_per_query=40)
+    on = RetrieveSpec(mode="image", n_aug=30)
     filtered, stats = _run(tmp_path, on, "on")
     assert not planted & set(filtered["key"])
-    assert stats["leaked_unique"] >= len(planted & set(unfiltered["key"]))
+    assert stats["leaked_removed"] >= len(planted & set(unfiltered["key"]))
     assert sum(v["leaked_removed"] for v in stats["per_class"].values()) == stats["leaked_removed"]
     assert len(filtered) > 0
     # only copies are removed: every removal is a planted image (the rest of the pool is rendered independently)
-    assert stats["leaked_unique"] <= len(planted)
+    assert stats["leaked_removed"] <= len(planted)

@@ -36,7 +36,8 @@ def _smk(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProce
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [({"world": {"shotz": 3}}, "shotz"), ({"seeds": "zero"}, "seeds"), ({"retrieve": {"k_per_query": "many"}}, "k_per_query")],
+    [({"world": {"shotz": 3}}, "shotz"), ({"seeds": "zero"}, "seeds"), ({"retrieve": {"margin": "many"}}, "margin"),
+     ({"sweep_methods": ["retrieval_imag"]}, "retrieval_imag")],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path: Path, override: dict, named: str) -> None:
     wf = _copy_workflow(tmp_path)
@@ -80,7 +81,7 @@ def _check_report(wf: Path, report: pd.DataFrame) -> None:
     embedded = _data_uris((out / "report.html").read_text())
     table = embedded["results.html"].decode()
     assert "<table" in table and all(m in table for m in report["method"])
-    assert embedded["results.csv"].decode().splitlines()[0].startswith("method,n_aug,seeds,top1_mean")
+    assert embedded["results.csv"].decode().splitlines()[0].startswith("method,n_aug,n_aug_min,n_aug_median,seeds,top1_mean")
     for name in ["accuracy_vs_naug.png", *(f"{m}.png" for m in augmented)]:
         assert embedded[name][:8] == b"\x89PNG\r\n\x1a\n", name
         assert Image.open(io.BytesIO(embedded[name])).size == Image.open(
@@ -107,8 +108,15 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     retrieval = report[report["method"].str.startswith("retrieval")]
     assert retrieval["retrieval_precision"].between(0, 1).all()
     assert (retrieval["leaked_removed"] >= 0).all()
-    infos = json.loads((wf / "results/tiny/index/index_infos.json").read_text())
-    assert infos["factory"] == "Flat" and infos["recall_at_10"] == 1.0
+    # exact search ran as one job per block of pool parts (parts_per_block 1, two parts), merged per mode
+    assert sorted(p.name for p in (wf / "results/tiny/retrieve/search").glob("*.npz")) == ["00000.npz", "00001.npz"]
+    for mode in ("image", "text"):
+        st = json.loads((wf / f"results/tiny/retrieve/{mode}/stats.json").read_text())
+        neighbors = pd.read_parquet(wf / f"results/tiny/retrieve/{mode}/neighbors.parquet")
+        assert st["need_per_class"] == 5 and st["kept"] == len(neighbors)
+        assert not neighbors.duplicated(["part", "row"]).any(), "a pool image is kept by one class only"
+        assert set(neighbors["part"]) <= {0, 1} and neighbors["url"].str.startswith("http://127.0.0.1:").all()
+    assert (report.loc[report["method"] == "retrieval_image", "n_aug_min"] <= report.loc[report["method"] == "retrieval_image", "n_aug"]).all()
     stats = json.loads((wf / "results/tiny/pool/shards/00000_stats.json").read_text())
     assert stats["successes"] > 0 and stats["attempts"] == 1
     _check_report(wf, report)
@@ -119,12 +127,24 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
 
     # a retrieve setting schedules retrieve and what depends on it, nothing upstream, no baselines
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
-    cfg["retrieve"]["k_per_query"] = 15
+    cfg["retrieve"]["dedup_threshold"] = 0.99
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert res.returncode == 0, res.stderr
     jobs = scheduled_jobs(res.stdout)
     assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 4, "report": 1, "all": 1}, res.stdout
+    # the search margin changes k: the search blocks too
+    cfg["retrieve"] = {**cfg["retrieve"], "dedup_threshold": 0.995, "margin": 3}
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
+    assert jobs == {"search_block": 2, "retrieve": 2, "fetch_retrieved": 2, "train": 4, "report": 1, "all": 1}, jobs
+    # how the search is scheduled (tiles, threads, fetch processes) is not content: nothing to do
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["retrieve"].update(tile_rows=2048, threads=2)
+    cfg["fetch"] = {"threads": 3}
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    res = _smk(wf, "-n", "--configfile", "changed.yaml")
+    assert "Nothing to be done" in res.stdout + res.stderr, res.stdout
 
     # a personalisation setting: only the personalised method's chain (its spec is a param Snakemake records)
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())

@@ -34,6 +34,9 @@ def config_error(message):
     raise WorkflowError(f"config: {message}")
 
 
+_unknown = [m for m in (config.get("sweep_methods") or []) if m not in config["methods"]]
+if _unknown:
+    config_error(f"sweep_methods names {_unknown}, which are not among methods {config['methods']}")
 if TOY and not TOY_TARGET:
     config_error("the toy pool (pool.urls and pool.embeddings both null) exists only with target.source: toy")
 if PRECOMPUTED and "toy" in (config["clip"]["model"], config["diffusion"]["model"]):
