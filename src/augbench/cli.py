@@ -152,7 +152,8 @@ def cmd_fetch(a: argparse.Namespace) -> object:
     from augbench.specs import DownloadSpec, FetchSpec, parse_spec
 
     dl = parse_spec(DownloadSpec, a.download_spec) if a.download_spec else None
-    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec),
+    classes = json.loads(Path(a.classes).read_text())["classes"]
+    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec), classes,
                  shards=_paths(a.shards) or None, cache=Path(a.cache) if a.cache else None, download_spec=dl, model=a.model,
                  parts=_parts(a) if a.pool_emb else None, processes=a.threads, shard_size=a.shard_size)
 
@@ -374,7 +375,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fetch", help="materialise retrieved images from local shards or by download (resumable)")
     _pool_args(s, required=False)
-    for name in ("neighbors", "out-tar", "out-manifest", "out-stats", "spec"):
+    for name in ("neighbors", "classes", "out-tar", "out-manifest", "out-stats", "spec"):
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--n-aug", type=int, required=True)
     s.add_argument("--shards", nargs="*", help="local pool shards, one per part")

@@ -22,6 +22,7 @@ caption, url) that the classifier reads, and stats with failures counted by reas
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -67,8 +68,18 @@ def completed_shards(cache: Path) -> list[Path]:
 
 
 def download_urls(urls: list[str], cache: Path, spec: DownloadSpec, shard_size: int, processes: int) -> dict[str, object]:
-    """Download the urls that no completed shard under `cache` has tried; returns counts."""
+    """Download the urls that no completed shard under `cache` has tried; returns counts.
+
+    Both query modes' fetch jobs share the cache and often want the same urls: an exclusive lock on the cache
+    makes the second wait for the first and then ask only for what the first did not try.
+    """
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _download_untried(urls, cache, spec, shard_size, processes)
+
+
+def _download_untried(urls: list[str], cache: Path, spec: DownloadSpec, shard_size: int, processes: int) -> dict[str, object]:
     tried: set[str] = set()
     for status in completed_shards(cache):
         tried.update(pd.read_parquet(status, columns=["url"])["url"].astype(str))
@@ -95,7 +106,7 @@ def _downloaded(cache: Path) -> tuple[dict[str, tuple[str, str]], dict[str, Path
     return status, where
 
 
-def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n_aug: int, spec: FetchSpec,
+def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n_aug: int, spec: FetchSpec, class_names: list[str],
           shards: list[Path] | None = None, cache: Path | None = None, download_spec: DownloadSpec | None = None,
           model: str | Path | None = None, parts: list[PoolPart] | None = None, processes: int = 1,
           shard_size: int = 10000) -> dict[str, object]:
@@ -132,10 +143,9 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
     # the first n_aug good images per class, in rank order; an image already used (same url) is not used twice
     used: set[tuple[Path, str]] = set()
     keep: list[int] = []
-    reasons: dict[int, Counter] = {}
+    reasons = {label: Counter() for label in range(len(class_names))}
     for label, idx in table.groupby("label").indices.items():
         n = 0
-        reasons[int(label)] = Counter()
         for i in idx:
             if n >= n_aug:
                 break
@@ -151,9 +161,10 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
     manifest = table.loc[keep].copy()
     manifest["rank"] = manifest.groupby("label").cumcount()
     achieved = manifest.groupby("label").size()
-    classes = table.drop_duplicates("label").set_index("label")["class"]
+    classes = pd.Series(class_names, index=range(len(class_names)))  # every class, those without a candidate too
     achieved = achieved.reindex(classes.index, fill_value=0)
     floor = spec.min_yield * n_aug
+    n_cand = table.groupby("label").size().reindex(classes.index, fill_value=0)
     short = achieved[achieved < floor]
     counts = Counter(v for v in verdict.values())
     stats = {"n_aug": n_aug, "images": len(manifest), "achieved_min": int(achieved.min()) if len(achieved) else 0,
@@ -161,7 +172,8 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
              "candidates": len(table), "by_reason": dict(sorted(counts.items())), **dl_stats,
              "per_class": {str(classes[label]): int(n) for label, n in achieved.items()}}
     if len(short):
-        lines = [f"{classes[label]} ({int(n)}; {', '.join(f'{r} {c}' for r, c in reasons[int(label)].most_common(3)) or 'no candidates'})"
+        lines = [f"{classes[label]} ({int(n)}; {', '.join(f'{r} {c}' for r, c in reasons[int(label)].most_common(3)) or 'no failures'}"
+                 f"{'' if n_cand[label] >= n_aug * spec.min_yield * 1.0 else f', only {n_cand[label]} candidates'})"
                  for label, n in short.head(10).items()]
         write_json(out_stats, stats)
         raise YieldError(f"fetch: {len(short)} class(es) below the yield floor {floor:g} of n_aug {n_aug} "

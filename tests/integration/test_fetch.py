@@ -139,7 +139,7 @@ def test_dead_links_placeholders_and_leaks_are_counted_and_every_class_reaches_n
         tmp_path: Path, server: tuple, clip: Path) -> None:
     base, served, srv = server
     neighbors, parts, kinds = _world(tmp_path, base, served, clip)
-    stats = fetch(neighbors, tmp_path / "out.tar", tmp_path / "manifest.parquet", tmp_path / "stats.json", N_AUG, SPEC,
+    stats = fetch(neighbors, tmp_path / "out.tar", tmp_path / "manifest.parquet", tmp_path / "stats.json", N_AUG, SPEC, CLASSES,
                   cache=tmp_path / "cache", download_spec=DL, model=str(clip), parts=parts, shard_size=7)
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")
     assert manifest.groupby("class").size().to_dict() == dict.fromkeys(CLASSES, N_AUG)
@@ -155,7 +155,7 @@ def test_dead_links_placeholders_and_leaks_are_counted_and_every_class_reaches_n
 
     # a second fetch of the same candidates asks the server for nothing: every url was tried
     srv.requests.clear()
-    fetch(neighbors, tmp_path / "out2.tar", tmp_path / "manifest2.parquet", tmp_path / "stats2.json", N_AUG, SPEC,
+    fetch(neighbors, tmp_path / "out2.tar", tmp_path / "manifest2.parquet", tmp_path / "stats2.json", N_AUG, SPEC, CLASSES,
           cache=tmp_path / "cache", download_spec=DL, model=str(clip), parts=parts, shard_size=7)
     assert srv.requests == []
     assert pd.read_parquet(tmp_path / "manifest2.parquet").equals(manifest)
@@ -167,7 +167,7 @@ def test_with_the_server_gone_the_job_fails_naming_the_classes(tmp_path: Path, s
     srv.shutdown()
     srv.server_close()
     with pytest.raises(YieldError) as err:
-        fetch(neighbors, tmp_path / "out.tar", tmp_path / "manifest.parquet", tmp_path / "stats.json", N_AUG, SPEC,
+        fetch(neighbors, tmp_path / "out.tar", tmp_path / "manifest.parquet", tmp_path / "stats.json", N_AUG, SPEC, CLASSES,
               cache=tmp_path / "cache", download_spec=DL, model=str(clip), parts=parts)
     message = str(err.value)
     assert all(c in message for c in CLASSES) and "connection_error" in message, message
@@ -178,7 +178,9 @@ def test_a_killed_fetch_resumes_with_only_the_urls_not_yet_tried(tmp_path: Path,
     base, served, srv = server
     neighbors, parts, _ = _world(tmp_path, base, served, clip)
     srv.delay = 0.25  # 30 urls at one connection at a time: several seconds, shards of 5 complete one by one
-    cmd = [sys.executable, "-m", "augbench", "fetch", "--neighbors", str(neighbors), "--n-aug", str(N_AUG),
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": CLASSES}))
+    cmd = [sys.executable, "-m", "augbench", "fetch", "--neighbors", str(neighbors), "--classes", str(tmp_path / "classes.json"),
+           "--n-aug", str(N_AUG),
            "--out-tar", str(tmp_path / "out.tar"), "--out-manifest", str(tmp_path / "m.parquet"), "--out-stats", str(tmp_path / "s.json"),
            "--cache", str(tmp_path / "cache"), "--download-spec", json.dumps({**DL.__dict__, "thread_count": 1}),
            "--model", str(clip), "--pool-emb", str(parts[0].emb), "--pool-meta", str(parts[0].meta), "--pool-names", "0",

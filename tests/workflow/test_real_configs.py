@@ -41,17 +41,29 @@ def _fake_imagenet(root: Path) -> Path:
     return root
 
 
-def _fake_laion(root: Path, n: int = 64, dim: int = 768) -> Path:
+def _fake_laion(root: Path, n: int = 64, dim: int = 768, parts: int = 3) -> Path:
+    """A LAION embedding folder as clip-retrieval's writer names it (img_emb_N.npy beside metadata_N.parquet)."""
     rs = np.random.default_rng(0)
-    for part in ("0000", "0001"):
-        emb = rs.normal(size=(n, dim)).astype(np.float32)
+    for part in range(parts):
+        emb = rs.normal(size=(n + 7 * part, dim)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         (root / "img_emb").mkdir(parents=True, exist_ok=True)
         (root / "metadata").mkdir(parents=True, exist_ok=True)
-        np.save(root / "img_emb" / f"{part}.npy", emb.astype(np.float16))
-        pd.DataFrame({"url": [f"http://example.invalid/{part}/{i}.jpg" for i in range(n)],
-                      "caption": [f"caption {i}" for i in range(n)]}).to_parquet(root / "metadata" / f"{part}.parquet")
+        np.save(root / "img_emb" / f"img_emb_{part}.npy", emb.astype(np.float16))
+        pd.DataFrame({"url": [f"http://example.invalid/{part}/{i}.jpg" for i in range(len(emb))],
+                      "caption": [f"caption {i}" for i in range(len(emb))]}).to_parquet(root / "metadata" / f"metadata_{part}.parquet")
     return root
+
+
+def _resources_by_rule(dry_run: str) -> dict[str, str]:
+    """The `resources:` line of the first job of each rule in a dry run's output."""
+    out = {}
+    for block in dry_run.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0].strip()
+        m = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if m and rule not in out:
+            out[rule] = m.group(1)
+    return out
 
 
 def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(tmp_path: Path) -> None:
@@ -60,7 +72,7 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     laion = _fake_laion(tmp_path / "laion")
     (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(imagenet)}, "pool": {"embeddings": str(laion)}}))
     started = time.perf_counter()
-    res = _smk(wf, "-n", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=300)
+    res = _smk(wf, "-n", "-p", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=300)
     seconds = time.perf_counter() - started
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = scheduled_jobs(res.stdout)
@@ -71,8 +83,13 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     augmented = [m for m in METHODS if m not in ("real", "real_x2")]
     assert jobs["generate"] == 1000 * len(generated) and jobs["personalize"] == 1000 * len(personalised)
     assert jobs["train"] == 3 * (2 + 4 * len(augmented))  # 3 seeds; baselines once, the rest at 4 n_aug values
-    assert jobs["target"] == 1 and jobs["index"] == 1 and jobs["retrieve"] == 2 and jobs["embed_target"] == 3
+    assert jobs["target"] == 1 and jobs["retrieve"] == 2 and jobs["embed_target"] == 3 and jobs["queries"] == 2
+    assert jobs["search_block"] == 1 and jobs["fetch_retrieved"] == 2  # 3 parts, 8 parts per block
     assert "download" not in jobs and "embed_pool" not in jobs and "pretrain_clip" not in jobs, "precomputed pool: nothing re-embedded"
+    assert "index_train" not in jobs, "exact search needs no ANN index"
+    resources = _resources_by_rule(res.stdout)
+    for rule in ("embed_target", "queries", "search_block", "retrieve", "fetch_retrieved"):
+        assert "mem_mb=" in resources[rule] and "runtime=" in resources[rule], (rule, resources.get(rule))
     # n_aug multiples of real_per_class 128
     for n in (64, 128, 256, 512):
         assert f"results/imagenet10/train/retrieval_image/{n}/0/metrics.json" in res.stdout
@@ -99,12 +116,35 @@ def _render_tree(root: Path, kinds: tuple[str, ...], per_class: int, seed: int) 
             render(kind, r, 32, pool=False)[0].save(root / kind / f"{kind}_{i}.png")
 
 
+def _write_pool(pool: Path, layout: str, emb: np.ndarray, rows: list[dict], bounds: list[int]) -> None:
+    """The pool as the real tools write it: clip-retrieval's img_emb/img_emb_N.npy + metadata/metadata_N.parquet with
+    LAION's columns (no `key`, as in LAION's releases), or DataComp's <shard>.npz (savez: l14_img, b32_img, l14_txt) beside
+    <shard>.parquet (uid, url, text)."""
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        meta = pd.DataFrame(rows[lo:hi])
+        if layout == "clip_retrieval":
+            (pool / "img_emb").mkdir(parents=True, exist_ok=True)
+            (pool / "metadata").mkdir(parents=True, exist_ok=True)
+            np.save(pool / f"img_emb/img_emb_{i}.npy", emb[lo:hi].astype(np.float16))
+            meta.assign(similarity=0.31, punsafe=0.02, pwatermark=0.1, LICENSE="?", NSFW="UNLIKELY", width=32, height=32,
+                        hash=np.arange(lo, hi)).to_parquet(pool / f"metadata/metadata_{i}.parquet")
+        else:
+            shard = pool / f"{i:08x}"
+            pool.mkdir(parents=True, exist_ok=True)
+            n = hi - lo
+            np.savez(f"{shard}.npz", b32_img=np.zeros((n, 8), np.float16), l14_img=emb[lo:hi].astype(np.float16),
+                     l14_txt=np.zeros((n, emb.shape[1]), np.float16))
+            meta.rename(columns={"caption": "text"}).assign(uid=[f"{j:032x}" for j in range(lo, hi)], original_width=32,
+                                                            clip_l14_similarity_score=0.3).to_parquet(f"{shard}.parquet")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["clip_retrieval", "datacomp"])
 def test_precomputed_pool_embeddings_are_ingested_retrieved_and_fetched_by_url(
-        tmp_path: Path, recording_server: tuple[str, Path, list[str]], tiny_sd: Path) -> None:
-    """A clip-retrieval folder made by the test (no `key` column, as in LAION's metadata) is indexed and
-    retrieved from without embedding the pool; the retrieved images are downloaded by url over 127.0.0.1;
-    a pool copy of a test image is caught by the leak filter although there are no pool pixels to compare."""
+        tmp_path: Path, recording_server: tuple[str, Path, list[str]], tiny_sd: Path, layout: str) -> None:
+    """A precomputed pool (three parts of unequal size, in the layout a real tool writes) is searched without embedding
+    it; the retrieved images are downloaded by url over 127.0.0.1, content-checked against the stored embeddings; a pool
+    copy of a test image is nominated by the merge and confirmed on its downloaded pixels."""
     from augbench.clip_train import save_clip, train_clip
     from augbench.embed import Clip
     from augbench.specs import ClipSpec
@@ -141,20 +181,21 @@ def test_precomputed_pool_embeddings_are_ingested_retrieved_and_fetched_by_url(
     rows.append({"url": f"{base}/leak.png", "caption": "a photo of a circle"})
     images.append(leaked)
 
-    pool = tmp_path / "laion"
-    (pool / "img_emb").mkdir(parents=True)
-    (pool / "metadata").mkdir()
-    emb = Clip(clip).images(images)
-    np.save(pool / "img_emb/part0.npy", emb[:50].astype(np.float16))
-    np.save(pool / "img_emb/part1.npy", emb[50:].astype(np.float16))
-    pd.DataFrame(rows[:50]).to_parquet(pool / "metadata/part0.parquet")
-    pd.DataFrame(rows[50:]).to_parquet(pool / "metadata/part1.parquet")
+    pool = tmp_path / "pool"
+    _write_pool(pool, layout, Clip(clip).images(images), rows, [0, 40, 55, 91])
 
     wf = _copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
-    cfg.update({"dataset": "pre", "methods": ["real", "retrieval_image", "retrieval_text"], "n_aug": ["1x"], "real_per_class": 2,
-                "clip": {"model": str(clip)}, "diffusion": {"model": str(tiny_sd)}, "pool": {"embeddings": str(pool)},
+    # n_aug 10 x overfetch 2 (a remote pool's default): 20 of the ~30 pool images per class are handed to fetch
+    cfg.update({"dataset": "pre", "methods": ["real", "retrieval_image", "retrieval_text"], "n_aug": [10], "real_per_class": 2,
+                "clip": {"model": str(clip)}, "diffusion": {"model": str(tiny_sd)},
+                "pool": {"embeddings": str(pool), "layout": layout},
                 "target": {"source": "imagefolder", **target},
+                # this 3-step CLIP puts most images within cosine 0.995 of each other and the three prompts nearly on one
+                # vector: near-duplicate removal off, and a low yield floor, since text mode may leave a class few images
+                "retrieve": {"parts_per_block": 2, "margin": 3, "dedup_threshold": 1.0001},
+                # PNG at the pool's size: a re-downloaded image has the embedded pixels (cosine 1 with the stored vector)
+                "fetch": {"min_cosine": 0.99, "min_yield": 0.0},
                 "download": {"timeout": 5, "retries": 0, "encode_format": "png", "encode_quality": 9}})
     (wf / "pre.yaml").write_text(yaml.safe_dump(cfg))
 
@@ -162,20 +203,27 @@ def test_precomputed_pool_embeddings_are_ingested_retrieved_and_fetched_by_url(
     res = _smk(wf, *targets, "--cores", "2", "--configfile", "pre.yaml", timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     jobs = scheduled_jobs(res.stderr)
-    assert "embed_pool" not in jobs and "download" not in jobs and jobs["index"] == 1, jobs
+    assert "embed_pool" not in jobs and "download" not in jobs and jobs["search_block"] == 2 and jobs["retrieve"] == 2, jobs
     assert not (wf / "results/pre/embed/pool").exists() and not (wf / "results/pre/pool").exists()
 
-    ids = pd.read_parquet(wf / "results/pre/index/ids.parquet")
-    assert len(ids) == 91 and set(ids["shard"]) == {"part0", "part1"} and ids["key"].iloc[60] == "part1_000000010"
-    neighbors = pd.read_parquet(wf / "results/pre/retrieve/image/neighbors.parquet")
-    assert len(neighbors) and set(neighbors["key"]) <= set(ids["key"])
-    leak_key = ids.loc[ids["url"].str.endswith("/leak.png"), "key"].item()
-    assert leak_key not in set(neighbors["key"])
-    assert json.loads((wf / "results/pre/retrieve/image/stats.json").read_text())["leaked_removed"] >= 1
-
-    manifest = pd.read_parquet(wf / "results/pre/augment/retrieval_image/manifest.parquet")
-    assert len(manifest) > 0 and manifest.groupby("label")["rank"].max().max() < len(neighbors)
+    neighbors = pd.concat([pd.read_parquet(wf / f"results/pre/retrieve/{m}/neighbors.parquet") for m in ("image", "text")])
+    urls = [r_["url"] for r_ in rows]
+    assert len(neighbors) and set(neighbors["part"]) <= {0, 1, 2}
+    offsets = np.array([0, 40, 55])
+    assert (neighbors["url"].to_numpy() == np.array(urls)[offsets[neighbors["part"]] + neighbors["row"]]).all(), \
+        "url and caption are read by (part, row) from the part's own metadata"
+    leak_url = f"{base}/leak.png"
+    assert leak_url in set(neighbors["url"]), "the planted copy is a candidate"
+    assert len(neighbors.loc[neighbors["url"] == leak_url, "leak_suspects"].iloc[0]), "nominated by the merge"
     fetched = {p.rsplit("/", 1)[-1] for p in requests}
-    wanted = {u.rsplit("/", 1)[-1] for u in neighbors["url"]}
-    assert wanted <= fetched, "every retrieved url was downloaded over 127.0.0.1"
-    assert "leak.png" not in fetched
+    assert {u.rsplit("/", 1)[-1] for u in neighbors["url"]} <= fetched, "every candidate url was downloaded over 127.0.0.1"
+    assert len(requests) == len(set(requests)), "one url cache for both modes: no url downloaded twice"
+    leaked_counts = 0
+    for m in ("retrieval_image", "retrieval_text"):
+        manifest = pd.read_parquet(wf / f"results/pre/augment/{m}/manifest.parquet")
+        per_class = manifest.groupby("class").size()
+        assert (per_class <= 10).all(), per_class
+        assert m == "retrieval_text" or per_class.to_dict() == dict.fromkeys(kinds, 10), per_class
+        assert leak_url not in set(manifest["url"])
+        leaked_counts += json.loads((wf / f"results/pre/augment/{m}/fetch_stats.json").read_text())["by_reason"].get("leaked", 0)
+    assert leaked_counts >= 1, "the copy was confirmed on its downloaded pixels and dropped"

@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from augbench.methods import BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
+from augbench.methods import ALL_METHODS, BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.pool import list_parts, part_shape  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
@@ -34,9 +34,9 @@ def config_error(message):
     raise WorkflowError(f"config: {message}")
 
 
-_unknown = [m for m in (config.get("sweep_methods") or []) if m not in config["methods"]]
+_unknown = [m for m in (config.get("sweep_methods") or []) if m not in ALL_METHODS]
 if _unknown:
-    config_error(f"sweep_methods names {_unknown}, which are not among methods {config['methods']}")
+    config_error(f"sweep_methods names {_unknown}, which are no methods; known: {list(ALL_METHODS)}")
 if TOY and not TOY_TARGET:
     config_error("the toy pool (pool.urls and pool.embeddings both null) exists only with target.source: toy")
 if PRECOMPUTED and "toy" in (config["clip"]["model"], config["diffusion"]["model"]):

@@ -129,7 +129,7 @@ rule retrieve:
 
 def fetch_inputs(wildcards):
     """Local pools: the shards; remote pools: the CLIP (content check) and the pool's embeddings."""
-    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet"}
+    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet", "classes": f"{R}/world/classes.json"}
     if POOL_SHARDS:
         return {**inputs, "shards": POOL_SHARDS}
     return {**inputs, **clip_input(), "pool_emb": POOL_EMB, "pool_meta": POOL_META}
@@ -164,6 +164,6 @@ rule fetch_retrieved:
     conda:
         "../../envs/download.yaml"
     shell:
-        "python -m augbench fetch --neighbors {input.neighbors:q} {params.source} --n-aug {params.n_aug}"
+        "python -m augbench fetch --neighbors {input.neighbors:q} --classes {input.classes:q} {params.source} --n-aug {params.n_aug}"
         " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
         " --spec {params.spec:q} --threads {threads} > {log:q} 2>&1"
