@@ -129,10 +129,13 @@ def cmd_queries(a: argparse.Namespace) -> object:
 
 
 def cmd_search(a: argparse.Namespace) -> object:
-    from augbench.device import pick_device
     from augbench.search import search_block
 
-    device = pick_device(a.device).type if a.device != "cpu" else "cpu"
+    device = "cpu"
+    if a.device != "cpu":  # torch only where a GPU may be used: on the CPU path a search job never imports it
+        from augbench.device import pick_device
+
+        device = pick_device(a.device).type
     return search_block(_parts(a), a.first_part, _query_files(a), Path(a.out), json.loads(a.spec) | {"tile_rows": a.tile_rows},
                         device=device)
 

@@ -10,11 +10,13 @@ import io
 import logging
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where it is used: the retrieval jobs decode images without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: st
 
 def shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random translation (replicate-pad by 1/8, crop back) and horizontal flip: uint8 NHWC -> float NCHW in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     x = x.permute(0, 3, 1, 2).float().div_(255)
     n, _, h, w = x.shape
     pad = max(h // 8, 1)
@@ -76,6 +81,7 @@ def random_resized_crop(x: torch.Tensor, size: int, g: torch.Generator, scale: t
     share in `scale`, log-uniform aspect ratio in `ratio`), clamped to the image. The random numbers
     come from the CPU generator `g` whatever `x`'s device, so a GPU run crops the same boxes.
     """
+    import torch
     from torchvision.ops import roi_align
 
     x = x.permute(0, 3, 1, 2).float().div_(255)
