@@ -31,6 +31,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
 include: "workflow/rules/world.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/pretrain.smk"

@@ -194,6 +194,12 @@ def cmd_index_search(a: argparse.Namespace) -> object:
     return search_index(Path(a.index), _parts(a), _query_files(a), Path(a.out), json.loads(a.spec), a.nprobe, a.refine, a.threads)
 
 
+def cmd_fetch_model(a: argparse.Namespace) -> object:
+    from augbench.hub import fetch_model
+
+    return fetch_model(a.repo, a.revision, Path(a.out))
+
+
 def cmd_query(a: argparse.Namespace) -> object:
     from augbench.query import query
 
@@ -429,6 +435,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", required=True)
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(fn=cmd_index_search)
+
+    s = sub.add_parser("fetch-model", help="download a hub model once into the model cache (snapshot_download)")
+    s.add_argument("--repo", required=True)
+    s.add_argument("--revision")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_fetch_model)
 
     s = sub.add_parser("query", help="print the pool's nearest items to a text or an image (url, caption, score)")
     _pool_args(s)

@@ -72,7 +72,8 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     laion = _fake_laion(tmp_path / "laion")
     (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(imagenet)}, "pool": {"embeddings": str(laion)}}))
     started = time.perf_counter()
-    res = _smk(wf, "-n", "-p", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=300)
+    # online (HF_HUB_OFFLINE unset): the two hub models are fetched once, by a local rule, into the model cache
+    res = _smk(wf, "-n", "-p", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=300, env={"HF_HUB_OFFLINE": "0"})
     seconds = time.perf_counter() - started
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = scheduled_jobs(res.stdout)
@@ -87,6 +88,8 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     assert jobs["search_block"] == 1 and jobs["fetch_retrieved"] == 2  # 3 parts, 8 parts per block
     assert "download" not in jobs and "embed_pool" not in jobs and "pretrain_clip" not in jobs, "precomputed pool: nothing re-embedded"
     assert "index_train" not in jobs, "exact search needs no ANN index"
+    assert jobs["fetch_model"] == 2
+    assert "resources/hub/openai--clip-vit-large-patch14/main" in res.stdout and "CompVis--stable-diffusion-v1-4" in res.stdout
     resources = _resources_by_rule(res.stdout)
     for rule in ("embed_target", "queries", "search_block", "retrieve", "fetch_retrieved"):
         assert "mem_mb=" in resources[rule] and "runtime=" in resources[rule], (rule, resources.get(rule))
@@ -96,12 +99,23 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     assert seconds <= 60, f"the ImageNet DAG took {seconds:.0f} s to build"
 
 
+def test_offline_without_the_hub_snapshot_fails_naming_the_model_and_the_fetch_command(tmp_path: Path) -> None:
+    wf = _copy_workflow(tmp_path / "wf")
+    imagenet = tmp_path / "imagenet"
+    (imagenet / "train").mkdir(parents=True)
+    (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(imagenet)}, "pool": {"embeddings": str(_fake_laion(tmp_path / "laion", n=4))}}))
+    res = _smk(wf, "-n", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=120, env={"HF_HUB_OFFLINE": "1"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "openai/clip-vit-large-patch14" in out and "HF_HUB_OFFLINE" in out
+    assert "snakemake --cores 1" in out and "resources/hub/openai--clip-vit-large-patch14/main/.augbench_snapshot.json" in out
+
+
 def test_missing_dataset_root_fails_naming_it(tmp_path: Path) -> None:
     wf = _copy_workflow(tmp_path / "wf")
     laion = _fake_laion(tmp_path / "laion", n=4)
     missing = tmp_path / "no-such-imagenet"
     (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(missing)}, "pool": {"embeddings": str(laion)}}))
-    res = _smk(wf, "-n", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=120)
+    res = _smk(wf, "-n", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=120, env={"HF_HUB_OFFLINE": "0"})
     assert res.returncode != 0
     assert str(missing) in res.stdout + res.stderr and "target.root" in res.stdout + res.stderr
 

@@ -30,8 +30,9 @@ def _copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def _smk(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+def _smk(cwd: Path, *args: str, timeout: int = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**subprocess_env(), **(env or {})})
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 # Config validation, specs and input functions: the only Python in the workflow.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.methods import ALL_METHODS, BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
+from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
+from augbench.hub import snapshot_folder  # noqa: E402
 from augbench.pool import list_parts, part_shape  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
 from augbench.world import world_kinds  # noqa: E402
@@ -24,14 +27,38 @@ PRECOMPUTED = config["pool"]["embeddings"]  # a clip-retrieval folder (img_emb/*
 TOY = config["pool"]["urls"] is None and PRECOMPUTED is None  # the toy pool, served from the world on 127.0.0.1
 PARTS = [f"{i:05d}" for i in range(config["pool"]["parts"])]
 SPLITS = ["train", "train_extra", "val", "test"]
-CLIP_MODEL = f"{R}/clip/model" if config["clip"]["model"] == "toy" else config["clip"]["model"]
-SD_MODEL = f"{R}/diffusion/model" if config["diffusion"]["model"] == "toy" else config["diffusion"]["model"]
-GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
+HUB_CACHE = config["models"]["cache"]
+
+
+def model_source(section, toy_folder):
+    """(folder the jobs load, the file that makes it, or None) for the clip / diffusion model.
+
+    "toy": the workflow trains it; an existing folder: used as it is; anything else is a hub id, fetched once by the
+    local rule fetch_model into the model cache at the configured revision. On an offline machine
+    (HF_HUB_OFFLINE=1) a hub model missing from the cache stops the run here, naming the command that fetches it.
+    """
+    name = config[section]["model"]
+    if name == "toy":
+        return toy_folder, toy_folder
+    if Path(name).exists() or name.startswith(("/", "./", "../")):
+        return name, None
+    folder = str(snapshot_folder(HUB_CACHE, name, config[section]["revision"]))
+    marker = f"{folder}/{HUB_MARKER}"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") and not Path(marker).exists():
+        config_error(f"{section}.model {name!r} (revision {config[section]['revision'] or 'main'}) is not in the model cache "
+                     f"{HUB_CACHE!r} and HF_HUB_OFFLINE is set; fetch it once on a machine with internet: "
+                     f"snakemake --cores 1 --configfile <your config> {marker}")
+    return folder, marker
 
 
 def config_error(message):
     """Stop at parse time, before any job, with a message that names the config key."""
     raise WorkflowError(f"config: {message}")
+
+
+CLIP_MODEL, CLIP_FILE = model_source("clip", f"{R}/clip/model")
+SD_MODEL, SD_FILE = model_source("diffusion", f"{R}/diffusion/model")
+GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
 
 
 _unknown = [m for m in (config.get("sweep_methods") or []) if m not in ALL_METHODS]
@@ -177,8 +204,8 @@ def stage_spec(stage, **extra):
 
 
 def clip_input():
-    """The toy CLIP folder is a workflow output; a real model (folder or hub id) is not an input file."""
-    return {"model": CLIP_MODEL} if config["clip"]["model"] == "toy" else {}
+    """The toy CLIP folder and a hub model's cache marker are workflow outputs; a local folder is not an input file."""
+    return {"model": CLIP_FILE} if CLIP_FILE else {}
 
 
 def n_aug_values(method):
@@ -214,8 +241,8 @@ def real_splits(wildcards):
 
 
 def model_input():
-    """The toy diffusion pipeline folder is a workflow output; Stable Diffusion (folder or hub id) is not."""
-    return {"model": SD_MODEL} if config["diffusion"]["model"] == "toy" else {}
+    """The toy diffusion pipeline folder and a hub model's cache marker are workflow outputs; a local folder is not."""
+    return {"model": SD_FILE} if SD_FILE else {}
 
 
 def personalize_inputs(wildcards):
