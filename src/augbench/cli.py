@@ -156,7 +156,8 @@ def cmd_fetch(a: argparse.Namespace) -> object:
 
     dl = parse_spec(DownloadSpec, a.download_spec) if a.download_spec else None
     classes = json.loads(Path(a.classes).read_text())["classes"]
-    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec), classes,
+    return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec),
+                 classes,
                  shards=_paths(a.shards) or None, cache=Path(a.cache) if a.cache else None, download_spec=dl, model=a.model,
                  parts=_parts(a) if a.pool_emb else None, processes=a.threads, shard_size=a.shard_size)
 

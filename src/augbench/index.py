@@ -25,7 +25,7 @@ import numpy as np
 
 from augbench.io import atomic_path, write_json, write_meta
 from augbench.pool import PoolPart, check_part, gather, iter_tiles
-from augbench.search import QuerySet, TopK, load_queries, mode_k, search_parts, write_block
+from augbench.search import QuerySet, TopK, load_paired, mode_k, search_parts, write_block
 from augbench.specs import IndexSpec, spec_dict
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def search_index(index_file: Path, parts: list[PoolPart], query_files: dict[str,
     index = read_index(index_file, nprobe)
     tops, ks = {}, {}
     for mode, (vec, table) in sorted(query_files.items()):
-        v, t = load_queries(vec, table)
+        v, t = load_paired(vec, table)
         ks[mode] = mode_k(t, int(spec["n_aug"]), float(spec["overfetch"]), float(spec["margin"]))
         tops[mode] = ann_search(index, parts, v, ks[mode], refine)
     write_block(out, tops, ks)

@@ -37,20 +37,11 @@ import pyarrow.parquet as pq
 from augbench.imaging import decode
 from augbench.io import atomic_path, write_json, write_meta, write_parquet
 from augbench.pool import PoolPart, gather, read_rows
-from augbench.search import merge_blocks
+from augbench.search import load_paired, merge_blocks
 from augbench.shards import iter_shard
 from augbench.specs import RetrieveSpec, spec_dict
 
 log = logging.getLogger(__name__)
-
-
-def load_split(emb: Path, meta: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """A target split's embeddings and metadata."""
-    e = np.load(emb).astype(np.float32)
-    m = pd.read_parquet(meta)
-    if len(e) != len(m):
-        raise ValueError(f"{emb}: {len(e)} embeddings but {meta} has {len(m)} rows")
-    return e, m
 
 
 def make_queries(mode: str, classes_file: Path, out_vectors: Path, out_table: Path, prompts: tuple[str, ...] = (),
@@ -62,7 +53,7 @@ def make_queries(mode: str, classes_file: Path, out_vectors: Path, out_table: Pa
     if mode == "image":
         if train is None:
             raise ValueError("queries: image mode needs the training split's embeddings")
-        emb, meta = load_split(*train)
+        emb, meta = load_paired(*train)
         table = pd.DataFrame({"label": meta["label"].astype(int), "query": meta["path"].astype(str)})
         vectors = emb
     elif mode == "text":
@@ -195,7 +186,7 @@ def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classe
         raise ValueError(f"merge: the search blocks hold {len(scores)} queries but {queries_table} lists {len(queries)}")
     cand, removed = candidates(scores, part_idx, rows, queries)
     need = math.ceil(spec.n_aug * spec.overfetch)
-    eval_parts = [load_split(*p) for p in evals]
+    eval_parts = [load_paired(*p) for p in evals]
     eval_emb = np.concatenate([e for e, _ in eval_parts]) if eval_parts else np.zeros((0, 1), np.float32)
     eval_meta = pd.concat([m for _, m in eval_parts], ignore_index=True) if eval_parts else pd.DataFrame({"path": []})
     eval_paths = [(eval_root / p) if eval_root else Path(p) for p in eval_meta["path"].astype(str)]

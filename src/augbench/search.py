@@ -133,12 +133,12 @@ def search_parts(parts: list[PoolPart], first_part: int, queries: list[QuerySet]
     return tops
 
 
-def load_queries(vectors: Path, table: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """A query mode's vectors (float32, unit rows) and its table (label, query)."""
+def load_paired(vectors: Path, table: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """Vectors (as float32) and the table with one row per vector: a query mode's, or a target split's embeddings."""
     v = np.load(vectors).astype(np.float32)
     t = pd.read_parquet(table)
     if len(v) != len(t):
-        raise ValueError(f"{vectors}: {len(v)} query vectors but {table} lists {len(t)}")
+        raise ValueError(f"{vectors}: {len(v)} vectors but {table} has {len(t)} rows")
     return v, t
 
 
@@ -158,7 +158,7 @@ def search_block(parts: list[PoolPart], first_part: int, query_files: dict[str, 
     started = time.time()
     sets, ks = [], {}
     for mode, (vec, table) in sorted(query_files.items()):
-        v, t = load_queries(vec, table)
+        v, t = load_paired(vec, table)
         ks[mode] = mode_k(t, int(spec["n_aug"]), float(spec["overfetch"]), float(spec["margin"]))
         sets.append(QuerySet(mode, v, ks[mode]))
     tops = search_parts(parts, first_part, sets, int(spec["tile_rows"]), device)

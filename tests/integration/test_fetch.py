@@ -138,7 +138,7 @@ SPEC = FetchSpec(min_cosine=0.99, min_yield=1.0)
 def test_dead_links_placeholders_and_leaks_are_counted_and_every_class_reaches_n_aug(
         tmp_path: Path, server: tuple, clip: Path) -> None:
     base, served, srv = server
-    neighbors, parts, kinds = _world(tmp_path, base, served, clip)
+    neighbors, parts, _ = _world(tmp_path, base, served, clip)
     stats = fetch(neighbors, tmp_path / "out.tar", tmp_path / "manifest.parquet", tmp_path / "stats.json", N_AUG, SPEC, CLASSES,
                   cache=tmp_path / "cache", download_spec=DL, model=str(clip), parts=parts, shard_size=7)
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")

@@ -61,7 +61,7 @@ def test_ten_or_more_parts_sort_by_number_not_by_name(tmp_path: Path) -> None:
 def test_missing_metadata_and_row_mismatch_name_the_files(tmp_path: Path) -> None:
     _clip_retrieval(tmp_path, [4, 4])
     (tmp_path / "metadata/metadata_1.parquet").unlink()
-    with pytest.raises(ValueError, match="img_emb_1.npy"):
+    with pytest.raises(ValueError, match=r"img_emb_1\.npy"):
         list_parts(tmp_path)
     pd.DataFrame({"url": ["a"] * 3, "caption": ["b"] * 3}).to_parquet(tmp_path / "metadata/metadata_1.parquet")
     part = list_parts(tmp_path)[1]

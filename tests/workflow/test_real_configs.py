@@ -7,6 +7,7 @@ a clip-retrieval folder); nothing is downloaded but over 127.0.0.1.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
@@ -103,7 +104,8 @@ def test_offline_without_the_hub_snapshot_fails_naming_the_model_and_the_fetch_c
     wf = _copy_workflow(tmp_path / "wf")
     imagenet = tmp_path / "imagenet"
     (imagenet / "train").mkdir(parents=True)
-    (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(imagenet)}, "pool": {"embeddings": str(_fake_laion(tmp_path / "laion", n=4))}}))
+    laion = _fake_laion(tmp_path / "laion", n=4)
+    (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(imagenet)}, "pool": {"embeddings": str(laion)}}))
     res = _smk(wf, "-n", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=120, env={"HF_HUB_OFFLINE": "1"})
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "openai/clip-vit-large-patch14" in out and "HF_HUB_OFFLINE" in out
@@ -134,7 +136,7 @@ def _write_pool(pool: Path, layout: str, emb: np.ndarray, rows: list[dict], boun
     """The pool as the real tools write it: clip-retrieval's img_emb/img_emb_N.npy + metadata/metadata_N.parquet with
     LAION's columns (no `key`, as in LAION's releases), or DataComp's <shard>.npz (savez: l14_img, b32_img, l14_txt) beside
     <shard>.parquet (uid, url, text)."""
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         meta = pd.DataFrame(rows[lo:hi])
         if layout == "clip_retrieval":
             (pool / "img_emb").mkdir(parents=True, exist_ok=True)

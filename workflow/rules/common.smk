@@ -40,7 +40,7 @@ def model_source(section, toy_folder):
     name = config[section]["model"]
     if name == "toy":
         return toy_folder, toy_folder
-    if Path(name).exists() or name.startswith(("/", "./", "../")):
+    if Path(name).exists() or os.path.isabs(name) or name.startswith("."):
         return name, None
     folder = str(snapshot_folder(HUB_CACHE, name, config[section]["revision"]))
     marker = f"{folder}/{HUB_MARKER}"
@@ -339,3 +339,50 @@ def report_opts():
     """The report settings, a plain param (recorded by Snakemake: changing one reruns the report)."""
     rep = config["report"]
     return f"--grid-classes {rep['grid_classes']} --grid-images {rep['grid_images']}" + (" --gpu" if rep["gpu"] else "")
+
+
+# Retrieval: query modes, search blocks, the merge's and fetch's inputs.
+MODES = sorted({RETRIEVAL_MODES[m] for m in config["methods"] if m in RETRIEVAL_MODES})
+SEARCH_THREADS = config["retrieve"]["threads"]
+
+
+def search_mem_mb(wildcards, attempt):
+    """A search job holds one tile (raw + float32), the queries of every mode and their top-k, plus ~1.5 GB of libraries."""
+    dim = pool_dim()
+    tile = config["retrieve"]["tile_rows"] * dim * 6
+    n_queries = (len(CLASSES) * 200 if "image" in MODES else 0) + len(CLASSES) * len(config["retrieve"]["prompts"])
+    return int((1500e6 + tile + n_queries * dim * 4 * 2 + n_queries * 2048 * 16) / 1e6 * attempt)
+
+
+def block_parts(wildcards):
+    """The pool files of one search block."""
+    b = int(wildcards.block)
+    sl = slice(b * PARTS_PER_BLOCK, (b + 1) * PARTS_PER_BLOCK)
+    return {"emb": POOL_EMB[sl], "meta": POOL_META[sl]}
+
+
+def retrieve_inputs(wildcards):
+    """What the merge of one mode reads: the search results, the pool's files (rows by part), the eval splits."""
+    if config["retrieve"]["search"] == "index":
+        found = [f"{R}/index/search/{wildcards.mode}.npz"]
+    else:
+        found = expand(f"{R}/retrieve/search/{{block}}.npz", block=BLOCKS)
+    return {
+        "blocks": found,
+        "table": f"{R}/retrieve/{wildcards.mode}/queries.parquet",
+        "pool_emb": POOL_EMB,
+        "pool_meta": POOL_META,
+        "classes": f"{R}/world/classes.json",
+        "eval_emb": expand(f"{R}/embed/target/img_emb/{{split}}.npy", split=["val", "test"]),
+        "eval_meta": expand(f"{R}/embed/target/metadata/{{split}}.parquet", split=["val", "test"]),
+        "eval_tables": expand(f"{R}/world/target/{{split}}.parquet", split=["val", "test"]),
+        "shards": POOL_SHARDS,
+    }
+
+
+def fetch_inputs(wildcards):
+    """Local pools: the shards; remote pools: the CLIP (content check) and the pool's embeddings."""
+    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet", "classes": f"{R}/world/classes.json"}
+    if POOL_SHARDS:
+        return {**inputs, "shards": POOL_SHARDS}
+    return {**inputs, **clip_input(), "pool_emb": POOL_EMB, "pool_meta": POOL_META}

@@ -1,15 +1,6 @@
 # Retrieval: queries per mode, exact search as map (one job per block of pool parts) and reduce (one merge
-# job per mode), then the retrieved images, from the local pool shards or downloaded by url.
-MODES = sorted({RETRIEVAL_MODES[m] for m in config["methods"] if m in RETRIEVAL_MODES})
-SEARCH_THREADS = config["retrieve"]["threads"]
-
-
-def search_mem_mb(wildcards, attempt):
-    """A search job holds one tile (raw + float32), the queries of every mode and their top-k, plus ~1.5 GB of libraries."""
-    dim = pool_dim()
-    tile = config["retrieve"]["tile_rows"] * dim * 6
-    n_queries = (len(CLASSES) * 200 if "image" in MODES else 0) + len(CLASSES) * len(config["retrieve"]["prompts"])
-    return int((1500e6 + tile + n_queries * dim * 4 * 2 + n_queries * 2048 * 16) / 1e6 * attempt)
+# job per mode), then the retrieved images, from the local pool shards or downloaded by url. Input functions
+# live in common.smk.
 
 
 rule queries:
@@ -38,13 +29,6 @@ rule queries:
         "python -m augbench queries --mode {wildcards.mode} --classes {input.classes:q} --train-emb {input.train_emb:q}"
         " --train-meta {input.train_meta:q} --model {params.model:q} --prompts {params.prompts} --out-vectors {output.vectors:q}"
         " --out-table {output.table:q} > {log:q} 2>&1"
-
-
-def block_parts(wildcards):
-    """The pool files of one search block."""
-    b = int(wildcards.block)
-    sl = slice(b * PARTS_PER_BLOCK, (b + 1) * PARTS_PER_BLOCK)
-    return {"emb": POOL_EMB[sl], "meta": POOL_META[sl]}
 
 
 rule search_block:
@@ -79,25 +63,6 @@ rule search_block:
         " --tile-rows {params.tile_rows} --device {params.device} --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
-def retrieve_inputs(wildcards):
-    """What the merge of one mode reads: the search results, the pool's files (rows by part), the eval splits."""
-    if config["retrieve"]["search"] == "index":
-        found = [f"{R}/index/search/{wildcards.mode}.npz"]
-    else:
-        found = expand(f"{R}/retrieve/search/{{block}}.npz", block=BLOCKS)
-    return {
-        "blocks": found,
-        "table": f"{R}/retrieve/{wildcards.mode}/queries.parquet",
-        "pool_emb": POOL_EMB,
-        "pool_meta": POOL_META,
-        "classes": f"{R}/world/classes.json",
-        "eval_emb": expand(f"{R}/embed/target/img_emb/{{split}}.npy", split=["val", "test"]),
-        "eval_meta": expand(f"{R}/embed/target/metadata/{{split}}.parquet", split=["val", "test"]),
-        "eval_tables": expand(f"{R}/world/target/{{split}}.parquet", split=["val", "test"]),
-        "shards": POOL_SHARDS,
-    }
-
-
 rule retrieve:
     input:
         unpack(retrieve_inputs),
@@ -125,14 +90,6 @@ rule retrieve:
         " --classes {input.classes:q} --eval-emb {input.eval_emb:q} --eval-meta {input.eval_meta:q}"
         " {params.shards} --eval-root {params.eval_root:q}"
         " --out {output.neighbors:q} --out-stats {output.stats:q} --spec {params.spec:q} > {log:q} 2>&1"
-
-
-def fetch_inputs(wildcards):
-    """Local pools: the shards; remote pools: the CLIP (content check) and the pool's embeddings."""
-    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet", "classes": f"{R}/world/classes.json"}
-    if POOL_SHARDS:
-        return {**inputs, "shards": POOL_SHARDS}
-    return {**inputs, **clip_input(), "pool_emb": POOL_EMB, "pool_meta": POOL_META}
 
 
 rule fetch_retrieved:
