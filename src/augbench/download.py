@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import itertools
 import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from augbench.io import write_json, write_meta, write_parquet
+from augbench.io import atomic_path, write_json, write_meta, write_parquet
 from augbench.shards import Sample, iter_shard, write_shard
 from augbench.specs import DownloadSpec, spec_dict
 
@@ -190,25 +192,52 @@ def assemble_part(rows: pd.DataFrame, cache: Path, out_tar: Path, out_status: Pa
     return stats
 
 
-def split_parts(pool: Path, outs: list[Path]) -> list[int]:
-    """Split a url/caption table into `len(outs)` contiguous parts (one img2dataset job each).
+def split_parts(pool: Path, outs: list[Path], batch_rows: int = 1 << 20) -> list[int]:
+    """Split a url/caption table into `len(outs)` contiguous parts (one img2dataset job each), streaming.
 
     Accepts the toy world's `pool.parquet` (key, file, caption: `file` becomes a url relative to
     the served folder) or a real url list (url, caption, optional key; a missing key is the row
-    number). Hidden columns such as the toy world's true labels are not passed on.
+    number). Hidden columns such as the toy world's true labels are not passed on. The table is
+    read in batches of `batch_rows` and each part written as it goes, so a LAION-size url list
+    (hundreds of millions of rows) never sits in memory.
     """
-    table = pd.read_parquet(pool)
-    if "url" not in table.columns and "file" in table.columns:
-        table = table.rename(columns={"file": "url"})
-    missing = {"url", "caption"} - set(table.columns)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(pool)
+    names = f.schema_arrow.names
+    url_col = "url" if "url" in names else "file" if "file" in names else None
+    missing = {"url", "caption"} - set(names) - ({"url"} if url_col else set())
     if missing:
         raise ValueError(f"{pool}: missing columns {sorted(missing)} (need url and caption)")
-    if "key" not in table.columns:
-        table["key"] = [f"{i:09d}" for i in range(len(table))]
-    table = table[["key", "url", "caption"]].astype({"key": str})
-    bounds = [round(i * len(table) / len(outs)) for i in range(len(outs) + 1)]
-    sizes = []
-    for out, lo, hi in zip(outs, bounds[:-1], bounds[1:], strict=True):
-        write_parquet(out, table.iloc[lo:hi])
-        sizes.append(hi - lo)
-    return sizes
+    total = f.metadata.num_rows
+    bounds = [round(i * total / len(outs)) for i in range(len(outs) + 1)]
+    columns = [url_col, "caption"] + (["key"] if "key" in names else [])
+    schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string())])
+    stack = contextlib.ExitStack()
+    writers: dict[int, pq.ParquetWriter] = {}
+    tmp_paths: dict[int, Path] = {}
+    try:
+        start = 0
+        for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
+            t = batch.to_pandas()
+            keys = t["key"].astype(str) if "key" in t else pd.Series([f"{i:09d}" for i in range(start, start + len(t))])
+            frame = pd.DataFrame({"key": keys.to_numpy(), "url": t[url_col].astype(str).to_numpy(),
+                                  "caption": t["caption"].astype(str).to_numpy()})
+            for part in range(len(outs)):
+                lo, hi = max(bounds[part], start) - start, min(bounds[part + 1], start + len(t)) - start
+                if lo < hi:
+                    if part not in writers:
+                        tmp_paths[part] = stack.enter_context(atomic_path(outs[part]))
+                        writers[part] = stack.enter_context(pq.ParquetWriter(tmp_paths[part], schema))
+                    writers[part].write_table(pa.Table.from_pandas(frame.iloc[lo:hi], schema=schema, preserve_index=False))
+            start += len(t)
+        for part, out in enumerate(outs):  # parts with no rows (more parts than rows) are still written
+            if part not in writers:
+                tmp_paths[part] = stack.enter_context(atomic_path(out))
+                writers[part] = stack.enter_context(pq.ParquetWriter(tmp_paths[part], schema))
+    except BaseException:
+        stack.__exit__(*sys.exc_info())
+        raise
+    stack.close()
+    return [hi - lo for lo, hi in itertools.pairwise(bounds)]

@@ -15,10 +15,16 @@ def test_split_parts_covers_every_row_once(tmp_path: Path) -> None:
                          "caption": ["c"] * 10, "true_label": range(10)})
     pool.to_parquet(tmp_path / "pool.parquet")
     outs = [tmp_path / f"part{i}.parquet" for i in range(3)]
-    assert split_parts(tmp_path / "pool.parquet", outs) == [3, 4, 3]
-    parts = pd.concat([pd.read_parquet(o) for o in outs])
-    assert list(parts["key"]) == list(pool["key"])
-    assert list(parts.columns) == ["key", "url", "caption"]  # the hidden label is not passed on
+    for batch_rows in (1 << 20, 3):  # read whole, and streamed in batches that straddle the part bounds
+        assert split_parts(tmp_path / "pool.parquet", outs, batch_rows=batch_rows) == [3, 4, 3]
+        parts = pd.concat([pd.read_parquet(o) for o in outs])
+        assert list(parts["key"]) == list(pool["key"])
+        assert list(parts.columns) == ["key", "url", "caption"]  # the hidden label is not passed on
+        assert list(parts["url"]) == list(pool["file"])
+    # a url list without keys: the row number is the key
+    pd.DataFrame({"url": [f"http://x/{i}" for i in range(5)], "caption": ["c"] * 5}).to_parquet(tmp_path / "urls.parquet")
+    assert split_parts(tmp_path / "urls.parquet", outs[:2], batch_rows=2) == [2, 3]
+    assert list(pd.read_parquet(outs[1])["key"]) == ["000000002", "000000003", "000000004"]
 
 
 def test_split_parts_names_missing_columns(tmp_path: Path) -> None:

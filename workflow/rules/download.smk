@@ -9,6 +9,9 @@ if not PRECOMPUTED:
         priority: 10  # on the critical path: scheduled before ready jobs of lower priority
         log:
             f"{LOGS}/pool_parts.log",
+        resources:
+            mem_mb=lambda wc, attempt: 3000 * attempt,  # the url list is streamed in batches of 1M rows
+            runtime=lambda wc, attempt: 60 * attempt,
         conda:
             "../../envs/download.yaml"
         shell:
@@ -34,6 +37,9 @@ if not PRECOMPUTED:
             cache=f"{R}/pool/cache/{{part}}",
             serve=f"--serve {R}/world" if TOY else "",
         threads: 1
+        resources:
+            mem_mb=lambda wc, attempt: 4000 * attempt,
+            runtime=lambda wc, attempt: 240 * attempt,
         conda:
             "../../envs/download.yaml"
         shell:
