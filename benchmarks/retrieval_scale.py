@@ -83,8 +83,8 @@ def write_queries(world: World, work: Path, n_classes: int, per_class: int) -> N
     for mode, vec, table in (
         ("image", world.draw(labels, 7), pd.DataFrame({"label": labels, "query": [f"train/{c}/{i}.jpg" for c in range(n_classes)
                                                                                      for i in range(per_class)]})),
-        ("text", world.draw(np.arange(n_classes), 8, spread=0.3), pd.DataFrame({"label": np.arange(n_classes),
-                                                                                "query": [f"a photo of class {c}." for c in range(n_classes)]})),
+        ("text", world.draw(np.arange(n_classes), 8, spread=0.3),
+         pd.DataFrame({"label": np.arange(n_classes), "query": [f"a photo of class {c}." for c in range(n_classes)]})),
     ):
         (work / mode).mkdir(parents=True, exist_ok=True)
         np.save(work / mode / "queries.npy", vec)
@@ -158,14 +158,20 @@ def exact_path(root: Path, work: Path, out: Path, n_parts: int, args: argparse.N
                    "--tile-rows", str(args.tile_rows), "--out", str(blk), "--spec", spec], f"{tag} search block {b}", rows, args.threads)
         search_wall += row["wall_s"]
         blocks.append(str(blk))
+    merge_jobs(root, work, out, blocks, args, rows, tag)
+    return search_wall
+
+
+def merge_jobs(root: Path, work: Path, out: Path, blocks: list[str], args: argparse.Namespace, rows: list[dict], tag: str) -> None:
+    """The reduce job of each mode over the search blocks."""
     for mode in ("image", "text"):
         rspec = json.dumps({"mode": mode, "n_aug": args.n_aug, "overfetch": args.overfetch})
         run([sys.executable, "-m", "augbench", "retrieve", *pool_args(root), "--blocks", *blocks,
              "--table", str(work / mode / "queries.parquet"), "--classes", str(work / "classes.json"),
-             "--eval-emb", str(work / "val.npy"), str(work / "test.npy"), "--eval-meta", str(work / "val.parquet"), str(work / "test.parquet"),
+             "--eval-emb", str(work / "val.npy"), str(work / "test.npy"),
+             "--eval-meta", str(work / "val.parquet"), str(work / "test.parquet"),
              "--out", str(out / f"{mode}.parquet"), "--out-stats", str(out / f"{mode}.json"), "--spec", rspec],
             f"{tag} merge {mode}", rows, args.threads)
-    return search_wall
 
 
 def knn_baseline(root: Path, work: Path, n_parts: int, args: argparse.Namespace, rows: list[dict]) -> float:
@@ -195,7 +201,7 @@ def exact_recall(out: Path, work: Path, part_rows: int, sample: int = 200) -> fl
     blocks = sorted(out.glob("*.npz"))
     hits = total = 0
     for mode in ("image", "text"):
-        s, p, r = merge_blocks(blocks, mode)
+        _, p, r = merge_blocks(blocks, mode)
         truth = np.load(work / f"knn_{mode}.npy")
         idx = np.random.default_rng(0).choice(len(truth), min(sample, len(truth)), replace=False)
         got = p[idx].astype(np.int64) * part_rows + r[idx]
@@ -245,6 +251,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=100_000)
     p.add_argument("--ann-queries", type=int, default=1000)
     p.add_argument("--no-ann", action="store_true")
+    p.add_argument("--merge-only", action="store_true", help="re-run only the merge jobs on the search blocks of an earlier run")
     args = p.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     work = args.work
@@ -253,13 +260,17 @@ def main() -> None:
     print(f"pool: {args.sizes} rows x {args.dim}-d fp16 in parts of {args.part_rows}; queries: {args.classes} classes x "
           f"{args.queries_per_class} image + {args.classes} text; n_aug {args.n_aug} x overfetch {args.overfetch}; "
           f"{args.threads} threads", flush=True)
-    write_pool(world, work / "pool_full", max(n_parts), args.part_rows)
-    write_queries(world, work, args.classes, args.queries_per_class)
+    if not args.merge_only:
+        write_pool(world, work / "pool_full", max(n_parts), args.part_rows)
+        write_queries(world, work, args.classes, args.queries_per_class)
     rows: list[dict] = []
     summary: dict[str, object] = {}
     for size, parts in zip(args.sizes, n_parts, strict=True):
         tag = f"{size / 1e6:g}M"
         root = work / f"pool_{tag}"
+        if args.merge_only:
+            merge_jobs(root, work, work / f"exact_{tag}", sorted(str(b) for b in (work / f"exact_{tag}").glob("*.npz")), args, rows, tag)
+            continue
         link_subset(work / "pool_full", root, parts)
         print(f"{tag} rows ({parts} parts):", flush=True)
         search_s = exact_path(root, work, work / f"exact_{tag}", parts, args, rows, tag)
@@ -284,7 +295,8 @@ def main() -> None:
         if len(a) and len(b):
             print(f"  {kind:<14} {small}: {a.max():7.0f} MB   {large}: {b.max():7.0f} MB   ratio {b.max() / a.max():.3f}")
     print("\nsummary:", json.dumps(summary, indent=2))
-    (work / "summary.json").write_text(json.dumps({"summary": summary, "jobs": rows}, indent=2))
+    out = work / ("summary_merge.json" if args.merge_only else "summary.json")
+    out.write_text(json.dumps({"summary": summary, "jobs": rows}, indent=2))
 
 
 if __name__ == "__main__":

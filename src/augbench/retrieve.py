@@ -16,7 +16,9 @@ paper. Then, in this order:
 * near-duplicates among a class's kept candidates (cosine >= dedup_threshold) -> once;
 * capped at `n_aug × overfetch` per class (fetch keeps the first `n_aug` that download).
 
-Candidates are processed in chunks of classes, so memory follows the chunk, not the target dataset;
+Candidates are processed in chunks of classes (`chunk_rows` candidates, 65,536 by default: their float32
+vectors take 200 MB at 768-d; 262,144 took a merge job to 2.1 GB in benchmarks/retrieval_scale.py), so
+memory follows the chunk, not the target dataset;
 url and caption are read only for the rows kept (by part and row, from the parts' own metadata).
 """
 
@@ -176,7 +178,7 @@ def _chunks(sizes: pd.Series, max_rows: int) -> list[list[int]]:
 
 def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classes_file: Path,
           evals: list[tuple[Path, Path]], out: Path, out_stats: Path, spec: RetrieveSpec,
-          pool_shards: list[Path] | None = None, eval_root: Path | None = None, chunk_rows: int = 262144) -> dict[str, object]:
+          pool_shards: list[Path] | None = None, eval_root: Path | None = None, chunk_rows: int = 65536) -> dict[str, object]:
     """The reduce job of one mode: ranked, de-duplicated, leak-filtered candidates per class -> neighbors.parquet."""
     started = time.time()
     classes = json.loads(Path(classes_file).read_text())["classes"]

@@ -243,3 +243,12 @@ def test_precomputed_pool_embeddings_are_ingested_retrieved_and_fetched_by_url(
         assert leak_url not in set(manifest["url"])
         leaked_counts += json.loads((wf / f"results/pre/augment/{m}/fetch_stats.json").read_text())["by_reason"].get("leaked", 0)
     assert leaked_counts >= 1, "the copy was confirmed on its downloaded pixels and dropped"
+
+    # a part whose metadata lost rows stops the run at the search, naming both files
+    meta = next(p for p in sorted(pool.rglob("*.parquet")) if "1" in p.stem)
+    table = pd.read_parquet(meta)
+    table.iloc[:-2].to_parquet(meta)
+    res = _smk(wf, *targets, "--cores", "2", "--configfile", "pre.yaml", "--forcerun", "search_block", timeout=600)
+    assert res.returncode != 0
+    emb = meta.with_suffix(".npz") if layout == "datacomp" else pool / "img_emb/img_emb_1.npy"
+    assert str(emb) in res.stdout + res.stderr and str(meta) in res.stdout + res.stderr, res.stderr[-3000:]

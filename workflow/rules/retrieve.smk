@@ -81,7 +81,7 @@ rule retrieve:
     threads: 1
     resources:
         # the merged top-k of one mode plus one chunk of candidates (retrieve.merge's chunk_rows) and their vectors
-        mem_mb=lambda wc, attempt: int((2000 + 262144 * pool_dim() * 8 / 1e6 + len(CLASSES) * max(N_AUG) * overfetch() * 0.01) * attempt),
+        mem_mb=lambda wc, attempt: int((2000 + 65536 * pool_dim() * 8 / 1e6 + len(CLASSES) * max(N_AUG) * overfetch() * 0.01) * attempt),
         runtime=lambda wc, attempt: 60 * attempt,
     conda:
         "../../envs/faiss.yaml"
