@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--factory", default="IVF1024,PQ64x8")
     p.add_argument("--nprobe", type=int, default=128)
-    p.add_argument("--refine", type=int, default=10)
+    p.add_argument("--refine", type=int, default=200)
     p.add_argument("--train-size", type=int, default=100_000)
     p.add_argument("--ann-queries", type=int, default=1000)
     p.add_argument("--no-ann", action="store_true")

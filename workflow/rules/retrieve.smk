@@ -48,11 +48,12 @@ rule search_block:
         spec=stage_spec("search"),
         pool=lambda wc: pool_args(int(wc.block) * PARTS_PER_BLOCK, (int(wc.block) + 1) * PARTS_PER_BLOCK),
         modes=" ".join(MODES),
-        tile_rows=config["retrieve"]["tile_rows"],
-        device="auto" if config["retrieve"]["gpu"] else "cpu",
     threads: SEARCH_THREADS
+    # tile size and device change no result: resources, which Snakemake does not compare, not params, which it does
     resources:
         gpu=1 if config["retrieve"]["gpu"] else 0,
+        tile_rows=config["retrieve"]["tile_rows"],
+        search_device="auto" if config["retrieve"]["gpu"] else "cpu",
         mem_mb=search_mem_mb,
         # a CPU scans ~180 GFLOP/s per 2 cores: queries x rows x dim x 2 FLOP per block, with room to spare
         runtime=lambda wc, attempt: int(30 + 60 * attempt * PARTS_PER_BLOCK),
@@ -60,7 +61,7 @@ rule search_block:
         "../../envs/faiss.yaml"
     shell:
         "python -m augbench search {params.pool} --modes {params.modes} --queries {input.queries:q} --tables {input.tables:q}"
-        " --tile-rows {params.tile_rows} --device {params.device} --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
+        " --tile-rows {resources.tile_rows} --device {resources.search_device} --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
 rule retrieve:
@@ -112,10 +113,11 @@ rule fetch_retrieved:
         source=lambda wc, input: (
             f"--shards {' '.join(map(shlex.quote, input.shards))}" if POOL_SHARDS
             else f"--cache {R}/retrieve/url_cache --download-spec {shlex.quote(stage_spec('download'))} --model {shlex.quote(CLIP_MODEL)}"
-            f" {pool_args()} --shard-size {config['fetch']['shard_size']}"
+            f" {pool_args()}"
         ),
     threads: config["fetch"]["threads"]
     resources:
+        url_shard_size=config["fetch"]["shard_size"],  # changes no result: a resource, not a compared param
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: int(60 + len(CLASSES) * max(N_AUG) * overfetch() / 300 / 60) * attempt,
     conda:
@@ -123,4 +125,4 @@ rule fetch_retrieved:
     shell:
         "python -m augbench fetch --neighbors {input.neighbors:q} --classes {input.classes:q} {params.source} --n-aug {params.n_aug}"
         " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
-        " --spec {params.spec:q} --threads {threads} > {log:q} 2>&1"
+        " --spec {params.spec:q} --threads {threads} --shard-size {resources.url_shard_size} > {log:q} 2>&1"
