@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 from collections import Counter
@@ -214,10 +213,15 @@ def split_parts(pool: Path, outs: list[Path], batch_rows: int = 1 << 20) -> list
     bounds = [round(i * total / len(outs)) for i in range(len(outs) + 1)]
     columns = [url_col, "caption"] + (["key"] if "key" in names else [])
     schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string())])
-    stack = contextlib.ExitStack()
     writers: dict[int, pq.ParquetWriter] = {}
-    tmp_paths: dict[int, Path] = {}
-    try:
+
+    def writer(part: int, stack: contextlib.ExitStack) -> pq.ParquetWriter:
+        # each part is written under a temporary name and renamed when the stack closes without an error
+        if part not in writers:
+            writers[part] = stack.enter_context(pq.ParquetWriter(stack.enter_context(atomic_path(outs[part])), schema))
+        return writers[part]
+
+    with contextlib.ExitStack() as stack:
         start = 0
         for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
             t = batch.to_pandas()
@@ -227,17 +231,8 @@ def split_parts(pool: Path, outs: list[Path], batch_rows: int = 1 << 20) -> list
             for part in range(len(outs)):
                 lo, hi = max(bounds[part], start) - start, min(bounds[part + 1], start + len(t)) - start
                 if lo < hi:
-                    if part not in writers:
-                        tmp_paths[part] = stack.enter_context(atomic_path(outs[part]))
-                        writers[part] = stack.enter_context(pq.ParquetWriter(tmp_paths[part], schema))
-                    writers[part].write_table(pa.Table.from_pandas(frame.iloc[lo:hi], schema=schema, preserve_index=False))
+                    writer(part, stack).write_table(pa.Table.from_pandas(frame.iloc[lo:hi], schema=schema, preserve_index=False))
             start += len(t)
-        for part, out in enumerate(outs):  # parts with no rows (more parts than rows) are still written
-            if part not in writers:
-                tmp_paths[part] = stack.enter_context(atomic_path(out))
-                writers[part] = stack.enter_context(pq.ParquetWriter(tmp_paths[part], schema))
-    except BaseException:
-        stack.__exit__(*sys.exc_info())
-        raise
-    stack.close()
+        for part in range(len(outs)):  # parts with no rows (more parts than rows) are still written
+            writer(part, stack)
     return [hi - lo for lo, hi in itertools.pairwise(bounds)]

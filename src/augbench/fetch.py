@@ -202,41 +202,41 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], where: d
         clip = Clip(model)
     eval_cache: dict[Path, np.ndarray] = {}
     for tar in sorted(set(where.values())):
-        batch: list[tuple[list[int], Sample]] = []
+        batch: list[tuple[list[int], Sample, object]] = []
         for s in iter_shard(tar):
             url = str(s.record.get("url"))
             if url not in by_url or where.get(url) != tar:
                 continue
             try:
-                open_rgb(s.image)
+                image = open_rgb(s.image)  # decoded once: the content check embeds this image
             except Exception as exc:  # img2dataset re-encoded it, so this is rare: count it
                 log.warning("fetch: %s: downloaded image does not decode (%s)", url, exc)
                 for i in by_url[url]:
                     verdict[i] = "undecodable_image"
                 continue
-            batch.append((by_url[url], s))
+            batch.append((by_url[url], s, image))
             if len(batch) >= 256:
                 _judge(batch, tar, table, verdict, images, spec, clip, parts, eval_cache)
                 batch = []
         _judge(batch, tar, table, verdict, images, spec, clip, parts, eval_cache)
 
 
-def _judge(batch: list[tuple[list[int], Sample]], tar: Path, table: pd.DataFrame, verdict: dict[int, str],
+def _judge(batch: list[tuple[list[int], Sample, object]], tar: Path, table: pd.DataFrame, verdict: dict[int, str],
            images: dict[int, tuple[Path, str]], spec: FetchSpec, clip: object | None, parts: list[PoolPart] | None,
            eval_cache: dict[Path, np.ndarray]) -> None:
     """Verdicts for one batch of downloaded images: content_changed, leaked, or ok."""
     if not batch:
         return
     if clip is not None and parts:
-        rows = [ids[0] for ids, _ in batch]
+        rows = [ids[0] for ids, _, _ in batch]
         stored = gather(parts, table.loc[rows, "part"].to_numpy(), table.loc[rows, "row"].to_numpy())
         stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
-        got = clip.images([open_rgb(s.image) for _, s in batch])  # type: ignore[attr-defined]
+        got = clip.images([image for _, _, image in batch])  # type: ignore[attr-defined]
         cos = np.sum(stored * got, axis=1)
     else:
         cos = np.ones(len(batch))
     has_suspects = "leak_suspects" in table.columns
-    for (ids, s), c in zip(batch, cos, strict=True):
+    for (ids, s, _), c in zip(batch, cos, strict=True):
         for i in ids:
             suspects = table.at[i, "leak_suspects"] if has_suspects else None
             if spec.min_cosine is not None and c < spec.min_cosine:

@@ -277,7 +277,6 @@ def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classe
 
 def _chunk_meta(parts: list[PoolPart], table: pd.DataFrame, extra: tuple[str, ...]) -> pd.DataFrame:
     """Metadata (key, url, caption, extra) of the table's (part, row) items, in the table's order."""
-    out: pd.DataFrame | None = None
     frames = []
     for p in sorted(table["part"].unique()):
         sel = np.flatnonzero(table["part"].to_numpy() == p)
