@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,9 @@ from torch import nn
 
 from augbench.device import pick_device
 from augbench.imaging import center_crop, decode_many, random_resized_crop, shift_flip, to_float
-from augbench.io import atomic_path, write_json, write_meta
+from augbench.io import atomic_path, content_id, write_json, write_meta
 from augbench.shards import iter_shard
-from augbench.specs import TrainSpec, item_seed, spec_dict
+from augbench.specs import TrainSpec, canonical_json, item_seed, spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,24 @@ def build_model(spec: TrainSpec, n_classes: int) -> nn.Module:
     return model
 
 
-def load_split(table: Path, root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a split table (path relative to `root`, label) to (NHWC uint8, labels)."""
+def load_split(table: Path, root: Path, size: int, skips: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a split table (path relative to `root`, label) to (NHWC uint8, labels); undecodable images counted into `skips`."""
     df = pd.read_parquet(table)
-    arr, tags = decode_many(((i, str(root / p)) for i, p in enumerate(df["path"])), size, str(table))
+    arr, tags = decode_many(((i, str(root / p)) for i, p in enumerate(df["path"])), size, str(table), skips)
     return arr, df["label"].to_numpy()[np.asarray(tags, dtype=np.int64)]
 
 
-def load_augment(manifest: Path, shard: Path, n_aug: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_augment(manifest: Path, shard: Path, n_aug: int, size: int, skips: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `n_aug` images per class (by rank) of an augmentation set (manifest + tar shard)."""
     df = pd.read_parquet(manifest)
     df = df[df["rank"] < n_aug]
     wanted = dict(zip(df["key"].astype(str), df["label"], strict=True))
     items = ((s.key, s.image) for s in iter_shard(shard) if s.key in wanted)
-    arr, tags = decode_many(items, size, str(shard))
-    found = len(tags)
+    missing: Counter[str] = Counter()
+    arr, tags = decode_many(items, size, str(shard), missing)
+    found = len(tags) + sum(missing.values())
+    if skips is not None:
+        skips.update(missing)
     if found < len(wanted):
         log.warning("train: %s: %d of %d augmentation images missing from %s", manifest, len(wanted) - found, len(wanted), shard)
     return arr, np.asarray([wanted[t] for t in tags], dtype=np.int64)
@@ -129,22 +133,32 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+def _first_difference(old: object, new: str) -> str:
+    """Which identity field changed, for the log line that says why a checkpoint is not used."""
+    try:
+        a, b = json.loads(str(old)), json.loads(new)
+    except ValueError:
+        return "written by another version"
+    return ", ".join(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)) or "none"
+
+
 def resume_path(out_ckpt: Path) -> Path:
     """Where the resumable checkpoint lives: beside the outputs, not one of them (Snakemake would delete it)."""
     return Path(out_ckpt).with_name("resume.pt")
 
 
-def _load_resume(path: Path, identity: dict[str, object], model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float | None]:
+def _load_resume(path: Path, identity: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float | None]:
     """Restore (step, loss EMA) from a checkpoint of the same run; anything else starts from step 0."""
     if not path.exists():
         return 0, None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers: never unpickle code
     except Exception as exc:  # a checkpoint is written atomically, but a foreign or damaged file must not stop the run
         log.warning("train: %s unreadable (%s); starting from step 0", path, exc)
         return 0, None
     if state.get("identity") != identity:
-        log.warning("train: %s belongs to another run (%s); starting from step 0", path, state.get("identity"))
+        log.warning("train: %s belongs to another run (its spec, seed or input files differ: %s); starting from step 0",
+                    path, _first_difference(state.get("identity"), identity))
         return 0, None
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -167,12 +181,13 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     torch.manual_seed(item_seed(seed, "train", "init"))
     device = pick_device()
     load = spec.load_size or spec.input_size
-    parts = [load_split(t, root, load) for t in real]
+    skips: dict[str, Counter[str]] = {"train": Counter(), "aug": Counter(), "test": Counter()}
+    parts = [load_split(t, root, load, skips["train"]) for t in real]
     n_real = sum(len(p[1]) for p in parts)
-    parts += [load_augment(m, s, n_aug, load) for m, s in augment]
+    parts += [load_augment(m, s, n_aug, load, skips["aug"]) for m, s in augment]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    x_test, y_test = load_split(test, root, load)
+    x_test, y_test = load_split(test, root, load, skips["test"])
     log.info("train: %d real + %d augmentation images, %d test, device %s, spec %s", n_real, len(y) - n_real, len(y_test), device, spec)
     model = build_model(spec, n_classes).to(device)
     if spec.channels_last and device.type == "cuda":
@@ -189,7 +204,11 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mean, std = MEAN.to(device), STD.to(device)
     resume = resume_path(out_ckpt)
-    identity = {"spec": spec_dict(spec), "seed": seed, "n_aug": n_aug, "n_train": len(y), "label_sum": int(y.sum())}
+    # a checkpoint continues only the run of the same spec, seed and input files (by content: a regenerated augmentation
+    # set of the same size is another run), so a rerun after changed inputs starts from step 0
+    inputs = [*real, test, *(f for pair in augment for f in pair)]
+    identity = canonical_json({"spec": spec_dict(spec), "seed": seed, "n_aug": n_aug, "n_train": len(y),
+                               "inputs": [content_id(f) for f in inputs]})
     start, loss_ema = _load_resume(resume, identity, model, opt)
     model.train()
     for step in range(start, total):
@@ -217,6 +236,8 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     metrics = evaluate(model, x_test, y_test, n_classes, device, spec)
     metrics.update({"n_real": n_real, "n_aug_images": int(len(y) - n_real), "n_aug_per_class": n_aug, "seed": seed,
                     "steps": total, "resumed_from_step": start, "final_loss": loss_ema,
+                    "skipped": {split: sum(c.values()) for split, c in skips.items()},
+                    "skipped_by_reason": {split: dict(sorted(c.items())) for split, c in skips.items() if c},
                     "train_seconds": round(time.time() - started, 1)})
     with atomic_path(out_ckpt) as tmp:
         torch.save({"model": model.state_dict(), "spec": spec_dict(spec), "seed": seed, "n_aug": n_aug}, tmp)

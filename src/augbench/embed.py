@@ -8,9 +8,9 @@ is the toy world's CLIP or `openai/clip-vit-large-patch14`.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from augbench.device import pick_device
+from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_meta, write_parquet
 from augbench.shards import iter_shard
 from augbench.specs import EmbedSpec, spec_dict
@@ -79,13 +80,13 @@ def dhash(image: Image.Image, size: int = 8) -> int:
 
 
 def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Image.Image]], batch_size: int,
-                   source: str) -> tuple[np.ndarray, pd.DataFrame, int]:
+                   source: str) -> tuple[np.ndarray, pd.DataFrame, Counter[str]]:
     """Embed (row, image) items in batches; undecodable images are skipped, logged and counted."""
     embs: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
     batch: list[Image.Image] = []
     batch_rows: list[dict[str, Any]] = []
-    skipped = 0
+    skipped: Counter[str] = Counter()
 
     def flush() -> None:
         if batch:
@@ -97,12 +98,12 @@ def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Ima
                 log.info("embed: %s: %d images embedded", source, len(rows))
 
     for row, data in items:
+        name = f"{source}:{row.get('key') or row.get('path')}"
         try:
-            img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-            img = img.convert("RGB")
-        except Exception as exc:
-            skipped += 1
-            log.warning("embed: %s: skipping undecodable image %s (%s)", source, row.get("key") or row.get("path"), exc)
+            img = data.convert("RGB") if isinstance(data, Image.Image) else open_rgb(data, name)
+        except UndecodableImage as exc:
+            skipped[exc.reason] += 1
+            log.warning("embed: skipping undecodable image %s", exc)
             continue
         batch.append(img)
         batch_rows.append({**row, "dhash": dhash(img)})
@@ -128,7 +129,7 @@ def embed_shard(shard: Path, model: str | Path, out_emb: Path, out_meta: Path, s
              for s in iter_shard(shard))
     emb, meta, skipped = _embed_batches(clip, items, spec.batch_size, str(shard))
     _write(emb, meta, out_emb, out_meta, spec.precision)
-    stats = {"embedded": len(meta), "skipped": skipped}
+    stats = {"embedded": len(meta), "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
     write_meta(out_emb, "embed", spec_dict(spec), started, model=str(model), stats=stats)
     log.info("embed: %s: %s in %.1fs", shard, stats, time.time() - started)
     return stats
@@ -151,6 +152,6 @@ def embed_split(split_table: Path, root: Path, model: str | Path, out_emb: Path,
 
     emb, meta, skipped = _embed_batches(clip, items(), spec.batch_size, str(split_table))
     _write(emb, meta, out_emb, out_meta, spec.precision)
-    stats = {"embedded": len(meta), "skipped": skipped}
+    stats = {"embedded": len(meta), "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
     write_meta(out_emb, "embed", spec_dict(spec), started, model=str(model), stats=stats)
     return stats

@@ -9,7 +9,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import warnings
+from collections import Counter
 from collections.abc import Iterable
+from struct import error as struct_error
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,32 +25,107 @@ if TYPE_CHECKING:  # torch is imported where it is used: the retrieval jobs deco
 log = logging.getLogger(__name__)
 
 
-def open_rgb(data: bytes | str) -> Image.Image:
-    """Open image bytes or a path as an RGB PIL image (decoded now, so a broken file fails here)."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+class UndecodableImage(ValueError):
+    """A file that exists but holds no image we decode: a counted skip, never a silent one.
+
+    `reason` is one of REASONS, so skips are counted by kind in stats and results. A file that
+    is missing or unreadable is *not* this: it raises the OSError that names it.
+    """
+
+    def __init__(self, name: str, reason: str, detail: str) -> None:
+        super().__init__(f"{name}: {reason} ({detail})")
+        self.name, self.reason = name, reason
+
+
+REASONS = ("not_an_image", "truncated", "too_large", "bad_image")
+# The largest image we decode. A header claiming more (a decompression bomb, a 60000x60000 PNG) is refused from the
+# header alone, before any pixel buffer exists; 100 Mpx is above any camera or web image a pool holds.
+MAX_PIXELS = 100_000_000
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, Image.UnidentifiedImageError) or "cannot identify" in text:
+        return "not_an_image"
+    if "truncated" in text or "broken data stream" in text or "premature end" in text:
+        return "truncated"
+    return "bad_image"
+
+
+def open_rgb(data: bytes | str | os.PathLike[str], name: str | None = None) -> Image.Image:
+    """The one decoder of the workflow: image bytes or a path to an RGB PIL image, decoded now.
+
+    A missing or unreadable path raises its OSError (it names the file). Bytes that are no image,
+    a truncated file, or a header claiming more than MAX_PIXELS raise UndecodableImage, the only
+    failure callers may count and skip. Colour modes are mapped to 8-bit RGB: palettes, greyscale,
+    16-bit and float greyscale (scaled by their range), CMYK, and alpha (composited on white, as a
+    browser shows it); an animation gives its first frame.
+    """
+    if not isinstance(data, bytes):
+        name = name or os.fspath(data)
+        with open(data, "rb") as f:  # OSError (missing, permission) propagates, naming the file
+            data = f.read()
+    name = name or "<bytes>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise UndecodableImage(name, "too_large", f"header claims {w}x{h} pixels, more than {MAX_PIXELS}")
+            img.load()
+            return _to_rgb(img)
+    except UndecodableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UndecodableImage(name, "too_large", str(exc)) from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct_error, Image.UnidentifiedImageError) as exc:
+        raise UndecodableImage(name, _reason(exc), f"{type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: scale the range to 8 bits
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, "white")
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
     return img.convert("RGB")
 
 
-def decode(data: bytes | str, size: int) -> np.ndarray:
+def decode(data: bytes | str, size: int, name: str | None = None) -> np.ndarray:
     """Decode bytes or a path to an RGB uint8 HWC array of `size` x `size`."""
-    img = open_rgb(data)
+    img = open_rgb(data, name)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: str) -> tuple[np.ndarray, list[object]]:
-    """Decode (tag, data) items; undecodable ones are logged, counted and skipped. Returns (NHWC, tags)."""
-    arrays, tags, skipped = [], [], 0
+def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: str,
+                skips: Counter[str] | None = None) -> tuple[np.ndarray, list[object]]:
+    """Decode (tag, data) items. Returns (NHWC, tags of the decoded ones).
+
+    Undecodable images are logged and counted by reason into `skips`; a missing or unreadable file
+    raises (a moved dataset root must not train on fewer images without a word).
+    """
+    arrays, tags = [], []
+    skipped: Counter[str] = Counter()
     for tag, data in items:
         try:
-            arrays.append(decode(data, size))
+            arrays.append(decode(data, size, name=None if isinstance(data, str) else f"{what}:{tag}"))
             tags.append(tag)
-        except Exception as exc:
-            skipped += 1
-            log.warning("%s: skipping undecodable image %s (%s)", what, tag, exc)
+        except UndecodableImage as exc:
+            skipped[exc.reason] += 1
+            log.warning("%s: skipping undecodable image %s", what, exc)
     if skipped:
-        log.warning("%s: skipped %d undecodable image(s)", what, skipped)
+        log.warning("%s: skipped %d undecodable image(s): %s", what, sum(skipped.values()), dict(skipped))
+        if skips is not None:
+            skips.update(skipped)
     arr = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return arr, tags
 
@@ -60,8 +139,11 @@ def shift_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
     pad = max(h // 8, 1)
     x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-    x = x[:, :, dy:dy + h, dx:dx + w]
+    # one shift per image (a per-batch shift moves every image of a batch the same way)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
+    x = x[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
     flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
     x[flip] = x[flip].flip(-1)
     return x

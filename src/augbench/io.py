@@ -8,6 +8,7 @@ produced it (resolved spec, stage version, package versions, host, times).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -99,3 +100,42 @@ def write_meta(artifact: str | os.PathLike[str], stage: str, spec: Any, started:
         **extra,
     }
     write_json(f"{os.fspath(artifact)}.meta.json", data)
+
+
+# Files up to this size are identified by their bytes; larger ones (a 4 GB checkpoint, a 200 GB tar) by size and
+# modification time, which every atomic rewrite changes, so identifying them costs no read.
+_HASH_LIMIT = 64 << 20
+
+
+def content_id(path: str | os.PathLike[str]) -> str:
+    """A short identity of a file or folder's content, for cache keys: equal ids, equal content.
+
+    Files of at most 64 MB are hashed; larger ones contribute (size, mtime_ns). A folder is the
+    hash of its files' relative paths and ids (hidden files and `.meta.json` sidecars excluded:
+    they record times, not content). A hub snapshot is named by the commit in its marker file.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        marker = p / ".augbench_snapshot.json"
+        if marker.exists():  # a hub snapshot (augbench.hub): the commit its revision resolved to names its content
+            info = json.loads(marker.read_text())
+            return hashlib.sha256(f"{info['repo_id']}@{info['commit']}".encode()).hexdigest()[:16]
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            rel = f.relative_to(p).as_posix()
+            if any(part.startswith(".") for part in f.relative_to(p).parts) or rel.endswith(".meta.json"):
+                continue
+            h.update(f"{rel}\0{_file_id(f)}\n".encode())
+        return h.hexdigest()[:16]
+    return _file_id(p)
+
+
+def _file_id(p: Path) -> str:
+    st = p.stat()  # a missing file raises, naming it
+    if st.st_size > _HASH_LIMIT:
+        return f"size{st.st_size}-mtime{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

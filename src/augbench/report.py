@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from augbench.classify import read_metrics
+from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
 from augbench.methods import BASELINES, RETRIEVAL_MODES
 from augbench.shards import iter_shard
@@ -30,7 +31,7 @@ from augbench.shards import iter_shard
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "n_aug", "n_aug_min", "n_aug_median", "seeds", "top1_mean", "top1_std", "top5_mean", "retrieval_precision",
-           "leaked_removed", "generation_fidelity"]
+           "leaked_removed", "generation_fidelity", "skipped_train", "skipped_aug", "skipped_test"]
 
 
 # Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU.
@@ -179,6 +180,16 @@ def _tile(img: Image.Image, size: int) -> Image.Image:
     return img.convert("RGB").resize((size, size), Image.Resampling.NEAREST if img.width < size else Image.Resampling.BILINEAR)
 
 
+def _grid_image(data: bytes | Path, name: str | None = None) -> Image.Image:
+    """An image for a grid through the workflow's one decoder; an undecodable one is a grey tile (already counted by
+    the jobs that skipped it), a missing one an error."""
+    try:
+        return open_rgb(data if isinstance(data, bytes) else str(data), name)
+    except UndecodableImage as exc:
+        log.warning("report: grid shows a grey tile for %s", exc)
+        return Image.new("RGB", (8, 8), (128, 128, 128))
+
+
 def image_grid(method: str, real: pd.DataFrame, root: Path, manifest: Path, shard: Path, classes: list[tuple[str, str]],
                n_images: int, out: Path, tile: int = 64) -> None:
     """grids/<method>.png: one row per class, its real training images on the left, the method's images on the right."""
@@ -187,7 +198,7 @@ def image_grid(method: str, real: pd.DataFrame, root: Path, manifest: Path, shar
     m = pd.read_parquet(manifest)
     m = m[m["rank"] < n_images].assign(key=lambda d: d["key"].astype(str))
     wanted = set(m["key"])
-    added = {s.key: s.pil() for s in iter_shard(shard) if s.key in wanted}
+    added = {s.key: _grid_image(s.image, f"{shard}:{s.key}") for s in iter_shard(shard) if s.key in wanted}
     label_w, pad, head = 110, 4, 18
     width = label_w + 2 * n_images * (tile + pad) + 3 * pad
     canvas = Image.new("RGB", (width, head + len(classes) * (tile + pad) + pad), "white")
@@ -199,7 +210,7 @@ def image_grid(method: str, real: pd.DataFrame, root: Path, manifest: Path, shar
         draw.text((pad, y + tile // 2 - 6), name[:18], fill="black")
         paths = real.loc[real["class"] == key, "path"].head(n_images)
         for j, p in enumerate(paths):
-            canvas.paste(_tile(Image.open(root / p), tile), (label_w + j * (tile + pad), y))
+            canvas.paste(_tile(_grid_image(root / p), tile), (label_w + j * (tile + pad), y))
         keys = m[m["class"] == key].sort_values("rank")["key"]
         for j, k in enumerate(keys):
             if k in added:
@@ -248,7 +259,9 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
     for r in runs:
         metrics = read_metrics(r["metrics"])
         records.append({"method": r["method"], "n_aug": int(r["n_aug"]), "seed": int(r["seed"]),
-                        "top1": metrics["top1"], "top5": metrics["top5"]})
+                        "top1": metrics["top1"], "top5": metrics["top5"],
+                        # undecodable images each run skipped, per split: a run on fewer images says so in the table
+                        **{f"skipped_{k}": int(metrics.get("skipped", {}).get(k, 0)) for k in ("train", "aug", "test")}})
     df = pd.DataFrame(records)
     rows = []
     for (method, n_aug), g in df.groupby(["method", "n_aug"], sort=False):
@@ -256,7 +269,8 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
                        else (n_aug, float(n_aug)))
         row = {"method": method, "n_aug": n_aug, "n_aug_min": low, "n_aug_median": median, "seeds": len(g), "top1_mean": g["top1"].mean(),
                "top1_std": g["top1"].std(ddof=1) if len(g) > 1 else float("nan"), "top5_mean": g["top5"].mean(),
-               "retrieval_precision": float("nan"), "leaked_removed": float("nan"), "generation_fidelity": float("nan")}
+               "retrieval_precision": float("nan"), "leaked_removed": float("nan"), "generation_fidelity": float("nan"),
+               **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
         if method in retrieval:
             files = retrieval[method]
             row["leaked_removed"] = json.loads(Path(files["stats"]).read_text())["leaked_removed"]
@@ -284,6 +298,12 @@ def to_markdown(table: pd.DataFrame) -> str:
         price = f"{'' if np.isnan(cost) else f'{cost:.3f}'} | {'' if np.isnan(gain) else f'{gain:.1f}'}"
         got = f"{r.n_aug_min} / {r.n_aug_median:g}" if r.n_aug else ""
         lines.append(f"| {r.method} | {r.n_aug} | {got} | {r.seeds} | {top} | {prec} | {leak} | {fid} | {price} |")
+    skipped = [c for c in ("skipped_train", "skipped_aug", "skipped_test") if c in table and table[c].fillna(0).sum()]
+    if skipped:  # a run that trained or was tested on fewer images says so here, not only in a log
+        lines.append("")
+        lines.append("Undecodable images skipped (per run): " + "; ".join(
+            f"{r.method} n_aug {r.n_aug}: " + ", ".join(f"{c[8:]} {int(getattr(r, c))}" for c in skipped if getattr(r, c))
+            for r in table.itertuples(index=False) if any(getattr(r, c) for c in skipped)))
     return "\n".join(lines) + "\n"
 
 

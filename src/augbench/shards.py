@@ -35,8 +35,10 @@ class Sample:
     record: dict[str, Any]
 
     def pil(self) -> Image.Image:
-        """Decode the image as RGB."""
-        return Image.open(io.BytesIO(self.image)).convert("RGB")
+        """Decode the image as RGB (the workflow's one decoder: UndecodableImage names the sample)."""
+        from augbench.imaging import open_rgb
+
+        return open_rgb(self.image, name=f"sample {self.key}")
 
 
 def iter_shard(path: str | Path) -> Iterator[Sample]:

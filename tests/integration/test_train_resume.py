@@ -49,7 +49,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(world: Path, tmp_pa
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert resume.exists() and not (killed / "metrics.json").exists() and not (killed / "model.pt").exists()
-    step = torch.load(resume, weights_only=False)["step"]
+    step = torch.load(resume, weights_only=True)["step"]
     steps_per_epoch = 30 // SPEC["batch_size"]
     assert 0 < step < SPEC["min_steps"] and step % steps_per_epoch != 0, f"checkpoint at step {step} is not mid-epoch"
 
@@ -63,8 +63,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(world: Path, tmp_pa
     assert b["resumed_from_step"] == step and a["resumed_from_step"] == 0
     for key in ("top1", "top5", "per_class_top1", "final_loss", "steps", "n_test"):
         assert a[key] == b[key], key
-    wa = torch.load(whole / "model.pt", weights_only=False)["model"]
-    wb = torch.load(killed / "model.pt", weights_only=False)["model"]
+    wa = torch.load(whole / "model.pt", weights_only=True)["model"]
+    wb = torch.load(killed / "model.pt", weights_only=True)["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
