@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the single-node Slurm started by start.sh: slurmd, slurmctld, munged, in reverse order, by the
-# PIDs in their own pid files (never by process name: other Slurm daemons on the machine are not ours).
+# Stop the single-node Slurm started by start.sh: slurmd, slurmctld and its own munged, in reverse order, by the
+# PIDs in the pid files start.sh's daemons wrote under $AUGBENCH_SLURM_DIR (never by process name, never a
+# system pid file: other Slurm and munge daemons on the machine are not ours).
 set -uo pipefail
 DIR=${AUGBENCH_SLURM_DIR:-/tmp/augbench-slurm}
 stop() {
@@ -17,5 +18,5 @@ stop() {
 }
 stop "$DIR/slurmd.pid"
 stop "$DIR/slurmctld.pid"
-stop /run/munge/munged.pid
+stop "$DIR/munge/munged.pid"
 echo "slurm: stopped"

@@ -174,7 +174,6 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     `resume.pt` beside the outputs; a rerun of the same (spec, seed, data) continues from there.
     """
     started = time.time()
-    torch.set_num_threads(spec.threads)
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

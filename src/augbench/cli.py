@@ -50,7 +50,8 @@ def cmd_download(a: argparse.Namespace) -> object:
     from augbench.specs import DownloadSpec, parse_spec
 
     return download_part(Path(a.urls), Path(a.out_tar), Path(a.out_status), Path(a.out_stats), Path(a.cache),
-                         parse_spec(DownloadSpec, a.spec), serve=Path(a.serve) if a.serve else None)
+                         parse_spec(DownloadSpec, a.spec), serve=Path(a.serve) if a.serve else None,
+                         processes=a.threads, thread_count=a.thread_count)
 
 
 def cmd_pretrain_clip(a: argparse.Namespace) -> object:
@@ -159,14 +160,15 @@ def cmd_fetch(a: argparse.Namespace) -> object:
     return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec),
                  classes,
                  shards=_paths(a.shards) or None, cache=Path(a.cache) if a.cache else None, download_spec=dl, model=a.model,
-                 parts=_parts(a) if a.pool_emb else None, processes=a.threads, shard_size=a.shard_size)
+                 parts=_parts(a) if a.pool_emb else None, processes=a.threads, shard_size=a.shard_size,
+                 thread_count=a.thread_count)
 
 
 def cmd_index_train(a: argparse.Namespace) -> object:
     from augbench.index import train_index
     from augbench.specs import IndexSpec, parse_spec
 
-    return train_index(_parts(a), Path(a.out), parse_spec(IndexSpec, json.loads(a.spec) | {"threads": a.threads}))
+    return train_index(_parts(a), Path(a.out), parse_spec(IndexSpec, a.spec), threads=a.threads)
 
 
 def cmd_index_add(a: argparse.Namespace) -> object:
@@ -185,8 +187,7 @@ def cmd_index_recall(a: argparse.Namespace) -> object:
     from augbench.index import index_recall
     from augbench.specs import IndexSpec, parse_spec
 
-    spec = parse_spec(IndexSpec, json.loads(a.spec) | {"threads": a.threads})
-    return index_recall(Path(a.index), _parts(a), _paths(a.queries), Path(a.out), spec)
+    return index_recall(Path(a.index), _parts(a), _paths(a.queries), Path(a.out), parse_spec(IndexSpec, a.spec), threads=a.threads)
 
 
 def cmd_index_search(a: argparse.Namespace) -> object:
@@ -236,7 +237,8 @@ def cmd_report(a: argparse.Namespace) -> object:
         if a.out_cost:
             with report.atomic_path(Path(a.out_cost)) as tmp:
                 report.stage_costs(bench, a.gpu).to_csv(tmp, index=False, float_format="%.6g")
-    report.write_report(table, Path(a.out_csv), Path(a.out_md), Path(a.out_html) if a.out_html else None)
+    report.write_report(table, Path(a.out_csv), Path(a.out_md), Path(a.out_html) if a.out_html else None,
+                        Path(a.out_method_cost) if a.out_method_cost else None)
     if a.out_plot:
         report.plot_accuracy_vs_naug(table, Path(a.out_plot))
     if a.grid:
@@ -292,6 +294,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_parts)
 
     s = sub.add_parser("download", help="download one part with img2dataset (resumable)")
+    s.add_argument("--threads", type=int, default=1, help="img2dataset processes (scheduling: not part of the spec)")
+    s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
     for name in ("urls", "out-tar", "out-status", "out-stats", "cache"):
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--serve", help="serve this folder on 127.0.0.1 during the download; urls are relative to it")
@@ -299,12 +303,18 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_download)
 
     s = sub.add_parser("pretrain-clip", help="train the toy world's tiny CLIP on pool shards")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     s.add_argument("--shards", nargs="+", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_pretrain_clip)
 
     s = sub.add_parser("pretrain-diffusion", help="train the toy world's tiny latent diffusion model on pool shards")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     s.add_argument("--shards", nargs="+", required=True)
     s.add_argument("--clip", required=True, help="CLIP folder or hub id whose text tower becomes the frozen text encoder")
     s.add_argument("--out", required=True)
@@ -312,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_pretrain_diffusion)
 
     s = sub.add_parser("personalize", help="personalise a diffusion model to one class")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
     s.add_argument("--table", required=True, help="training split table (path, label, class)")
     s.add_argument("--root", required=True, help="folder the table's paths are relative to")
@@ -323,6 +336,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_personalize)
 
     s = sub.add_parser("generate", help="generate one class's images with one method (cached by chunk)")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
     s.add_argument("--table", required=True, help="training split table (img2img sources)")
     s.add_argument("--root", required=True)
@@ -335,6 +351,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("collect", help="join a method's per-class images and measure generation fidelity")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     s.add_argument("--tars", nargs="+", required=True)
     s.add_argument("--manifests", nargs="+", required=True)
     s.add_argument("--classes", required=True)
@@ -345,6 +364,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_collect)
 
     s = sub.add_parser("embed", help="CLIP-embed one pool shard or one target split")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--shard")
     src.add_argument("--split", help="split table (path, label, class)")
@@ -367,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
     _pool_args(s)
     _query_args(s)
     s.add_argument("--tile-rows", type=int, default=131072)
-    s.add_argument("--device", choices=("cpu", "auto"), default="cpu")
+    s.add_argument("--device", choices=("cpu", "auto", "cuda"), default="cpu")
     s.add_argument("--out", required=True)
     s.add_argument("--spec", required=True)
     s.set_defaults(fn=cmd_search)
@@ -393,7 +415,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--download-spec", help="remote pools: img2dataset settings")
     s.add_argument("--model", help="remote pools: CLIP for the content check")
     s.add_argument("--shard-size", type=int, default=10000)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="img2dataset processes")
+    s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
     s.set_defaults(fn=cmd_fetch)
 
     s = sub.add_parser("index-train", help="train the ANN index's quantizer on a sample of the pool")
@@ -456,6 +479,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_query)
 
     s = sub.add_parser("train", help="train and evaluate the classifier for one (method, n_aug, seed)")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     for name in ("root", "test", "classes", "out-metrics", "out-ckpt"):
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--real", nargs="+", required=True)
@@ -486,6 +512,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out-html")
     s.add_argument("--out-plot")
     s.add_argument("--out-cost")
+    s.add_argument("--out-method-cost", help="cost_by_method.csv: each row's measured CPU/GPU hours")
     s.set_defaults(fn=cmd_report)
     return p
 
@@ -511,12 +538,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=os.environ.get("AUGBENCH_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "device", None):  # read by augbench.device.pick_device wherever the command picks its device
+        os.environ["AUGBENCH_DEVICE"] = args.device
+    threads = getattr(args, "threads", None)
+    if threads:  # before torch or faiss is imported: both size their thread pools from these at start
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(threads)
     started = time.time()
     log.info("augbench %s %s", args.command, " ".join(sys.argv[2:] if argv is None else argv[1:]))
     try:
         result = args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing or unreadable file: one line that names it
         log.error("%s: %s", args.command, exc)
         return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "GPUUnavailable":
+            raise
+        log.error("%s: %s", args.command, exc)
+        return 3
     log.info("augbench %s done in %.1fs (cpu %.1fs): %s", args.command, time.time() - started, cpu_seconds(), result)
     return 0

@@ -107,7 +107,6 @@ def train_clip(images: np.ndarray, captions: list[str], spec: ClipSpec):  # -> (
     """Contrastive training on uint8 NHWC images and their captions; returns (model, tokenizer, loss)."""
     started = time.time()
     torch.manual_seed(spec.seed)
-    torch.set_num_threads(spec.threads)
     device = pick_device()
     log.info("pretrain_clip: %d images, device %s, spec %s", len(images), device, spec)
     tokenizer = train_tokenizer(captions, spec.vocab_size)

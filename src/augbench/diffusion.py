@@ -237,7 +237,6 @@ def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, sp
 
     started = time.time()
     torch.manual_seed(spec.seed)
-    torch.set_num_threads(spec.threads)
     device = pick_device()
     images, captions = load_pool_arrays(shards)
     log.info("pretrain_diffusion: %d pool images, device %s, spec %s", len(images), device, spec)

@@ -22,10 +22,7 @@ caption, url) that the classifier reads, and stats with failures counted by reas
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,83 +30,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from augbench.download import failure_reason, run_img2dataset
-from augbench.imaging import open_rgb
+from augbench.download import cache_key, download_urls, downloaded, failure_reason, sample_url
+from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import write_json, write_meta, write_parquet
 from augbench.pool import PoolPart, gather
 from augbench.retrieve import is_copy
 from augbench.shards import Sample, iter_shard, write_shard
-from augbench.specs import DownloadSpec, FetchSpec, canonical_json, spec_dict
+from augbench.specs import DownloadSpec, FetchSpec, spec_dict
 
 log = logging.getLogger(__name__)
-
-# download settings that do not change a downloaded image: not part of the url cache's key
-_SCHEDULING = ("processes_count", "thread_count")
-
 
 class YieldError(RuntimeError):
     """Some classes got fewer good images than `min_yield × n_aug`."""
 
 
-def cache_key(spec: DownloadSpec) -> str:
-    """The url cache's folder name: a hash of the download settings that change pixels."""
-    data = {k: v for k, v in spec_dict(spec).items() if k not in _SCHEDULING}
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
-
-
-def completed_shards(cache: Path) -> list[Path]:
-    """Status parquets of every completed img2dataset shard under the cache (their `_stats.json` exists)."""
-    out = []
-    for stats in sorted(cache.glob("attempt_*/out/*_stats.json")):
-        status = stats.with_name(stats.name[: -len("_stats.json")] + ".parquet")
-        if status.exists() and status.with_suffix(".tar").exists():
-            out.append(status)
-    return out
-
-
-def download_urls(urls: list[str], cache: Path, spec: DownloadSpec, shard_size: int, processes: int) -> dict[str, object]:
-    """Download the urls that no completed shard under `cache` has tried; returns counts.
-
-    Both query modes' fetch jobs share the cache and often want the same urls: an exclusive lock on the cache
-    makes the second wait for the first and then ask only for what the first did not try.
-    """
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _download_untried(urls, cache, spec, shard_size, processes)
-
-
-def _download_untried(urls: list[str], cache: Path, spec: DownloadSpec, shard_size: int, processes: int) -> dict[str, object]:
-    tried: set[str] = set()
-    for status in completed_shards(cache):
-        tried.update(pd.read_parquet(status, columns=["url"])["url"].astype(str))
-    todo = [u for u in dict.fromkeys(urls) if u not in tried]
-    log.info("fetch: %d urls, %d tried by earlier attempts, %d to request", len(set(urls)), len(set(urls) & tried), len(todo))
-    if todo:
-        folder = cache / f"attempt_{time.strftime('%Y%m%dT%H%M%S')}_{os.getpid()}"
-        rows = pd.DataFrame({"key": [f"{i:09d}" for i in range(len(todo))], "url": todo, "caption": [""] * len(todo)})
-        run_img2dataset(rows, folder, spec, shard_size=shard_size, processes=processes)
-    return {"urls": len(set(urls)), "already_tried": len(set(urls) & tried), "requested": len(todo)}
-
-
-def _downloaded(cache: Path) -> tuple[dict[str, tuple[str, str]], dict[str, Path]]:
-    """url -> (status, error) over every completed shard (a success anywhere wins), and url -> the tar holding it."""
-    status: dict[str, tuple[str, str]] = {}
-    where: dict[str, Path] = {}
-    for st_file in completed_shards(cache):
-        st = pd.read_parquet(st_file, columns=["url", "status", "error_message"])
-        for url, s, err in zip(st["url"].astype(str), st["status"], st["error_message"], strict=True):
-            if status.get(url, ("",))[0] != "success":
-                status[url] = (s, err or "")
-                if s == "success":
-                    where[url] = st_file.with_suffix(".tar")
-    return status, where
-
-
 def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n_aug: int, spec: FetchSpec, class_names: list[str],
           shards: list[Path] | None = None, cache: Path | None = None, download_spec: DownloadSpec | None = None,
           model: str | Path | None = None, parts: list[PoolPart] | None = None, processes: int = 1,
-          shard_size: int = 10000) -> dict[str, object]:
+          shard_size: int = 10000, thread_count: int = 16) -> dict[str, object]:
     """Collect the first `n_aug` good images per class of `neighbors.parquet` into `out_tar`."""
     started = time.time()
     table = pd.read_parquet(neighbors).sort_values(["label", "rank"], kind="stable").reset_index(drop=True)
@@ -130,8 +68,8 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
         if cache is None or download_spec is None:
             raise ValueError("fetch: a remote pool needs a url cache folder and the download settings")
         folder = cache / cache_key(download_spec)
-        dl_stats = download_urls(list(table["url"].astype(str)), folder, download_spec, shard_size, processes)
-        status, where = _downloaded(folder)
+        dl_stats = download_urls(list(table["url"].astype(str)), folder, download_spec, shard_size, processes, thread_count)
+        status, where = downloaded(folder)
         by_url: dict[str, list[int]] = {}
         for i, url in zip(table.index, table["url"].astype(str), strict=True):
             s, err = status.get(url, ("not_attempted", ""))
@@ -204,13 +142,13 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], where: d
     for tar in sorted(set(where.values())):
         batch: list[tuple[list[int], Sample, object]] = []
         for s in iter_shard(tar):
-            url = str(s.record.get("url"))
+            url = sample_url(s.record)
             if url not in by_url or where.get(url) != tar:
                 continue
             try:
-                image = open_rgb(s.image)  # decoded once: the content check embeds this image
-            except Exception as exc:  # img2dataset re-encoded it, so this is rare: count it
-                log.warning("fetch: %s: downloaded image does not decode (%s)", url, exc)
+                image = open_rgb(s.image, name=url)  # decoded once: the content check embeds this image
+            except UndecodableImage as exc:  # img2dataset re-encoded it, so this is rare: count it
+                log.warning("fetch: downloaded image does not decode: %s", exc)
                 for i in by_url[url]:
                     verdict[i] = "undecodable_image"
                 continue

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from augbench.device import pick_device
-from augbench.io import write_meta, write_parquet
+from augbench.io import content_id, write_json, write_meta, write_parquet
 from augbench.methods import COND_METHODS, TI_METHODS
 from augbench.personalize import class_images, load_pipeline, resolution_of
 from augbench.prompts import IMAGENET_TEMPLATES
@@ -122,23 +122,40 @@ def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources:
     return pipe(prompt=list(rows["prompt"]), negative_prompt=neg, height=size, width=size, **common).images
 
 
-def cache_key(spec: GenerateSpec, model: str | Path, class_key: str, personalization: Path | None) -> str:
-    """Everything that fixes the pixels of a chunk: spec minus `n_images`, model, class, personalisation."""
-    ident = {"spec": spec_dict(replace(spec, n_images=0, threads=0)), "model": _identity(model), "class": class_key}
+def cache_ident(spec: GenerateSpec, model: str | Path, class_key: str, personalization: Path | None,
+                real_table: Path | None = None) -> dict[str, object]:
+    """Everything that fixes the pixels of a chunk: spec minus `n_images`, and the *content* of the model folder, the
+    class's personalisation folder and (img2img) the real table.
+
+    A retrained model or personalisation lands at the same path, often under the same spec (a retrained CLIP
+    changes the toy diffusion model's text encoder, not its spec): keyed by path or spec, the cache would hand
+    back the old model's images. `augbench.io.content_id` hashes small files and names big ones by size and
+    mtime, so a 4 GB checkpoint costs no read; a hub snapshot is named by its commit.
+    """
+    ident: dict[str, object] = {"spec": spec_dict(replace(spec, n_images=0)), "model": _content(model), "class": class_key}
     if personalization is not None:
-        ident["personalization"] = _identity(personalization)
+        ident["personalization"] = content_id(personalization)
+    if real_table is not None:
+        ident["real"] = content_id(real_table)
+    return ident
+
+
+def cache_key(ident: dict[str, object]) -> str:
+    """The chunk cache's folder name for an identity from `cache_ident`."""
     return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
 
 
-def _identity(folder: str | Path) -> object:
-    """What made a folder the workflow wrote (the spec in its `.meta.json`), else its name (a hub id, a given folder).
+def _explain_miss(cache: Path, ident: dict[str, object]) -> None:
+    """Log why chunk sets already in the cache are not used: which part of their identity differs."""
+    for other in sorted(cache.glob("*/ident.json")):
+        old = json.loads(other.read_text())
+        diff = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
+        log.info("generate: cached chunks %s not used: %s changed", other.parent.name, ", ".join(diff) or "nothing (?)")
 
-    A retrained toy model or a re-run personalisation lands at the same path; keying the cache by the
-    path alone would hand back images from the old one.
-    """
-    path = Path(folder)
-    meta = path.with_name(path.name + ".meta.json")
-    return json.loads(meta.read_text()).get("spec") if meta.exists() else str(folder)
+
+def _content(model: str | Path) -> str:
+    """A model's content id; a name that is no folder (a hub id loaded directly) stands for itself."""
+    return content_id(model) if Path(model).exists() else str(model)
 
 
 def generate(model: str | Path, class_key: str, class_name: str, label: int, out_tar: Path, out_manifest: Path,
@@ -146,12 +163,16 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
              real: tuple[Path, Path] | None = None) -> dict[str, object]:
     """Make `spec.n_images` images of one class with `spec.method`; reuse cached chunks; write tar + manifest."""
     started = time.time()
-    torch.set_num_threads(spec.threads)
     device = pick_device()
     half = spec.precision == "fp16" or (spec.precision == "auto" and device.type == "cuda")
     dtype = torch.float16 if half else torch.float32
-    key = cache_key(spec, model, class_key, personalization)
+    ident = cache_ident(spec, model, class_key, personalization, real[0] if spec.method == "img2img" and real else None)
+    key = cache_key(ident)
     chunk_dir = cache / key
+    if not chunk_dir.exists():
+        _explain_miss(cache, ident)
+        chunk_dir.mkdir(parents=True)
+        write_json(chunk_dir / "ident.json", ident)
     n, b = spec.n_images, spec.batch_size
     n_chunks = -(-n // b)
     missing = [c for c in range(n_chunks) if not (chunk_dir / f"{c:05d}.tar").exists()]
@@ -205,7 +226,6 @@ def collect(tars: list[Path], manifests: list[Path], classes: Path, clip_model: 
     every class, assigns to the class they were generated for.
     """
     from augbench.embed import Clip
-    from augbench.io import write_json
 
     started = time.time()
     info = json.loads(Path(classes).read_text())

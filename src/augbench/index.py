@@ -56,10 +56,10 @@ def sample_rows(parts: list[PoolPart], n: int, seed: int) -> np.ndarray:
     return gather(parts, part_idx, flat - bounds[part_idx])
 
 
-def train_index(parts: list[PoolPart], out: Path, spec: IndexSpec) -> dict[str, object]:
+def train_index(parts: list[PoolPart], out: Path, spec: IndexSpec, threads: int = 1) -> dict[str, object]:
     """Train the index's quantizer on a sample of the pool and write the empty trained index."""
     started = time.time()
-    faiss.omp_set_num_threads(spec.threads)
+    faiss.omp_set_num_threads(threads)
     sample = sample_rows(parts, spec.train_size, spec.seed)
     index = faiss.index_factory(sample.shape[1], spec.factory, _metric(spec))
     try:
@@ -150,10 +150,10 @@ def search_index(index_file: Path, parts: list[PoolPart], query_files: dict[str,
 
 
 def index_recall(index_file: Path, parts: list[PoolPart], query_files: list[Path], out_infos: Path, spec: IndexSpec,
-                 k: int = 10, tile_rows: int = 131072) -> dict[str, object]:
+                 k: int = 10, tile_rows: int = 131072, threads: int = 1) -> dict[str, object]:
     """recall@k of the index (with its re-ranking) against exact search, on a sample of the real queries."""
     started = time.time()
-    faiss.omp_set_num_threads(spec.threads)
+    faiss.omp_set_num_threads(threads)
     queries = np.concatenate([np.load(f).astype(np.float32) for f in query_files])
     rs = np.random.default_rng(spec.seed)
     sample = queries[np.sort(rs.choice(len(queries), min(spec.recall_sample, len(queries)), replace=False))]

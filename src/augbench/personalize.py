@@ -268,7 +268,6 @@ def personalize(model: str | Path, table: Path, root: Path, label: int, class_ke
                 spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None) -> dict[str, float]:
     """Personalise `model` to one class (its rows of `table`) and save the result to folder `out`."""
     started = time.time()
-    torch.set_num_threads(spec.threads)
     device = pick_device()
     pipe = load_pipeline(model, device)
     size = spec.resolution or resolution_of(pipe)

@@ -307,13 +307,25 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path, out_html: Path | None = None) -> None:
-    """Write results.csv, results.md (and results.html) atomically."""
+COST_COLUMNS = ["method", "n_aug", "cpu_hours", "gpu_hours", "cost_hours", "gain_per_hour"]
+
+
+def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path, out_html: Path | None = None,
+                 out_method_cost: Path | None = None) -> None:
+    """Write results.csv (and .parquet), results.md, results.html and cost_by_method.csv atomically.
+
+    results.csv holds results only, so two runs of the same inputs give the same bytes; the measured
+    cost of each row (CPU time differs from run to run) goes to cost_by_method.csv, and both to the
+    markdown and HTML tables.
+    """
     with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+        table[COLUMNS].to_csv(tmp, index=False, float_format="%.6g")
+    if out_method_cost is not None and "cost_hours" in table:
+        with atomic_path(out_method_cost) as tmp:
+            table[COST_COLUMNS].to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out_md) as tmp:
         tmp.write_text(to_markdown(table))
     if out_html is not None:
         with atomic_path(out_html) as tmp:
             tmp.write_text(to_html(table))
-    write_parquet(out_csv.with_suffix(".parquet"), table)
+    write_parquet(out_csv.with_suffix(".parquet"), table[COLUMNS])

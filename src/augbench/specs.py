@@ -13,19 +13,21 @@ import random
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+# Thread and process counts are not settings: they change how fast a job runs, not what it makes, so no spec holds
+# one (changing them reruns nothing); the CLI's --threads sets them per job.
 STAGE_VERSIONS: dict[str, int] = {
     "world": 1,
     "target": 1,
-    "download": 1,
-    "pretrain_clip": 1,
+    "download": 2,  # 2: url cache keyed by (url or served file content, download settings)
+    "pretrain_clip": 2,  # 2: one random shift per image
     "embed": 1,
     "index": 1,
     "retrieve": 2,  # 2: exact search over pool parts, derived k, cross-class resolution, over-fetch
     "search": 1,
     "fetch": 2,  # 2: over-fetched candidates, content check, sharded resumable downloads
-    "train": 2,
+    "train": 3,  # 3: one random shift per image; skipped images counted in the metrics
     "report": 1,
-    "pretrain_diffusion": 1,
+    "pretrain_diffusion": 2,  # 2: one random shift per image
     "personalize": 2,  # 2: LoRA initialised from a seeded generator
     "generate": 1,
     "collect": 1,
@@ -98,8 +100,6 @@ class DownloadSpec:
 
     image_size: int = 32
     resize_mode: str = "border"
-    processes_count: int = 1
-    thread_count: int = 16
     timeout: float = 10.0
     retries: int = 0
     encode_format: str = "jpg"
@@ -125,7 +125,6 @@ class ClipSpec:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     steps: int = 1500
-    threads: int = 2
     version: int = STAGE_VERSIONS["pretrain_clip"]
 
 
@@ -153,7 +152,6 @@ class DiffusionSpec:
     prediction_type: str = "v_prediction"
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    threads: int = 1
     version: int = STAGE_VERSIONS["pretrain_diffusion"]
 
     def __post_init__(self) -> None:
@@ -176,7 +174,6 @@ class PersonalizeSpec:
     lora_rank: int = 4
     cluster_size: int = 5
     resolution: int | None = None
-    threads: int = 1
     version: int = STAGE_VERSIONS["personalize"]
 
 
@@ -196,7 +193,6 @@ class GenerateSpec:
     negative_prompt: str = ""
     strength: float = 0.5
     precision: str = "auto"
-    threads: int = 1
     version: int = STAGE_VERSIONS["generate"]
 
 
@@ -220,7 +216,6 @@ class IndexSpec:
     refine: int = 1
     recall_sample: int = 500
     seed: int = 0
-    threads: int = 1
     version: int = STAGE_VERSIONS["index"]
 
 
@@ -292,7 +287,6 @@ class TrainSpec:
     channels_last: bool = True  # on a GPU only (it slows small inputs on the CPU)
     deterministic: bool = False
     checkpoint_every: int = 200
-    threads: int = 1
     min_steps: int = 200
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = STAGE_VERSIONS["train"]

@@ -129,7 +129,7 @@ def _world(tmp_path: Path, base: str, served: Path, clip: Path) -> tuple[Path, l
     return tmp_path / "neighbors.parquet", [part], kinds
 
 
-DL = DownloadSpec(timeout=1, retries=0, thread_count=8, encode_format="png", encode_quality=9, image_size=32)
+DL = DownloadSpec(timeout=1, retries=0, encode_format="png", encode_quality=9, image_size=32)
 # the re-downloaded image has the embedded pixels (lossless PNG at the pool's size): cosine ~1; this toy CLIP puts a
 # placeholder at up to 0.93 from a shape, so the test's floor is 0.99 (ViT-L/14's default in the config is 0.85)
 SPEC = FetchSpec(min_cosine=0.99, min_yield=1.0)
@@ -182,7 +182,7 @@ def test_a_killed_fetch_resumes_with_only_the_urls_not_yet_tried(tmp_path: Path,
     cmd = [sys.executable, "-m", "augbench", "fetch", "--neighbors", str(neighbors), "--classes", str(tmp_path / "classes.json"),
            "--n-aug", str(N_AUG),
            "--out-tar", str(tmp_path / "out.tar"), "--out-manifest", str(tmp_path / "m.parquet"), "--out-stats", str(tmp_path / "s.json"),
-           "--cache", str(tmp_path / "cache"), "--download-spec", json.dumps({**DL.__dict__, "thread_count": 1}),
+           "--cache", str(tmp_path / "cache"), "--download-spec", json.dumps(DL.__dict__), "--thread-count", "1",
            "--model", str(clip), "--pool-emb", str(parts[0].emb), "--pool-meta", str(parts[0].meta), "--pool-names", "0",
            "--shard-size", "5", "--spec", json.dumps(SPEC.__dict__)]
     proc = subprocess.Popen(cmd, env=subprocess_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

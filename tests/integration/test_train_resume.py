@@ -17,7 +17,7 @@ from augbench.specs import WorldSpec, canonical_json
 from augbench.world import build_world
 
 SPEC = {"arch": "resnet18", "input_size": 32, "augment": "rrc", "crop_scale": [0.3, 1.0], "epochs": 1, "batch_size": 8,
-        "min_steps": 120, "checkpoint_every": 10, "deterministic": True, "threads": 1, "lr": 0.05}
+        "min_steps": 120, "checkpoint_every": 10, "deterministic": True, "lr": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -76,4 +76,49 @@ def test_checkpoint_of_another_run_is_not_resumed(world: Path, tmp_path: Path) -
     res = subprocess.run(_train_cmd(world, out), capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "belongs to another run" in res.stderr
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 0
+
+
+def _augment_set(world: Path, out: Path, colour: int) -> tuple[Path, Path]:
+    """An augmentation set of 4 images per class (manifest + tar); `colour` tints every image, same keys and size."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from augbench.shards import Sample, write_shard
+
+    extra = pd.read_parquet(world / "target/train_extra.parquet").groupby("label").head(4).reset_index(drop=True)
+    samples, rows = [], []
+    for i, r in extra.iterrows():
+        img = Image.open(world / r["path"]).convert("RGB")
+        img.paste((colour, 0, 0), (0, 0, 8, 8))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        key = f"aug{i:04d}"
+        samples.append(Sample(key, buf.getvalue(), "png", "", {}))
+        rows.append({"key": key, "label": int(r["label"]), "class": r["class"], "rank": int(i) % 4})
+    out.mkdir(parents=True, exist_ok=True)
+    write_shard(out / "images.tar", samples)
+    pd.DataFrame(rows).to_parquet(out / "manifest.parquet")
+    return out / "manifest.parquet", out / "images.tar"
+
+
+def test_a_regenerated_augmentation_set_of_the_same_size_is_not_resumed(world: Path, tmp_path: Path) -> None:
+    """Killed mid-run, then its augmentation set is regenerated (same keys, same size, other pixels): start again."""
+    manifest, tar = _augment_set(world, tmp_path / "aug", colour=0)
+    out = tmp_path / "run"
+    cmd = [*_train_cmd(world, out), "--aug-manifest", str(manifest), "--aug-tar", str(tar), "--n-aug", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    resume = out / "resume.pt"
+    deadline = time.time() + 300
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert resume.exists(), "killed before the first checkpoint"
+    _augment_set(world, tmp_path / "aug", colour=255)  # regenerated in place
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "belongs to another run" in res.stderr and "inputs" in res.stderr
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 0

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,10 +42,78 @@ def slurm() -> Iterator[None]:
         pytest.skip("starting a local Slurm needs root")
     res = _run(["bash", str(SCRIPTS / "start.sh")], timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+    # the cluster's own configuration: sbatch, squeue and the Snakemake plugin find it through SLURM_CONF
+    # and its client wrappers first on PATH (exported into the jobs, whose nested srun loses SLURM_CONF)
+    folder = Path(os.environ.get("AUGBENCH_SLURM_DIR", "/tmp/augbench-slurm"))
+    before = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ["SLURM_CONF"] = str(folder / "etc/slurm.conf")
+    os.environ["PATH"] = f"{folder / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         yield
     finally:
         _run(["bash", str(SCRIPTS / "stop.sh")], timeout=60)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_test_cluster_leaves_a_sites_slurm_and_munge_alone(tmp_path: Path) -> None:
+    """A machine with its own /etc/slurm/slurm.conf and a munged the test did not start: start.sh + stop.sh change neither."""
+    if os.geteuid() != 0 or not all(shutil.which(x) for x in ("slurmctld", "slurmd", "munged", "sinfo")):
+        pytest.skip("needs root and Debian's Slurm and munge packages")
+    site_conf, site_pid = Path("/etc/slurm/slurm.conf"), Path("/run/munge/munged.pid")
+    made_conf = not site_conf.exists()
+    if made_conf:  # a machine without a Slurm of its own: plant one, removed afterwards
+        site_conf.parent.mkdir(parents=True, exist_ok=True)
+        site_conf.write_text("# a site's own Slurm configuration (planted by augbench's test)\nClusterName=site\n")
+    conf_before = site_conf.read_bytes()
+    started_munged = not (site_pid.exists() and _alive(int(site_pid.read_text())))
+    if started_munged:  # the site's munge daemon, at its default socket and pid file
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        assert Path("/etc/munge/munge.key").exists(), "Debian's munge package installs /etc/munge/munge.key"
+        res = _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], timeout=30)
+        assert res.returncode == 0, res.stderr
+        for _ in range(50):
+            if site_pid.exists() and site_pid.read_text().strip():
+                break
+            time.sleep(0.1)
+    munged = int(site_pid.read_text())
+    # its folders must be reachable by the munge user (pytest's tmp_path is root-only)
+    cluster = Path(tempfile.mkdtemp(prefix="augbench-slurm-test-", dir="/tmp"))
+    cluster.chmod(0o755)
+    env = {**os.environ, "AUGBENCH_SLURM_DIR": str(cluster)}
+    env.pop("SLURM_CONF", None)
+    try:
+        res = _run(["bash", str(SCRIPTS / "start.sh")], timeout=120, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        own = cluster / "etc/slurm.conf"
+        assert own.exists() and f"SLURM_CONF={own}" in res.stdout
+        # the test cluster answers through its own configuration, and runs a job
+        job = _run(["srun", "-p", "gpu", "--gres=gpu:1", "hostname"], timeout=60, env={**env, "SLURM_CONF": str(own)})
+        assert job.returncode == 0, job.stderr
+        assert site_conf.read_bytes() == conf_before
+        assert _alive(munged) and int(site_pid.read_text()) == munged
+    finally:
+        _run(["bash", str(SCRIPTS / "stop.sh")], timeout=60, env=env)
+        assert site_conf.read_bytes() == conf_before, "start/stop changed the site's slurm.conf"
+        assert _alive(munged) and int(site_pid.read_text()) == munged, "stop.sh stopped a munged it did not start"
+        assert not (cluster / "munge/munged.pid").exists()
+        shutil.rmtree(cluster, ignore_errors=True)
+        if made_conf:
+            site_conf.unlink()
+        if started_munged:
+            os.kill(munged, 15)
 
 
 def _test_profile(dest: Path) -> Path:

@@ -20,9 +20,10 @@ rule train:
     threads: config["train"]["threads"]
     resources:
         gpu=1,
+        device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench train --real {input.real:q} --root {params.root:q} --test {input.test:q}"
         " --classes {input.classes:q} {params.aug} --n-aug {wildcards.n_aug} --seed {wildcards.seed}"
-        " --out-metrics {output.metrics:q} --out-ckpt {output.ckpt:q} --spec {params.spec:q} > {log:q} 2>&1"
+        " --out-metrics {output.metrics:q} --out-ckpt {output.ckpt:q} --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

@@ -28,6 +28,8 @@ TOY = config["pool"]["urls"] is None and PRECOMPUTED is None  # the toy pool, se
 PARTS = [f"{i:05d}" for i in range(config["pool"]["parts"])]
 SPLITS = ["train", "train_extra", "val", "test"]
 HUB_CACHE = config["models"]["cache"]
+# cuda: GPU rules fail without a usable GPU; auto: they run on the CPU when there is none (and say so); cpu: always
+DEVICE = config["device"]
 
 
 def model_source(section, toy_folder):
@@ -64,6 +66,9 @@ GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
 _unknown = [m for m in (config.get("sweep_methods") or []) if m not in ALL_METHODS]
 if _unknown:
     config_error(f"sweep_methods names {_unknown}, which are no methods; known: {list(ALL_METHODS)}")
+if config["report"]["gpu"] and DEVICE != "cuda":
+    config_error("report.gpu books the GPU rules' time as GPU-hours: set device: cuda, so that a GPU rule without a "
+                 "usable GPU fails instead of running on the CPU")
 if TOY and not TOY_TARGET:
     config_error("the toy pool (pool.urls and pool.embeddings both null) exists only with target.source: toy")
 if PRECOMPUTED and "toy" in (config["clip"]["model"], config["diffusion"]["model"]):
@@ -173,6 +178,9 @@ def stage_spec(stage, **extra):
         data = dict(config["diffusion"]["train"])
     if stage == "target":
         data = {k: v for k, v in config["target"].items() if k != "source"}
+    # how many threads or processes a job uses changes no result: never part of a spec (the rules pass --threads)
+    for key in ("threads", "processes_count", "thread_count"):
+        data.pop(key, None)
     method = extra.get("method", "")
     if stage == "personalize":  # drop what this method does not use: changing it reruns nothing
         if not method.endswith("_dm"):
@@ -197,7 +205,7 @@ def stage_spec(stage, **extra):
         if POOL_SHARDS:
             data["min_cosine"] = None  # a local pool's pixels are the embedded ones
     if stage == "index":
-        data = {k: v for k, v in config["index"].items() if k != "threads"}
+        data = {k: v for k, v in config["index"].items() if k != "threads"}  # threads: scheduling
     data.update(extra)
     data["version"] = STAGE_VERSIONS[stage]
     return canonical_json(data)

@@ -33,11 +33,12 @@ if not PRECOMPUTED:
             f"{BENCH}/download/{{part}}.tsv"
         params:
             spec=stage_spec("download"),
-            # Attempts live outside the outputs so that a rerun asks only for the failed urls.
+            # The url cache lives outside the outputs so that a rerun asks only for the failed urls.
             cache=f"{R}/pool/cache/{{part}}",
             serve=f"--serve {R}/world" if TOY else "",
-        threads: 1
+        threads: config["download"]["processes_count"]  # img2dataset processes: scheduling, not in the spec
         resources:
+            i2d_threads=config["download"]["thread_count"],
             mem_mb=lambda wc, attempt: 4000 * attempt,
             runtime=lambda wc, attempt: 240 * attempt,
         conda:
@@ -45,4 +46,4 @@ if not PRECOMPUTED:
         shell:
             "python -m augbench download --urls {input.urls:q} --out-tar {output.tar:q}"
             " --out-status {output.status:q} --out-stats {output.stats:q} --cache {params.cache:q}"
-            " {params.serve} --spec {params.spec:q} > {log:q} 2>&1"
+            " {params.serve} --spec {params.spec:q} --threads {threads} --thread-count {resources.i2d_threads} > {log:q} 2>&1"

@@ -18,13 +18,14 @@ if not PRECOMPUTED:
         threads: 1
         resources:
             gpu=1,
+            device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
             mem_mb=lambda wc, attempt: 6000 * attempt,
             runtime=lambda wc, attempt: 120 * attempt,
         conda:
             "../../envs/torch.yaml"
         shell:
             "python -m augbench embed --shard {input.shard:q} --model {params.model:q}"
-            " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} > {log:q} 2>&1"
+            " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 
 rule embed_target:
@@ -44,10 +45,11 @@ rule embed_target:
         root=lambda wildcards, input: Path(input.split).parents[1],
     threads: 1
     resources:
+        device=DEVICE,
         mem_mb=lambda wc, attempt: 6000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench embed --split {input.split:q} --root {params.root:q} --model {params.model:q}"
-        " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} > {log:q} 2>&1"
+        " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

@@ -23,11 +23,12 @@ rule generate:
     threads: config["generate"]["threads"]
     resources:
         gpu=1,
+        device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.args} --spec {params.spec:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q} > {log:q} 2>&1"
+        " {params.args} --spec {params.spec:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 
 # The per-class images of a method become one augmentation set, in the format the classifier reads;
@@ -50,9 +51,12 @@ rule collect_generated:
         f"{BENCH}/collect/{{method}}.tsv"
     params:
         clip=CLIP_MODEL,
+        version=STAGE_VERSIONS["collect"],  # a param: bumping it reruns every collect job
+    resources:
+        device=DEVICE,
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench collect --tars {input.tars:q} --manifests {input.manifests:q} --classes {input.classes:q}"
         " --clip {params.clip:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q}"
-        " --out-fidelity {output.fidelity:q} > {log:q} 2>&1"
+        " --out-fidelity {output.fidelity:q} --device {resources.device} > {log:q} 2>&1"

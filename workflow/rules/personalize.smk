@@ -21,8 +21,9 @@ rule personalize:
     threads: config["personalize"]["threads"]
     resources:
         gpu=1,
+        device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench personalize --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.args} --spec {params.spec:q} --out {output.folder:q} > {log:q} 2>&1"
+        " {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

@@ -10,14 +10,15 @@ rule pretrain_clip:
         f"{BENCH}/pretrain_clip.tsv"
     params:
         spec=stage_spec("pretrain_clip"),
-    threads: 2
+    threads: config["clip"]["train"].get("threads", 2)  # scheduling: not in the spec
     resources:
         gpu=1,
+        device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench pretrain-clip --shards {input.shards:q} --out {output.model:q}"
-        " --spec {params.spec:q} > {log:q} 2>&1"
+        " --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 
 rule pretrain_diffusion:
@@ -36,11 +37,12 @@ rule pretrain_diffusion:
         clip=CLIP_MODEL,
     # One thread by default: a second thread speeds a UNet step up only 1.4x (VAE 1.6x) on 2 cores, while the
     # classifier runs of real and retrieval rows, which need no diffusion model, can use the other core.
-    threads: config["diffusion"]["train"].get("threads", DiffusionSpec.threads)
+    threads: config["diffusion"]["train"].get("threads", 1)  # scheduling: not in the spec
     resources:
         gpu=1,
+        device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench pretrain-diffusion --shards {input.shards:q} --clip {params.clip:q} --out {output.model:q}"
-        " --spec {params.spec:q} > {log:q} 2>&1"
+        " --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

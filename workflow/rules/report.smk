@@ -9,6 +9,8 @@ rule report:
         html=report(f"{R}/report/results.html", caption="../report/results.rst", category="1. Results", labels={"file": "table"}),
         md=f"{R}/report/results.md",
         cost=report(f"{R}/report/cost.csv", caption="../report/cost.rst", category="3. Compute cost", labels={"file": "cost.csv"}),
+        method_cost=report(f"{R}/report/cost_by_method.csv", caption="../report/cost.rst", category="3. Compute cost",
+                           labels={"file": "cost_by_method.csv"}),
         plot=report(f"{R}/report/accuracy_vs_naug.png", caption="../report/accuracy_vs_naug.rst", category="1. Results",
                     labels={"file": "accuracy_vs_naug.png"}),
         grids=[
@@ -20,6 +22,7 @@ rule report:
     params:
         args=report_args,
         opts=report_opts(),
+        version=STAGE_VERSIONS["report"],  # a param: bumping it reruns the report
         bench=BENCH,
         logs=LOGS,
         root=lambda wildcards, input: Path(input.classes).parent,
@@ -28,4 +31,4 @@ rule report:
     shell:
         "python -m augbench report {params.args} {params.opts} --benchmarks {params.bench:q} --logs {params.logs:q} --classes {input.classes:q}"
         " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q}"
-        " --out-html {output.html:q} --out-cost {output.cost:q} --out-plot {output.plot:q} 2> {log:q}"
+        " --out-html {output.html:q} --out-cost {output.cost:q} --out-method-cost {output.method_cost:q} --out-plot {output.plot:q} 2> {log:q}"

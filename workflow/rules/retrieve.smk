@@ -53,7 +53,7 @@ rule search_block:
     resources:
         gpu=1 if config["retrieve"]["gpu"] else 0,
         tile_rows=config["retrieve"]["tile_rows"],
-        search_device="auto" if config["retrieve"]["gpu"] else "cpu",
+        search_device=DEVICE if config["retrieve"]["gpu"] else "cpu",
         mem_mb=search_mem_mb,
         # a CPU scans ~180 GFLOP/s per 2 cores: queries x rows x dim x 2 FLOP per block, with room to spare
         runtime=lambda wc, attempt: int(30 + 60 * attempt * PARTS_PER_BLOCK),
@@ -118,6 +118,7 @@ rule fetch_retrieved:
     threads: config["fetch"]["threads"]
     resources:
         url_shard_size=config["fetch"]["shard_size"],  # changes no result: a resource, not a compared param
+        i2d_threads=config["download"]["thread_count"],
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: int(60 + len(CLASSES) * max(N_AUG) * overfetch() / 300 / 60) * attempt,
     conda:
@@ -125,4 +126,4 @@ rule fetch_retrieved:
     shell:
         "python -m augbench fetch --neighbors {input.neighbors:q} --classes {input.classes:q} {params.source} --n-aug {params.n_aug}"
         " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
-        " --spec {params.spec:q} --threads {threads} --shard-size {resources.url_shard_size} > {log:q} 2>&1"
+        " --spec {params.spec:q} --threads {threads} --thread-count {resources.i2d_threads} --shard-size {resources.url_shard_size} > {log:q} 2>&1"
