@@ -29,6 +29,22 @@ from augbench.specs import EmbedSpec, spec_dict
 log = logging.getLogger(__name__)
 
 
+def text_positions(model: torch.nn.Module) -> int:
+    """How many tokens the text tower takes: its position table's length (the toy CLIP's is 16, CLIP's 77).
+
+    Read from the weights, not the config, whose text part is a dict in the toy model and an object in CLIP's;
+    a longer prompt is truncated to this instead of indexing past the table.
+    """
+    emb = getattr(getattr(getattr(model, "text_model", None), "embeddings", None), "position_embedding", None)
+    if emb is not None:
+        return int(emb.num_embeddings)
+    cfg = getattr(model.config, "text_config", None)
+    value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else getattr(cfg, "max_position_embeddings", None)
+    if value is None:
+        raise ValueError(f"{type(model).__name__}: cannot tell the text tower's length (no position embedding, no config)")
+    return int(value)
+
+
 class Clip:
     """A loaded CLIP-style model with its image processor and tokenizer (any `from_pretrained` source)."""
 
@@ -58,7 +74,7 @@ class Clip:
     @torch.no_grad()
     def texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 text embeddings."""
-        max_len = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", 77)
+        max_len = text_positions(self.model)
         ids = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(self.device)
         out = self.model.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
         emb = getattr(out, "pooler_output", out).float()

@@ -212,7 +212,8 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
     manifest["rank"] = manifest["index"]
     manifest["spec_hash"] = key
     write_parquet(out_manifest, manifest)
-    stats = {"images": len(kept), "chunks_made": len(missing), "chunks_reused": n_chunks - len(missing)}
+    stats = {"images": len(kept), "chunks_made": len(missing), "chunks_reused": n_chunks - len(missing),
+             "dtype": str(dtype).removeprefix("torch."), "device": device.type}
     write_meta(out_tar, "generate", spec_dict(spec), started, model=str(model), class_key=class_key, cache_key=key, stats=stats)
     log.info("generate %s/%s: %s in %.1fs", spec.method, class_key, stats, time.time() - started)
     return stats

@@ -34,7 +34,8 @@ ROW_BITS = 32
 
 
 def _metric(spec: IndexSpec) -> int:
-    return faiss.METRIC_INNER_PRODUCT if spec.metric == "ip" else faiss.METRIC_L2
+    """Inner product, as the exact search: CLIP embeddings are compared by cosine and stored normalised."""
+    return faiss.METRIC_INNER_PRODUCT
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
 # Thread and process counts are not settings: they change how fast a job runs, not what it makes, so no spec holds
@@ -209,8 +209,7 @@ class EmbedSpec:
 class IndexSpec:
     """A FAISS index built from a factory string, with recall measured against exact search."""
 
-    factory: str = "Flat"
-    metric: str = "ip"
+    factory: str = "IVF256,Flat"
     train_size: int = 100000
     nprobe: int = 16
     refine: int = 1
@@ -288,7 +287,6 @@ class TrainSpec:
     deterministic: bool = False
     checkpoint_every: int = 200
     min_steps: int = 200
-    extra: dict[str, Any] = field(default_factory=dict)
     version: int = STAGE_VERSIONS["train"]
 
     def __post_init__(self) -> None:

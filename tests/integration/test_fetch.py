@@ -204,3 +204,14 @@ def test_a_killed_fetch_resumes_with_only_the_urls_not_yet_tried(tmp_path: Path,
     assert not asked & tried, "a url of a completed shard was requested again"
     assert asked | tried >= set(pd.read_parquet(neighbors)["url"]), "every url was tried in the end"
     assert pd.read_parquet(tmp_path / "m.parquet").groupby("class").size().to_dict() == dict.fromkeys(CLASSES, N_AUG)
+
+
+def test_a_prompt_longer_than_the_text_tower_is_truncated_not_a_crash(clip: Path) -> None:
+    """The toy CLIP has 16 text positions (CLIP 77): a long retrieval prompt must embed, truncated to them."""
+    from augbench.embed import Clip, text_positions
+
+    model = Clip(clip)
+    assert text_positions(model.model) == 16
+    long = "a photo of a " + " ".join(["very"] * 200) + " large circle."
+    emb = model.texts([long, "a photo of a circle."])
+    assert emb.shape[0] == 2 and np.isfinite(emb).all()

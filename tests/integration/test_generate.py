@@ -94,16 +94,39 @@ def test_changed_setting_does_not_reuse_cache(tiny_sd: Path, target: tuple[Path,
     assert _images(tmp_path / "a.tar") != _images(tmp_path / "b.tar")
 
 
-def test_a_retrained_model_at_the_same_path_does_not_reuse_cache(tiny_sd: Path, tmp_path: Path) -> None:
-    """The toy model is rewritten in place when its settings change; its `.meta.json` spec keys the cache, not its path."""
+def test_a_retrained_model_at_the_same_path_does_not_reuse_cache(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path) -> None:
+    """The toy model is rewritten in place, under the same spec, when the CLIP it embeds is retrained: the cache is keyed
+    by the folder's content, so new weights make new images, and the same weights rewritten reuse the cached ones."""
+    from safetensors.torch import save_file
+
     model = tmp_path / "diffusion" / "model"
-    shutil.copytree(tiny_sd, model)
-    meta = model.with_name("model.meta.json")
     spec = GenerateSpec(method="prompt_classname", n_images=2, batch_size=2, steps=2)
-    made = []
-    for unet_steps in (10, 10, 20):
-        meta.write_text(json.dumps({"stage": "pretrain_diffusion", "spec": {"unet_steps": unet_steps}}))
+    made, images = [], []
+    for round_ in ("first", "same weights rewritten", "new text encoder"):
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(tiny_sd, model)
+        model.with_name("model.meta.json").write_text(json.dumps({"stage": "pretrain_diffusion", "spec": {"unet_steps": 10}}))
+        if round_ == "new text encoder":  # what a retrained CLIP does to the toy pipeline; its spec is unchanged
+            f = next((model / "text_encoder").glob("*.safetensors"))
+            save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(str(f)).items()}, str(f))
         stats = generate(model, "circle", "circle", 0, tmp_path / "a.tar", tmp_path / "a.parquet", tmp_path / "cache", spec)
+        made.append(stats["chunks_made"])
+        images.append(_images(tmp_path / "a.tar"))
+    assert made == [1, 0, 1]
+    assert images[0] == images[1] and all(images[2][k] != images[0][k] for k in images[0])
+
+
+def test_img2img_cache_follows_the_real_images(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path) -> None:
+    """img2img starts from the real images: another real table under the same path is another cache entry."""
+    spec = GenerateSpec(method="img2img", n_images=2, batch_size=2, steps=2, strength=0.5)
+    table, root = target
+    made = []
+    for step in ("first", "again", "changed table"):
+        if step == "changed table":
+            df = pd.read_parquet(table)
+            pd.concat([df.iloc[1:], df.iloc[:1]]).to_parquet(table)  # another order: other source images per item
+        stats = generate(tiny_sd, "circle", "circle", 0, tmp_path / "a.tar", tmp_path / "a.parquet", tmp_path / "cache", spec,
+                         real=(table, root))
         made.append(stats["chunks_made"])
     assert made == [1, 0, 1]
 
@@ -115,5 +138,5 @@ def test_fp16_generation_on_gpu_is_repeatable(tiny_sd: Path, tmp_path: Path) -> 
     for name in ("a", "b"):
         stats = generate(tiny_sd, "circle", "circle", 0, tmp_path / f"{name}.tar", tmp_path / f"{name}.parquet",
                          tmp_path / f"cache_{name}", spec)
-        assert stats["images"] == 4
+        assert stats["images"] == 4 and stats["dtype"] == "float16", stats  # precision auto on a GPU: half
     assert _images(tmp_path / "a.tar") == _images(tmp_path / "b.tar")

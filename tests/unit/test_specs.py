@@ -45,3 +45,76 @@ def test_generation_seeds_depend_on_method_class_and_index_only() -> None:
     assert list(a["prompt"][:2]) == ["a bad photo of a circle.", "a photo of many circle."]
     other = plan(GenerateSpec(method="prompt_classname"), "circle", "circle", 3)
     assert set(other["seed"]).isdisjoint(a["seed"])
+
+
+SPEC_SECTIONS = {  # config section (path in the schema) -> the spec the workflow builds from it
+    ("world",): "WorldSpec", ("download",): "DownloadSpec", ("clip", "train"): "ClipSpec", ("embed",): "EmbedSpec",
+    ("index",): "IndexSpec", ("retrieve",): "RetrieveSpec", ("fetch",): "FetchSpec", ("diffusion", "train"): "DiffusionSpec",
+    ("personalize",): "PersonalizeSpec", ("generate",): "GenerateSpec", ("train",): "TrainSpec", ("target",): "TargetSpec",
+}
+
+
+def _schema_section(path: tuple[str, ...]) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    node = yaml.safe_load((Path(__file__).parents[2] / "workflow/schemas/config.schema.yaml").read_text())
+    for key in path:
+        node = node["properties"][key]
+    return node["properties"]
+
+
+def _norm(v: object) -> object:
+    return list(v) if isinstance(v, tuple) else v
+
+
+@pytest.mark.parametrize("path", list(SPEC_SECTIONS), ids=".".join)
+def test_schema_and_spec_defaults_agree(path: tuple[str, ...]) -> None:
+    """One value per default: a key the schema fills in must have the dataclass's default, or the two drift apart."""
+    import dataclasses
+
+    import augbench.specs
+    import augbench.target
+
+    cls = getattr(augbench.specs, SPEC_SECTIONS[path], None) or getattr(augbench.target, SPEC_SECTIONS[path])
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+                for f in dataclasses.fields(cls)}
+    props = _schema_section(path)
+    checked = 0
+    for key, prop in props.items():
+        if key in defaults and "default" in prop:
+            where = f"{'.'.join(path)}.{key}"
+            assert _norm(prop["default"]) == _norm(defaults[key]), f"{where}: schema {prop['default']!r}, {cls.__name__} {defaults[key]!r}"
+            checked += 1
+    derived = {"version", "method", "mode", "n_aug", "n_images", "prompts", "overfetch"}  # set by the workflow, not a key
+    derived |= {"FetchSpec": {"leak_pixel_mad"}}.get(cls.__name__, set())  # fetch confirms leaks with retrieve's threshold
+    content = [k for k in defaults if k not in derived]
+    # every setting of the spec is a config key (a spec field no config can set is a hidden constant)
+    missing = [k for k in content if k not in props]
+    assert not missing, f"{cls.__name__} fields with no config key in {'.'.join(path)}: {missing}"
+
+
+def test_specs_hold_no_thread_or_process_counts() -> None:
+    """Threads change how fast a job runs, not what it makes: a spec (compared by Snakemake) must not hold them."""
+    import dataclasses
+
+    import augbench.specs
+
+    for name in SPEC_SECTIONS.values():
+        cls = getattr(augbench.specs, name, None)
+        if cls is not None:
+            names = {f.name for f in dataclasses.fields(cls)}
+            assert not names & {"threads", "processes_count", "thread_count"}, name
+
+
+def test_every_stage_version_is_read_by_the_workflow() -> None:
+    """A stage version nobody reads is a promise ("bump it and the stage reruns") that is not kept."""
+    import re
+    from pathlib import Path
+
+    from augbench.specs import STAGE_VERSIONS
+
+    rules = "\n".join(p.read_text() for p in (Path(__file__).parents[2] / "workflow/rules").glob("*.smk"))
+    for stage in STAGE_VERSIONS:
+        assert re.search(rf'(stage_spec|method_spec)\("{stage}"|STAGE_VERSIONS\["{stage}"\]', rules), stage

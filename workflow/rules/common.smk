@@ -142,7 +142,11 @@ def resolve_n_aug(value):
     per_class = config.get("real_per_class") or (config["world"]["shots"] if TOY_TARGET else None)
     if per_class is None:
         config_error(f"n_aug {value!r} is a multiple of the real images per class: set real_per_class")
-    return max(1, round(float(value[:-1]) * per_class))
+    n = round(float(value[:-1]) * per_class)
+    if n < 1:  # "0x" or a multiple that rounds to no image: an error, not a silent 1
+        config_error(f"n_aug {value!r} means {value[:-1]} x {per_class} real images per class = {n} augmentation images; "
+                     "give at least one")
+    return n
 
 
 N_AUG = sorted({resolve_n_aug(v) for v in config["n_aug"]})

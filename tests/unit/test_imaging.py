@@ -1,0 +1,86 @@
+"""The workflow's one decoder: what decodes, what is a counted skip (by reason), and what is an error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from oddities import huge_png, oddities
+
+from augbench.imaging import UndecodableImage, decode, decode_many, open_rgb
+
+
+@pytest.mark.parametrize(("name", "data", "verdict"), [(n, d, v) for n, (d, v) in oddities().items()], ids=list(oddities()))
+def test_each_oddity_decodes_or_is_skipped_with_its_reason(name: str, data: bytes, verdict: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    if verdict == "ok":
+        img = open_rgb(str(path))
+        assert img.mode == "RGB" and img.width >= 1
+        arr = decode(str(path), 16)
+        assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+    else:
+        with pytest.raises(UndecodableImage) as exc:
+            open_rgb(str(path))
+        assert exc.value.reason == verdict and name in str(exc.value)
+
+
+def test_transparency_is_composited_on_white_and_16_bit_grey_keeps_its_range() -> None:
+    from PIL import Image
+
+    clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    import io
+
+    buf = io.BytesIO()
+    clear.save(buf, "PNG")
+    assert np.asarray(open_rgb(buf.getvalue())).min() == 255  # fully transparent: white, not black or red
+    grey = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    buf = io.BytesIO()
+    grey.save(buf, "PNG")
+    assert np.asarray(open_rgb(buf.getvalue())).min() == 255  # full-scale 16-bit is white, not clipped or wrapped
+
+
+def test_a_missing_or_unreadable_file_is_an_error_naming_it_not_a_skip(tmp_path: Path) -> None:
+    missing = tmp_path / "moved" / "a.png"
+    with pytest.raises(FileNotFoundError, match=r"a\.png"):
+        decode_many([(0, str(missing))], 8, "test split")
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(oddities()["grey.png"][0])
+    locked.chmod(0)
+    try:
+        import os
+
+        if os.geteuid() != 0:  # root reads anything
+            with pytest.raises(PermissionError, match=r"locked\.png"):
+                decode_many([(0, str(locked))], 8, "test split")
+    finally:
+        locked.chmod(0o644)
+
+
+def test_decode_many_counts_skips_by_reason(tmp_path: Path) -> None:
+    items = []
+    for name, (data, _) in oddities().items():
+        (tmp_path / name).write_bytes(data)
+        items.append((name, str(tmp_path / name)))
+    skips: Counter[str] = Counter()
+    arr, tags = decode_many(items, 8, "oddities", skips)
+    expected = Counter(v for _, v in oddities().values() if v != "ok")
+    assert skips == expected
+    assert len(tags) == sum(v == "ok" for _, v in oddities().values()) == len(arr)
+
+
+def test_the_oversized_header_is_refused_without_allocating_it(tmp_path: Path) -> None:
+    """60000 x 60000 RGB is 10.8 GB: refused from the header, in a process whose peak memory stays small."""
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_png())
+    code = ("import resource, sys; from augbench.imaging import open_rgb, UndecodableImage\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"try:\n    open_rgb({str(path)!r})\nexcept UndecodableImage as e:\n    print(e.reason)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    reason, grew_mb = out.stdout.split()
+    assert reason == "too_large" and int(grew_mb) < 50, out.stdout
