@@ -211,6 +211,10 @@ def download_part(
     rows["key"] = rows["key"].astype(str)
     rows["url"] = rows["url"].astype(str)
     folder = cache / cache_key(spec)
+    others = [p.name for p in cache.glob("*") if p.is_dir() and p != folder] if cache.is_dir() else []
+    if others:  # say why earlier downloads are not reused
+        log.info("download: %d cache folder(s) of other download settings not used (%s); this one: %s",
+                 len(others), ", ".join(sorted(others)[:3]), folder.name)
     with contextlib.ExitStack() as stack:
         resolve = None
         if serve is not None:
