@@ -30,8 +30,8 @@ def sd_v1_pipeline(out: Path) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from augbench.clip_train import train_tokenizer
-    from augbench.diffusion import noise_scheduler
+    from augbench.toy.clip_train import train_tokenizer
+    from augbench.toy.diffusion import noise_scheduler
 
     words = ["circle", "square", "photo", "dog", "cat", "tench", "goldfish", "church", "parachute", "truck"]
     tok = train_tokenizer([f"a photo of a {w}." for w in words] * 50, 400)

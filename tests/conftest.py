@@ -74,9 +74,9 @@ def build_tiny_sd(out: Path, classes: tuple[str, ...] = ("circle", "square", "tr
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from augbench.clip_train import train_tokenizer
-    from augbench.diffusion import build_unet, build_vae, noise_scheduler
     from augbench.specs import DiffusionSpec
+    from augbench.toy.clip_train import train_tokenizer
+    from augbench.toy.diffusion import build_unet, build_vae, noise_scheduler
 
     torch.manual_seed(0)
     captions = [f"a photo of a {c}." for c in classes] * 20 + ["a drawing of the plus sign on a wall", "itap of my ring"] * 10

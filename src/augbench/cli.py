@@ -27,7 +27,7 @@ def _paths(values: list[str] | None) -> list[Path]:
 
 def cmd_world(a: argparse.Namespace) -> object:
     from augbench.specs import WorldSpec, parse_spec
-    from augbench.world import build_world
+    from augbench.toy.world import build_world
 
     return build_world(parse_spec(WorldSpec, a.spec), Path(a.out))
 
@@ -55,17 +55,21 @@ def cmd_download(a: argparse.Namespace) -> object:
 
 
 def cmd_pretrain_clip(a: argparse.Namespace) -> object:
-    from augbench.clip_train import pretrain_clip
     from augbench.specs import ClipSpec, parse_spec
+    from augbench.toy.clip_train import pretrain_clip
 
     return pretrain_clip(_paths(a.shards), Path(a.out), parse_spec(ClipSpec, a.spec))
 
 
 def cmd_pretrain_diffusion(a: argparse.Namespace) -> object:
-    from augbench.diffusion import pretrain_diffusion
     from augbench.specs import DiffusionSpec, parse_spec
+    from augbench.toy.diffusion import pretrain_diffusion
 
-    return pretrain_diffusion(_paths(a.shards), a.clip, Path(a.out), parse_spec(DiffusionSpec, a.spec))
+    names = None
+    if a.classes:
+        info = json.loads(Path(a.classes).read_text())
+        names = [info["names"][k] for k in info["classes"]]
+    return pretrain_diffusion(_paths(a.shards), a.clip, Path(a.out), parse_spec(DiffusionSpec, a.spec), names=names)
 
 
 def cmd_personalize(a: argparse.Namespace) -> object:
@@ -317,6 +321,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     s.add_argument("--shards", nargs="+", required=True)
     s.add_argument("--clip", required=True, help="CLIP folder or hub id whose text tower becomes the frozen text encoder")
+    s.add_argument("--classes", help="classes.json: class names for the fidelity learning curve (spec eval_every)")
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_pretrain_diffusion)

@@ -8,6 +8,7 @@ is the toy world's CLIP or `openai/clip-vit-large-patch14`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -45,13 +46,26 @@ def text_positions(model: torch.nn.Module) -> int:
     return int(value)
 
 
+TOY_CLIP_TYPE = "augbench_toy_clip"
+
+
+def is_toy_clip(source: str | Path) -> bool:
+    """Whether a model folder holds the toy CLIP (its config's model_type); a hub id or a real CLIP folder does not."""
+    config = Path(source) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") == TOY_CLIP_TYPE
+    except (OSError, ValueError):
+        return False
+
+
 class Clip:
     """A loaded CLIP-style model with its image processor and tokenizer (any `from_pretrained` source)."""
 
     def __init__(self, source: str | Path, device: torch.device | None = None, precision: str = "fp32") -> None:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        import augbench.toyclip  # noqa: F401  (registers the toy model type with AutoModel)
+        if is_toy_clip(source):
+            import augbench.toy.clip  # noqa: F401  (registers the toy model type with AutoModel; real CLIPs do not need it)
 
         self.device = device or pick_device()
         self.model = AutoModel.from_pretrained(str(source)).eval().to(self.device)

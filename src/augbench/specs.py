@@ -27,7 +27,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "fetch": 2,  # 2: over-fetched candidates, content check, sharded resumable downloads
     "train": 3,  # 3: one random shift per image; skipped images counted in the metrics
     "report": 1,
-    "pretrain_diffusion": 2,  # 2: one random shift per image
+    "pretrain_diffusion": 3,  # 2: one random shift per image; 3: mirrored images encoded, not latents flipped
     "personalize": 2,  # 2: LoRA initialised from a seeded generator
     "generate": 1,
     "collect": 1,
@@ -152,6 +152,9 @@ class DiffusionSpec:
     prediction_type: str = "v_prediction"
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    repa_weight: float = 0.0  # representation alignment (REPA): weight of the UNet-mid-block vs CLIP-image-feature loss
+    eval_every: int = 0  # UNet steps between fidelity measurements (the learning curve); 0: none
+    eval_per_class: int = 20  # images per class of each measurement
     version: int = STAGE_VERSIONS["pretrain_diffusion"]
 
     def __post_init__(self) -> None:

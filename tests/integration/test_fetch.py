@@ -75,9 +75,9 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy CLIP trained for a few steps on rendered shapes (enough to tell a picture from another)."""
     import random
 
-    from augbench.clip_train import save_clip, train_clip
     from augbench.specs import ClipSpec
-    from augbench.world import render
+    from augbench.toy.clip_train import save_clip, train_clip
+    from augbench.toy.world import render
 
     r = random.Random(0)
     images = [render(k, r, 32, pool=True)[0] for k in CLASSES * 12]
@@ -95,7 +95,7 @@ def _world(tmp_path: Path, base: str, served: Path, clip: Path) -> tuple[Path, l
     import random
 
     from augbench.embed import Clip
-    from augbench.world import render
+    from augbench.toy.world import render
 
     r = random.Random(1)
     ph = Image.new("RGB", (32, 32), (200, 200, 200))

@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageEnhance
 
-from augbench.clip_train import pretrain_clip
 from augbench.embed import embed_shard, embed_split
 from augbench.pool import PoolPart
 from augbench.retrieve import make_queries, merge
 from augbench.search import search_block
 from augbench.shards import Sample, write_shard
 from augbench.specs import ClipSpec, EmbedSpec, RetrieveSpec, rng
-from augbench.world import KINDS, render
+from augbench.toy.clip_train import pretrain_clip
+from augbench.toy.world import KINDS, render
 
 
 def _png(img: Image.Image) -> bytes:

@@ -14,7 +14,7 @@ import torch
 from conftest import subprocess_env
 
 from augbench.specs import WorldSpec, canonical_json
-from augbench.world import build_world
+from augbench.toy.world import build_world
 
 SPEC = {"arch": "resnet18", "input_size": 32, "augment": "rrc", "crop_scale": [0.3, 1.0], "epochs": 1, "batch_size": 8,
         "min_steps": 120, "checkpoint_every": 10, "deterministic": True, "lr": 0.05}

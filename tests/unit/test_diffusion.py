@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from augbench.diffusion import build_unet, build_vae, denoising_loss, noise_scheduler, standardise_latents
 from augbench.specs import DiffusionSpec
+from augbench.toy.diffusion import build_unet, build_vae, denoising_loss, noise_scheduler, standardise_latents
 
 
 def test_standardised_latents_are_zero_mean_unit_variance_and_decode_the_same() -> None:

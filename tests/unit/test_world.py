@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from augbench.specs import WorldSpec
-from augbench.world import build_world, class_names
+from augbench.toy.world import build_world, class_names
 
 
 def _digest(root: Path) -> str:

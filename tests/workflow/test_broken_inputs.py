@@ -20,7 +20,7 @@ KINDS = ("circle", "square", "triangle")
 
 def test_broken_and_unusual_files_are_decoded_or_counted_through_the_report(
         tmp_path: Path, recording_server: tuple[str, Path, list[str]]) -> None:
-    from augbench.world import render
+    from augbench.toy.world import render
 
     base, served, _ = recording_server
     odd = oddities()
@@ -63,7 +63,7 @@ def test_broken_and_unusual_files_are_decoded_or_counted_through_the_report(
     # where each planted file landed in the target's splits, and what the jobs reading them counted
     planted = {}
     for split in ("train", "train_extra", "val", "test"):
-        for p in pd.read_parquet(out / f"world/target/{split}.parquet")["path"]:
+        for p in pd.read_parquet(out / f"dataset/target/{split}.parquet")["path"]:
             if Path(p).name.startswith("odd_"):
                 planted[Path(p).name[4:]] = split
     assert set(planted) == set(odd), "every oddity is listed in a split"

@@ -74,7 +74,9 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     (wf / "site.yaml").write_text(yaml.safe_dump({"target": {"root": str(imagenet)}, "pool": {"embeddings": str(laion)}}))
     started = time.perf_counter()
     # online (HF_HUB_OFFLINE unset): the two hub models are fetched once, by a local rule, into the model cache
-    res = _smk(wf, "-n", "-p", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=300, env={"HF_HUB_OFFLINE": "0"})
+    # and with the toy code made unimportable: a real run parses without it
+    res = _smk(wf, "-n", "-p", "--configfile", "config/imagenet10.yaml", "site.yaml", timeout=300,
+               env={"HF_HUB_OFFLINE": "0", "AUGBENCH_FORBID_TOY": "1"})
     seconds = time.perf_counter() - started
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = scheduled_jobs(res.stdout)
@@ -98,6 +100,10 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     for n in (64, 128, 256, 512):
         assert f"results/imagenet10/train/retrieval_image/{n}/0/metrics.json" in res.stdout
     assert seconds <= 60, f"the ImageNet DAG took {seconds:.0f} s to build"
+    assert "results/imagenet10/world/" not in res.stdout, "a real run writes nothing under world/"
+    # the guard is live: the toy config needs the toy code and fails with it forbidden
+    toy = _smk(wf, "-n", "--configfile", "config/tiny.yaml", timeout=120, env={"AUGBENCH_FORBID_TOY": "1"})
+    assert toy.returncode != 0 and "AUGBENCH_FORBID_TOY" in toy.stdout + toy.stderr
 
 
 def test_offline_without_the_hub_snapshot_fails_naming_the_model_and_the_fetch_command(tmp_path: Path) -> None:
@@ -123,7 +129,7 @@ def test_missing_dataset_root_fails_naming_it(tmp_path: Path) -> None:
 
 
 def _render_tree(root: Path, kinds: tuple[str, ...], per_class: int, seed: int) -> None:
-    from augbench.world import render
+    from augbench.toy.world import render
 
     r = random.Random(seed)
     for kind in kinds:
@@ -161,11 +167,11 @@ def test_precomputed_pool_embeddings_are_ingested_retrieved_and_fetched_by_url(
     """A precomputed pool (three parts of unequal size, in the layout a real tool writes) is searched without embedding
     it; the retrieved images are downloaded by url over 127.0.0.1, content-checked against the stored embeddings; a pool
     copy of a test image is nominated by the merge and confirmed on its downloaded pixels."""
-    from augbench.clip_train import save_clip, train_clip
     from augbench.embed import Clip
     from augbench.specs import ClipSpec
     from augbench.target import TargetSpec, build_target
-    from augbench.world import render
+    from augbench.toy.clip_train import save_clip, train_clip
+    from augbench.toy.world import render
 
     base, served, requests = recording_server
     kinds = ("circle", "square", "triangle")

@@ -2,8 +2,8 @@ rule train:
     input:
         unpack(augment_inputs),
         real=real_splits,
-        test=f"{R}/world/target/test.parquet",
-        classes=f"{R}/world/classes.json",
+        test=f"{DATA}/target/test.parquet",
+        classes=f"{DATA}/classes.json",
     output:
         metrics=f"{R}/train/{{method}}/{{n_aug}}/{{seed}}/metrics.json",
         ckpt=f"{R}/train/{{method}}/{{n_aug}}/{{seed}}/model.pt",

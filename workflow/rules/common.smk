@@ -15,7 +15,6 @@ from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
 from augbench.pool import list_parts, part_shape  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
-from augbench.world import world_kinds  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 
@@ -23,6 +22,9 @@ R = f"results/{config['dataset']}"
 LOGS = f"logs/{config['dataset']}"
 BENCH = f"benchmarks/{config['dataset']}"
 TOY_TARGET = config["target"]["source"] == "toy"
+# split tables and classes.json: under the toy world's folder, or (a real target) a folder of their own, so a real run
+# writes nothing under world/
+DATA = f"{R}/world" if TOY_TARGET else f"{R}/dataset"
 PRECOMPUTED = config["pool"]["embeddings"]  # a clip-retrieval folder (img_emb/*.npy + metadata/*.parquet) or None
 TOY = config["pool"]["urls"] is None and PRECOMPUTED is None  # the toy pool, served from the world on 127.0.0.1
 PARTS = [f"{i:05d}" for i in range(config["pool"]["parts"])]
@@ -131,6 +133,8 @@ def dataset_classes():
             return target_classes(target_spec())
         except (FileNotFoundError, ValueError) as exc:
             config_error(str(exc))
+    from augbench.toy.world import world_kinds  # the toy code only where the toy world is used
+
     spec = parse_spec(WorldSpec, {k: v for k, v in config["world"].items()})
     return [(k.key, k.nouns[0]) for k in world_kinds(spec)[: spec.n_classes]]
 
@@ -249,7 +253,7 @@ def augment_inputs(wildcards):
 def real_splits(wildcards):
     """Real training tables: the shots, plus as many again for the real_x2 upper bound."""
     splits = ["train", "train_extra"] if wildcards.method == "real_x2" else ["train"]
-    return [f"{R}/world/target/{s}.parquet" for s in splits]
+    return [f"{DATA}/target/{s}.parquet" for s in splits]
 
 
 def model_input():
@@ -259,7 +263,7 @@ def model_input():
 
 def personalize_inputs(wildcards):
     """What personalising one class reads: the model, the real training table, and CLIP embeddings for clusters."""
-    inputs = {**model_input(), "table": f"{R}/world/target/train.parquet"}
+    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet"}
     if wildcards.method == "cond_clusters":
         inputs["emb"] = f"{R}/embed/target/img_emb/train.npy"
         inputs["meta"] = f"{R}/embed/target/metadata/train.parquet"
@@ -268,7 +272,7 @@ def personalize_inputs(wildcards):
 
 def generate_inputs(wildcards):
     """What generating one class reads: the model, its personalisation folder, or its real images (img2img)."""
-    inputs = {**model_input(), "table": f"{R}/world/target/train.parquet"}
+    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet"}
     if wildcards.method in PERSONALIZED:
         inputs["personalization"] = f"{R}/personalize/{wildcards.method}/{wildcards.cls}"
     return inputs
@@ -325,8 +329,8 @@ def report_inputs():
         "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
-        "classes": f"{R}/world/classes.json",
-        "real": f"{R}/world/target/train.parquet",
+        "classes": f"{DATA}/classes.json",
+        "real": f"{DATA}/target/train.parquet",
     }
 
 
@@ -384,17 +388,17 @@ def retrieve_inputs(wildcards):
         "table": f"{R}/retrieve/{wildcards.mode}/queries.parquet",
         "pool_emb": POOL_EMB,
         "pool_meta": POOL_META,
-        "classes": f"{R}/world/classes.json",
+        "classes": f"{DATA}/classes.json",
         "eval_emb": expand(f"{R}/embed/target/img_emb/{{split}}.npy", split=["val", "test"]),
         "eval_meta": expand(f"{R}/embed/target/metadata/{{split}}.parquet", split=["val", "test"]),
-        "eval_tables": expand(f"{R}/world/target/{{split}}.parquet", split=["val", "test"]),
+        "eval_tables": expand(f"{DATA}/target/{{split}}.parquet", split=["val", "test"]),
         "shards": POOL_SHARDS,
     }
 
 
 def fetch_inputs(wildcards):
     """Local pools: the shards; remote pools: the CLIP (content check) and the pool's embeddings."""
-    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet", "classes": f"{R}/world/classes.json"}
+    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet", "classes": f"{DATA}/classes.json"}
     if POOL_SHARDS:
         return {**inputs, "shards": POOL_SHARDS}
     return {**inputs, **clip_input(), "pool_emb": POOL_EMB, "pool_meta": POOL_META}

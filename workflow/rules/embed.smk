@@ -31,7 +31,7 @@ if not PRECOMPUTED:
 rule embed_target:
     input:
         unpack(lambda wc: clip_input()),
-        split=f"{R}/world/target/{{split}}.parquet",
+        split=f"{DATA}/target/{{split}}.parquet",
     output:
         emb=f"{R}/embed/target/img_emb/{{split}}.npy",
         meta=f"{R}/embed/target/metadata/{{split}}.parquet",

@@ -38,7 +38,7 @@ rule collect_generated:
         unpack(lambda wc: clip_input()),
         tars=lambda wc: expand(f"{R}/generate/{wc.method}/{{cls}}/images.tar", cls=CLASS_KEYS),
         manifests=lambda wc: expand(f"{R}/generate/{wc.method}/{{cls}}/manifest.parquet", cls=CLASS_KEYS),
-        classes=f"{R}/world/classes.json",
+        classes=f"{DATA}/classes.json",
     output:
         tar=f"{R}/augment/{{method}}/images.tar",
         manifest=f"{R}/augment/{{method}}/manifest.parquet",

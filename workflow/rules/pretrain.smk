@@ -25,6 +25,7 @@ rule pretrain_diffusion:
     input:
         unpack(lambda wc: clip_input()),
         shards=expand(f"{R}/pool/shards/{{part}}.tar", part=PARTS),
+        classes=f"{DATA}/classes.json",  # class names of the fidelity learning curve (diffusion.train.eval_every)
     output:
         model=directory(f"{R}/diffusion/model"),
     priority: 10  # on the critical path: scheduled before ready jobs of lower priority
@@ -44,5 +45,5 @@ rule pretrain_diffusion:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench pretrain-diffusion --shards {input.shards:q} --clip {params.clip:q} --out {output.model:q}"
+        "python -m augbench pretrain-diffusion --shards {input.shards:q} --clip {params.clip:q} --classes {input.classes:q} --out {output.model:q}"
         " --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

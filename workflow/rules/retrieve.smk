@@ -6,7 +6,7 @@
 rule queries:
     input:
         unpack(lambda wc: clip_input() if wc.mode == "text" else {}),
-        classes=f"{R}/world/classes.json",
+        classes=f"{DATA}/classes.json",
         train_emb=f"{R}/embed/target/img_emb/train.npy",
         train_meta=f"{R}/embed/target/metadata/train.parquet",
     output:

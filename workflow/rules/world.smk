@@ -3,9 +3,9 @@ if TOY_TARGET:
 
     rule world:
         output:
-            classes=f"{R}/world/classes.json",
+            classes=f"{DATA}/classes.json",
             pool=f"{R}/world/pool/pool.parquet",
-            splits=expand(f"{R}/world/target/{{split}}.parquet", split=SPLITS),
+            splits=expand(f"{DATA}/target/{{split}}.parquet", split=SPLITS),
         log:
             f"{LOGS}/world.log",
         benchmark:
@@ -22,8 +22,8 @@ else:
 
     rule target:
         output:
-            classes=f"{R}/world/classes.json",
-            splits=expand(f"{R}/world/target/{{split}}.parquet", split=SPLITS),
+            classes=f"{DATA}/classes.json",
+            splits=expand(f"{DATA}/target/{{split}}.parquet", split=SPLITS),
         log:
             f"{LOGS}/target.log",
         benchmark:

@@ -21,17 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augbench.clip_train import load_pool_arrays
 from augbench.device import pick_device
 from augbench.imaging import shift_flip, to_float
 from augbench.io import atomic_dir, write_meta
 from augbench.specs import DiffusionSpec, spec_dict
+from augbench.toy.clip_train import load_pool_arrays
 
 log = logging.getLogger(__name__)
 
@@ -171,23 +172,49 @@ def denoising_loss(pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor, t: t
     return (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
 
 
-def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor, spec: DiffusionSpec, device: torch.device):
-    """Denoiser training on cached latents and text states, with caption dropout for guidance."""
+class AlignHead(torch.nn.Module):
+    """REPA's projection (training only, never saved): UNet mid-block features -> the CLIP image tower's width."""
+
+    def __init__(self, cin: int, cout: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(cin, hidden, 1), torch.nn.SiLU(), torch.nn.Conv2d(hidden, cout, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor, spec: DiffusionSpec, device: torch.device,
+               mirrored: torch.Tensor | None = None, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+               evaluate: Callable[[object, int], dict[str, object]] | None = None):
+    """Denoiser training on cached latents and text states, with caption dropout for guidance.
+
+    `mirrored`: latents of the horizontally mirrored images. The pool has no orientation, so a mirror is a free
+    sample, but the VAE is not flip-equivariant (flipped latents decode to off-manifold images): half of each batch
+    takes the mirrored image's own latent. `features`: the CLIP image tower's feature maps of the clean images and
+    of their mirrors; with `spec.repa_weight` > 0 the UNet's mid-block features of the noisy latent are aligned with
+    them by cosine through a small head (REPA, Yu et al. 2024): a direct shape signal where the denoising loss gives
+    the conditioning almost none. `evaluate(ema_unet, step)` is called every `spec.eval_every` steps (learning curve).
+    """
     import copy
 
     unet = build_unet(spec, states.shape[-1]).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False) if spec.ema_decay > 0 else unet
     sched = noise_scheduler(spec.prediction_type)
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=1e-2)
+    head, mid = None, {}
+    if spec.repa_weight > 0 and features is not None:
+        head = AlignHead(spec.unet_widths[-1], features[0].shape[1]).to(device)
+        unet.mid_block.register_forward_hook(lambda module, args, out: mid.__setitem__("h", out))
+    params = list(unet.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt = torch.optim.AdamW(params, lr=spec.unet_lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(spec.seed + 1)
-    ema = None
+    ema = align_ema = None
+    curve: list[dict[str, object]] = []
     started = time.time()
     unet.train()
     for step in range(spec.unet_steps):
         idx = torch.randint(0, len(latents), (spec.unet_batch_size,), generator=g)
-        z0 = latents[idx]
-        if torch.rand((), generator=g) < 0.5:  # the pool has no orientation: a flip is a free sample
-            z0 = z0.flip(-1)
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        z0 = latents[idx] if mirrored is None else torch.where(flip[:, None, None, None], mirrored[idx], latents[idx])
         cond = states[idx].clone()
         drop = torch.rand(len(idx), generator=g) < spec.caption_dropout
         cond[drop] = empty
@@ -197,11 +224,19 @@ def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor,
         z0, eps, t = z0.to(device), eps.to(device), t.to(device)
         pred = unet(zt.to(device), t, encoder_hidden_states=cond.to(device)).sample
         loss = denoising_loss(pred, z0, eps, t, sched, spec.min_snr_gamma)
+        if head is not None:
+            target = torch.where(flip[:, None, None, None], features[1][idx], features[0][idx]).float().to(device)
+            h = head(mid["h"])
+            if h.shape[-2:] != target.shape[-2:]:
+                h = F.adaptive_avg_pool2d(h, target.shape[-2:])
+            align = 1 - F.cosine_similarity(h, target, dim=1).mean()
+            loss = loss + spec.repa_weight * align
+            align_ema = align.item() if align_ema is None else 0.98 * align_ema + 0.02 * align.item()
         for group in opt.param_groups:
             group["lr"] = _cosine(step, spec.unet_steps, spec.unet_lr, 100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema_unet is not unet:  # an exponential moving average of the weights samples better after short training
             decay = min(spec.ema_decay, (1 + step) / (10 + step))
@@ -210,16 +245,24 @@ def train_unet(latents: torch.Tensor, states: torch.Tensor, empty: torch.Tensor,
                     e.lerp_(p, 1 - decay)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 100 == 0 or step == spec.unet_steps - 1:
-            log.info("pretrain_diffusion: unet step %d/%d loss %.4f (%.0fs)", step, spec.unet_steps, ema, time.time() - started)
+            log.info("pretrain_diffusion: unet step %d/%d loss %.4f%s (%.0fs)", step, spec.unet_steps, ema,
+                     "" if align_ema is None else f" align {align_ema:.4f}", time.time() - started)
+        if evaluate is not None and spec.eval_every and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.unet_steps):
+            ema_unet.eval()
+            point = {"step": step + 1, "seconds": round(time.time() - started), **evaluate(ema_unet, step + 1)}
+            curve.append(point)
+            log.info("pretrain_diffusion: fidelity at step %d: %.3f", step + 1, point["fidelity"])
+            if ema_unet is unet:
+                unet.train()
     ema_unet.eval()
-    return ema_unet, float(ema or 0.0)
+    return ema_unet, float(ema or 0.0), curve
 
 
 def load_text_tower(clip_model: str | Path):  # -> (CLIPTextModel, CLIPTokenizer)
     """The CLIP's own text encoder and tokenizer, frozen, as SD v1 uses CLIP ViT-L/14's."""
     from transformers import AutoModel, AutoTokenizer, CLIPTextModel
 
-    import augbench.toyclip  # noqa: F401  (registers the toy CLIP with AutoModel)
+    import augbench.toy.clip  # noqa: F401  (registers the toy CLIP with AutoModel)
 
     clip = AutoModel.from_pretrained(clip_model)
     tokenizer = AutoTokenizer.from_pretrained(clip_model)
@@ -231,8 +274,65 @@ def load_text_tower(clip_model: str | Path):  # -> (CLIPTextModel, CLIPTokenizer
     return encoder.eval().requires_grad_(False), tokenizer
 
 
-def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, spec: DiffusionSpec) -> dict[str, float]:
-    """Train the VAE, then the UNet, on the pool; save a StableDiffusionPipeline folder at `out`."""
+@torch.no_grad()
+def clip_feature_maps(clip_model: str | Path, images: np.ndarray, batch: int = 512) -> torch.Tensor | None:
+    """The CLIP image tower's spatial feature map of each image (fp16 [n, c, h, w]): REPA's target.
+
+    None when the tower has no spatial map (a ViT's tokens); the toy CLIP's CNN gives 4x4 at 32 px.
+    """
+    from PIL import Image
+
+    from augbench.embed import Clip
+
+    clip = Clip(clip_model, device=torch.device("cpu"))
+    out = []
+    for i in range(0, len(images), batch):
+        pix = clip.processor(images=[Image.fromarray(a) for a in images[i:i + batch]], return_tensors="pt")["pixel_values"]
+        h = clip.model.vision_model(pix).last_hidden_state
+        if h.ndim != 4:
+            log.info("pretrain_diffusion: the CLIP image tower has no spatial feature map; no alignment loss")
+            return None
+        out.append(h.half())
+    return torch.cat(out)
+
+
+def fidelity_probe(vae, text_encoder, tokenizer, clip_model: str | Path, names: list[str], spec: DiffusionSpec,
+                   steps: int = 12, guidance: float = 5.0) -> Callable[[object, int], dict[str, object]]:
+    """A callback measuring generation fidelity as `collect` does: `eval_per_class` images per class from "a photo of
+    a {name}.", DPM-Solver, the CLIP's zero-shot label; the images' seeds are fixed, so points of the curve compare."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from augbench.embed import Clip
+
+    clip = Clip(clip_model, device=torch.device("cpu"))
+    prompts = [f"a photo of a {n}." for n in names for _ in range(spec.eval_per_class)]
+    labels = np.repeat(np.arange(len(names)), spec.eval_per_class)
+
+    def evaluate(unet, step: int) -> dict[str, object]:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=noise_scheduler(spec.prediction_type), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i in range(0, len(prompts), 50):
+            gens = [torch.Generator().manual_seed(10_000 + j) for j in range(i, min(i + 50, len(prompts)))]
+            images += pipe(prompt=prompts[i:i + 50], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                           height=spec.image_size, width=spec.image_size).images
+        pred = clip.zero_shot(images, names)
+        return {"fidelity": float((pred == labels).mean()),
+                "per_class": {n: float((pred[labels == c] == c).mean()) for c, n in enumerate(names)}}
+
+    return evaluate
+
+
+def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, spec: DiffusionSpec,
+                       names: list[str] | None = None) -> dict[str, object]:
+    """Train the VAE, then the UNet, on the pool; save a StableDiffusionPipeline folder at `out`.
+
+    With `spec.eval_every` and the class `names`, generation fidelity is measured along the way: the learning
+    curve, recorded in the model's `.meta.json`.
+    """
     from diffusers import StableDiffusionPipeline
 
     started = time.time()
@@ -243,6 +343,8 @@ def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, sp
     text_encoder, tokenizer = load_text_tower(clip_model)
     vae = train_vae(images, spec, device)
     latents = encode_images(vae, images, device)
+    mirrored_images = np.ascontiguousarray(images[:, :, ::-1])
+    mirrored = encode_images(vae, mirrored_images, device)
     states = encode_texts(text_encoder.to(device), tokenizer, captions, device)
     empty = encode_texts(text_encoder, tokenizer, [""], device)[0]
     with torch.no_grad():
@@ -250,12 +352,21 @@ def pretrain_diffusion(shards: list[Path], clip_model: str | Path, out: Path, sp
         target = to_float(torch.from_numpy(images[:256])) * 2 - 1
         psnr = float(10 * torch.log10(4 / F.mse_loss(rec.cpu(), target)))
     log.info("pretrain_diffusion: vae reconstruction PSNR %.1f dB, scaling factor %.3f", psnr, vae.config.scaling_factor)
-    unet, loss = train_unet(latents, states, empty, spec, device)
+    features = None
+    if spec.repa_weight > 0:
+        maps = clip_feature_maps(clip_model, images)
+        features = None if maps is None else (maps, clip_feature_maps(clip_model, mirrored_images))
+    del mirrored_images
+    probe = None
+    if spec.eval_every and names:
+        probe = fidelity_probe(vae.eval(), text_encoder.cpu(), tokenizer, clip_model, names, spec)
+    unet, loss, curve = train_unet(latents, states, empty, spec, device, mirrored=mirrored, features=features, evaluate=probe)
     pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
                                    scheduler=noise_scheduler(spec.prediction_type), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
-    stats = {"vae_psnr": psnr, "unet_loss": loss, "n_images": len(images), "seconds": time.time() - started}
+    stats = {"vae_psnr": psnr, "unet_loss": loss, "n_images": len(images), "seconds": time.time() - started,
+             "learning_curve": curve}
     write_meta(out, "pretrain_diffusion", spec_dict(spec), started, stats=stats)
     return stats

@@ -83,7 +83,7 @@ def load_pool_arrays(shards: list[Path]) -> tuple[np.ndarray, list[str]]:
 
 def build_model(spec: ClipSpec, tokenizer) -> torch.nn.Module:  # -> ToyClipModel
     """A ToyClipModel of the configured size; token ids come from the tokenizer, not the defaults."""
-    from augbench.toyclip import ToyClipConfig, ToyClipModel
+    from augbench.toy.clip import ToyClipConfig, ToyClipModel
 
     text = {
         "vocab_size": len(tokenizer), "hidden_size": spec.text_width, "intermediate_size": spec.text_width * 4,
