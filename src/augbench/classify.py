@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from augbench.device import pick_device
-from augbench.imaging import center_crop, decode_many, random_resized_crop, shift_flip, to_float
+from augbench.imaging import center_crop, colour_invariance, decode_many, random_resized_crop, shift_flip, to_float
 from augbench.io import atomic_path, content_id, write_json, write_meta
 from augbench.shards import iter_shard
 from augbench.specs import TrainSpec, canonical_json, item_seed, spec_dict
@@ -121,9 +121,13 @@ def augment_batch(x: torch.Tensor, spec: TrainSpec, seed: int, step: int) -> tor
     """The recipe's augmentation of one batch (uint8 NHWC -> float NCHW), seeded by (seed, step)."""
     g = torch.Generator().manual_seed(item_seed(seed, "train", "augment", step))
     if spec.augment == "rrc":
-        return random_resized_crop(x, spec.input_size, g, scale=spec.crop_scale)
-    out = shift_flip(x, g)
-    return center_crop(out, spec.input_size) if out.shape[-1] != spec.input_size else out
+        out = random_resized_crop(x, spec.input_size, g, scale=spec.crop_scale)
+    else:
+        out = shift_flip(x, g)
+        out = center_crop(out, spec.input_size) if out.shape[-1] != spec.input_size else out
+    if spec.colour_invariance:
+        out = colour_invariance(out, torch.Generator().manual_seed(item_seed(seed, "train", "colour", step)))
+    return out
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:

@@ -285,6 +285,7 @@ class TrainSpec:
     warmup_epochs: int = 1
     augment: str = "rrc"  # rrc: RandomResizedCrop + flip; shift_flip: small translations + flip
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    colour_invariance: bool = False  # random channel permutation, inversion and greyscale per image (toy world)
     amp: bool = True  # bfloat16 autocast, on a GPU only
     channels_last: bool = True  # on a GPU only (it slows small inputs on the CPU)
     deterministic: bool = False

@@ -28,3 +28,20 @@ def test_batch_augmentation_is_a_function_of_seed_and_step(augment: str) -> None
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     a, b, c = augment_batch(x, spec, 0, 5), augment_batch(x, spec, 0, 5), augment_batch(x, spec, 0, 6)
     assert a.shape == (4, 3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_colour_invariance_permutes_inverts_and_greys_per_image_and_keeps_shape() -> None:
+    import torch
+
+    from augbench.imaging import colour_invariance
+
+    x = torch.zeros(64, 3, 4, 4)
+    x[:, 0] = 0.9  # red images
+    g = torch.Generator().manual_seed(0)
+    out = colour_invariance(x.clone(), g)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    dominant = out.mean(dim=(2, 3))
+    kinds = {tuple(round(v, 2) for v in row.tolist()) for row in dominant}
+    assert len(kinds) >= 4, kinds  # several channel orders, inverted and grey variants: not one colour for the batch
+    again = colour_invariance(x.clone(), torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)

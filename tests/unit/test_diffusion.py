@@ -53,3 +53,30 @@ def test_denoising_loss_rejects_an_unknown_prediction_type() -> None:
     x = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="prediction_type 'sample'"):
         denoising_loss(x, x, x, torch.tensor([10]), sched, 5.0)
+
+
+def test_unet_training_takes_mirrored_latents_aligns_features_and_records_a_learning_curve() -> None:
+    """REPA's head is trained beside the UNet (and not returned); mirrored images' own latents are used for flips;
+    the learning-curve callback sees the EMA UNet at each eval step."""
+    from augbench.toy.diffusion import train_unet
+
+    torch.manual_seed(0)
+    spec = DiffusionSpec(vae_widths=(8, 16), unet_widths=(16, 32), unet_attention=(False, True), norm_groups=4, unet_steps=4,
+                         unet_batch_size=4, repa_weight=0.5, eval_every=2)
+    latents, mirrored = torch.randn(10, 4, 16, 16), torch.randn(10, 4, 16, 16)
+    states, empty = torch.randn(10, 3, 24), torch.zeros(3, 24)
+    features = (torch.randn(10, 12, 4, 4).half(), torch.randn(10, 12, 4, 4).half())
+    seen = []
+
+    def evaluate(unet, step: int) -> dict:
+        seen.append((step, unet.training))
+        return {"fidelity": 0.5, "per_class": {}}
+
+    unet, loss, curve = train_unet(latents, states, empty, spec, torch.device("cpu"), mirrored=mirrored, features=features,
+                                   evaluate=evaluate)
+    assert [c["step"] for c in curve] == [2, 4] and seen == [(2, False), (4, False)]
+    assert loss > 0 and not unet.training
+    from diffusers import UNet2DConditionModel
+
+    assert type(unet) is UNet2DConditionModel and not any(k.startswith(("head", "net.")) for k in unet.state_dict()), \
+        "the alignment head is not part of the saved UNet"
