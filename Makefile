@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test lint install clean-results
+.PHONY: demo test lint install clean-results toy-models
 
 install: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: $(STAMP)
 	snakemake --profile profiles/default --configfile config.yaml --report results/toy/report/report.html && \
 	echo && cat results/toy/report/results.md && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+# The toy foundation models: trained once on the default world (config/toy_models.yaml), shipped in fp16 under
+# models/toy/ with a manifest (sha256, world spec, command, measured time and quality). Rarely rebuilt.
+toy-models: $(STAMP)
+	snakemake results/toy/clip/model results/toy/diffusion/model --profile profiles/default --configfile config/toy_models.yaml
+	$(PY) -m augbench ship-toy --clip results/toy/clip/model --diffusion results/toy/diffusion/model \
+		--world results/toy/world --out models/toy --command "make toy-models"
 
 test: $(STAMP)
 	$(PY) -m pytest -ra tests

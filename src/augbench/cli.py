@@ -72,6 +72,13 @@ def cmd_pretrain_diffusion(a: argparse.Namespace) -> object:
     return pretrain_diffusion(_paths(a.shards), a.clip, Path(a.out), parse_spec(DiffusionSpec, a.spec), names=names)
 
 
+def cmd_ship_toy(a: argparse.Namespace) -> object:
+    from augbench.toy.ship import ship
+
+    manifest = ship(Path(a.clip), Path(a.diffusion), Path(a.world), Path(a.out), a.command)
+    return {"size_mb": manifest["size_mb"], **{k: v for k, v in manifest["quality"].items() if k != "fidelity_learning_curve"}}
+
+
 def cmd_personalize(a: argparse.Namespace) -> object:
     from augbench.personalize import personalize
     from augbench.specs import PersonalizeSpec, parse_spec
@@ -325,6 +332,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_pretrain_diffusion)
+
+    s = sub.add_parser("ship-toy", help="copy the trained toy CLIP and LDM to models/toy in fp16 with a manifest (make toy-models)")
+    for name in ("clip", "diffusion", "world", "out"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--command", required=True, help="the command that rebuilds them (recorded in the manifest)")
+    s.set_defaults(fn=cmd_ship_toy)
 
     s = sub.add_parser("personalize", help="personalise a diffusion model to one class")
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,

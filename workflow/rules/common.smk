@@ -62,6 +62,14 @@ def config_error(message):
 
 CLIP_MODEL, CLIP_FILE = model_source("clip", f"{R}/clip/model")
 SD_MODEL, SD_FILE = model_source("diffusion", f"{R}/diffusion/model")
+if TOY_TARGET:  # shipped toy models (models/toy/manifest.json) trained on another world: say so, do not stop
+    from augbench.toy.ship import world_differences
+
+    for _section, _folder in (("clip", CLIP_MODEL), ("diffusion", SD_MODEL)):
+        _diff = world_differences(_folder, parse_spec(WorldSpec, dict(config["world"])).__dict__)
+        if _diff:
+            print(f"augbench: warning: {_section}.model {_folder} was trained on another world ({'; '.join(_diff)}); "
+                  "retrieval and generation may be weaker (README: toy foundation models)", file=sys.stderr)
 GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
 
 
