@@ -302,5 +302,5 @@ def test_ann_index_path_and_query_command(tmp_path: Path) -> None:
                               "--model", str(wf / "results/tiny/clip/model"), "--pool-emb", *pool, "--pool-meta", *meta,
                               "--pool-names", "0", "1", *extra], capture_output=True, text=True, env=subprocess_env(), timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        lines = [ln for ln in out.stdout.splitlines() if "http://127.0.0.1:" in ln]
+        lines = [ln for ln in out.stdout.splitlines() if "pool/images/" in ln]  # served toy files: path + content hash
         assert len(lines) == 5, out.stdout
