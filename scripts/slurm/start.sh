@@ -88,7 +88,8 @@ for tool in sbatch srun squeue scontrol scancel sinfo sacct; do
 done
 
 export SLURM_CONF="$CONF"
-alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
+# -c: a fresh controller state: jobs of an earlier, killed test run must not keep the node allocated
+alive "$DIR/slurmctld.pid" || slurmctld -c -f "$CONF"
 alive "$DIR/slurmd.pid" || slurmd -f "$CONF"
 for _ in $(seq 1 60); do
     state=$(sinfo -h -N -o '%t' 2>/dev/null | head -1 || true)

@@ -41,6 +41,8 @@ def slurm() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("starting a local Slurm needs root")
     res = _run(["bash", str(SCRIPTS / "start.sh")], timeout=120)
+    if res.returncode != 0:  # stop whatever half-started, so the next run does not find our daemons still up
+        _run(["bash", str(SCRIPTS / "stop.sh")], timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     # the cluster's own configuration: sbatch, squeue and the Snakemake plugin find it through SLURM_CONF
     # and its client wrappers first on PATH (exported into the jobs, whose nested srun loses SLURM_CONF)
