@@ -1,0 +1,21 @@
+"""The shipped toy foundation models (models/toy/, `make toy-models`): the manifest holds for the files in the repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from augbench.toy.ship import MANIFEST, sha256
+
+TOY = Path(__file__).parents[2] / "models/toy"
+
+
+def test_manifest_sha256_match_the_shipped_files_and_they_fit_the_budget() -> None:
+    manifest = json.loads((TOY / MANIFEST).read_text())
+    files = {str(f.relative_to(TOY)): f for f in TOY.rglob("*") if f.is_file() and f.name != MANIFEST}
+    assert set(manifest["files"]) == set(files)
+    for rel, f in files.items():
+        assert sha256(f) == manifest["files"][rel], rel
+    assert sum(f.stat().st_size for f in files.values()) <= 40e6
+    assert manifest["command"] == "make toy-models" and manifest["seconds"]["diffusion"] > 0
+    assert manifest["quality"]["fidelity_learning_curve"], "the curve that chose the step count"
