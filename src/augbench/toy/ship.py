@@ -100,6 +100,7 @@ def ship(clip: Path, diffusion: Path, world: Path, out: Path, command: str) -> d
         copy_fp16(clip, tmp / "clip")
         copy_fp16(diffusion, tmp / "diffusion")
         quality = measure(tmp / "clip", tmp / "diffusion", world)
+        quality["fidelity_learning_curve"] = _meta(diffusion).get("stats", {}).get("learning_curve", [])  # the source's sidecar
         files = {str(f.relative_to(tmp)): sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
