@@ -33,20 +33,25 @@ def _train_cmd(world: Path, out: Path) -> list[str]:
             "--out-metrics", str(out / "metrics.json"), "--out-ckpt", str(out / "model.pt"), "--spec", canonical_json(SPEC)]
 
 
+def _kill_at_first_checkpoint(cmd: list[str], resume: Path) -> subprocess.Popen:
+    """Start a training run and SIGKILL it (no cleanup at all) as soon as its first checkpoint lands."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    deadline = time.time() + 300
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc
+
+
 def test_killed_training_resumes_to_the_uninterrupted_result(world: Path, tmp_path: Path) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     res = subprocess.run(_train_cmd(world, whole), capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert res.returncode == 0, res.stderr[-3000:]
 
     # the second run is killed (SIGKILL: no cleanup at all) as soon as its first checkpoint lands
-    proc = subprocess.Popen(_train_cmd(world, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
     resume = killed / "resume.pt"
-    deadline = time.time() + 300
-    while not resume.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc = _kill_at_first_checkpoint(_train_cmd(world, killed), resume)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert resume.exists() and not (killed / "metrics.json").exists() and not (killed / "model.pt").exists()
     step = torch.load(resume, weights_only=True)["step"]
@@ -109,13 +114,8 @@ def test_a_regenerated_augmentation_set_of_the_same_size_is_not_resumed(world: P
     manifest, tar = _augment_set(world, tmp_path / "aug", colour=0)
     out = tmp_path / "run"
     cmd = [*_train_cmd(world, out), "--aug-manifest", str(manifest), "--aug-tar", str(tar), "--n-aug", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     resume = out / "resume.pt"
-    deadline = time.time() + 300
-    while not resume.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    _kill_at_first_checkpoint(cmd, resume)
     assert resume.exists(), "killed before the first checkpoint"
     _augment_set(world, tmp_path / "aug", colour=255)  # regenerated in place
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
