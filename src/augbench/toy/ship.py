@@ -76,7 +76,7 @@ def measure(clip: Path, diffusion: Path, world: Path, n_pool: int = 2000) -> dic
     test = pd.read_parquet(world / "target/test.parquet")
     pred = model.zero_shot([Image.open(world / p).convert("RGB") for p in test["path"]], names)
     pool = pd.read_parquet(world / "pool/pool.parquet")
-    pool = pool[pool["true_label"] < len(names)].head(n_pool)
+    pool = pool[pool["true_label"] >= 0].head(n_pool)  # -1 marks distractor kinds
     raw = np.stack([decode(str(world / f), 32) for f in pool["file"]])
     vae = AutoencoderKL.from_pretrained(diffusion / "vae").eval()
     with torch.no_grad():
