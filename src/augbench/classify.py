@@ -23,7 +23,7 @@ from augbench.device import pick_device
 from augbench.imaging import center_crop, colour_invariance, decode_many, random_resized_crop, shift_flip, to_float
 from augbench.io import atomic_path, content_id, write_json, write_meta
 from augbench.shards import iter_shard
-from augbench.specs import TrainSpec, canonical_json, item_seed, spec_dict
+from augbench.specs import TrainSpec, canonical_json, item_seed, parse_spec, spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,35 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     resume.unlink(missing_ok=True)
     log.info("train: top1 %.4f top5 %.4f in %.0fs", metrics["top1"], metrics["top5"], time.time() - started)
     return metrics
+
+
+def judge(ckpt: Path, judge_metrics: Path, manifest: Path, shard: Path, classes: Path, out: Path) -> dict[str, object]:
+    """Score a method's generated images with the judge: a classifier trained on the target's own labelled images.
+
+    CLIP's zero-shot `generation_fidelity` is measured by the model family the generator was built on (the toy
+    LDM's text encoder is the toy CLIP's text tower); the judge shares nothing with it, so where the two agree
+    the figure is about the images, not about one model's blind spots.
+    """
+    started = time.time()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    spec = parse_spec(TrainSpec, json.dumps(state["spec"]))
+    keys = list(json.loads(Path(classes).read_text())["classes"])
+    model = build_model(spec, len(keys))
+    model.load_state_dict(state["model"])
+    device = pick_device()
+    model.to(device)
+    skips: Counter[str] = Counter()
+    ranks = pd.read_parquet(manifest, columns=["rank"])["rank"]
+    x, y = load_augment(manifest, shard, int(ranks.max()) + 1 if len(ranks) else 0, spec.load_size or spec.input_size, skips)
+    scored = evaluate(model, x, y, len(keys), device, spec) if len(y) else {"top1": float("nan"), "per_class_top1": {}}
+    result = {"judge_fidelity": scored["top1"], "per_class": {keys[c]: v for c, v in scored["per_class_top1"].items()},
+              "images": len(y), "skipped": int(sum(skips.values())),
+              "judge_test_top1": read_metrics(judge_metrics)["top1"]}
+    write_json(out, result)
+    write_meta(out, "judge", spec_dict(spec), started, judge=str(ckpt))
+    log.info("judge: %s: %.3f of %d images (judge test top-1 %.3f)", manifest, result["judge_fidelity"], len(y),
+             result["judge_test_top1"])
+    return result
 
 
 def read_metrics(path: Path) -> dict[str, object]:

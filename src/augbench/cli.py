@@ -230,6 +230,12 @@ def cmd_train(a: argparse.Namespace) -> object:
                  Path(a.out_metrics), Path(a.out_ckpt), parse_spec(TrainSpec, a.spec))
 
 
+def cmd_judge(a: argparse.Namespace) -> object:
+    from augbench.classify import judge
+
+    return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.manifest), Path(a.tar), Path(a.classes), Path(a.out))
+
+
 def cmd_report(a: argparse.Namespace) -> object:
     import pandas as pd
 
@@ -241,7 +247,8 @@ def cmd_report(a: argparse.Namespace) -> object:
     fidelity = {m: Path(f) for m, f in a.fidelity or []}
     manifests = {m: Path(f) for m, f in a.augment or []}
     n_classes = len(json.loads(Path(a.classes).read_text())["classes"]) if a.classes else None
-    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes)
+    judged = {m: Path(f) for m, f in a.judge or []}
+    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes, judged)
     if a.benchmarks:
         bench = report.read_benchmarks(Path(a.benchmarks), Path(a.logs) if a.logs else None)
         table = report.add_cost(table, bench, a.gpu)
@@ -249,7 +256,7 @@ def cmd_report(a: argparse.Namespace) -> object:
             with report.atomic_path(Path(a.out_cost)) as tmp:
                 report.stage_costs(bench, a.gpu).to_csv(tmp, index=False, float_format="%.6g")
     report.write_report(table, Path(a.out_csv), Path(a.out_md), Path(a.out_html) if a.out_html else None,
-                        Path(a.out_method_cost) if a.out_method_cost else None)
+                        Path(a.out_method_cost) if a.out_method_cost else None, report.judge_note(judged))
     if a.out_plot:
         report.plot_accuracy_vs_naug(table, Path(a.out_plot))
     if a.grid:
@@ -510,10 +517,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_train)
 
+    s = sub.add_parser("judge", help="score a method's generated images with the judge classifier (independent of CLIP)")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    for name in ("ckpt", "judge-metrics", "manifest", "tar", "classes", "out"):
+        s.add_argument(f"--{name}", required=True)
+    s.set_defaults(fn=cmd_judge)
+
     s = sub.add_parser("report", help="aggregate metrics into results.csv / results.md")
     s.add_argument("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}')
     s.add_argument("--retrieval", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "STATS"))
     s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
+    s.add_argument("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)")
     s.add_argument("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class")
     s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
     s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")

@@ -5,7 +5,9 @@ The table has one row per (method, n_aug), mean and std of top-1 over seeds.
 For retrieval methods it adds the leaked images removed and, in the toy world only (where the
 pool's hidden true labels exist), `retrieval_precision`: the share of the images actually used
 for training whose true label is the class they were retrieved for. For generation methods it adds
-`generation_fidelity`: the share of generated images CLIP assigns, zero-shot, to their intended class.
+`generation_fidelity`: the share of generated images CLIP assigns, zero-shot, to their intended class, and
+(with `report.judge`) `judge_fidelity`: the same share by the judge, a classifier trained on the target's own
+labelled images (train, train_extra, val), which shares no weights with CLIP or the generator.
 Every row gets its price (`cpu_hours`, `gpu_hours`, `cost_hours`) from the jobs' own logged CPU
 seconds (the Snakemake `benchmark:` files where a log has none, and for wall time), and
 `gain_per_hour`, top-1 points over `real` per hour of that price.
@@ -31,7 +33,7 @@ from augbench.shards import iter_shard
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "n_aug", "n_aug_min", "n_aug_median", "seeds", "top1_mean", "top1_std", "top5_mean", "retrieval_precision",
-           "leaked_removed", "generation_fidelity", "skipped_train", "skipped_aug", "skipped_test"]
+           "leaked_removed", "generation_fidelity", "judge_fidelity", "skipped_train", "skipped_aug", "skipped_test"]
 
 
 # Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU.
@@ -253,7 +255,7 @@ def achieved(manifest: Path, n_aug: int, n_classes: int) -> tuple[int, float]:
 
 def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None,
                 fidelity: dict[str, Path] | None = None, manifests: dict[str, Path] | None = None,
-                n_classes: int | None = None) -> pd.DataFrame:
+                n_classes: int | None = None, judged: dict[str, Path] | None = None) -> pd.DataFrame:
     """Aggregate runs [{method, n_aug, seed, metrics}] into the results table."""
     records = []
     for r in runs:
@@ -270,7 +272,7 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
         row = {"method": method, "n_aug": n_aug, "n_aug_min": low, "n_aug_median": median, "seeds": len(g), "top1_mean": g["top1"].mean(),
                "top1_std": g["top1"].std(ddof=1) if len(g) > 1 else float("nan"), "top5_mean": g["top5"].mean(),
                "retrieval_precision": float("nan"), "leaked_removed": float("nan"), "generation_fidelity": float("nan"),
-               **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
+               "judge_fidelity": float("nan"), **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
         if method in retrieval:
             files = retrieval[method]
             row["leaked_removed"] = json.loads(Path(files["stats"]).read_text())["leaked_removed"]
@@ -278,20 +280,33 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
                 row["retrieval_precision"] = retrieval_precision(files["manifest"], n_aug, truth)
         if fidelity and method in fidelity:
             row["generation_fidelity"] = json.loads(Path(fidelity[method]).read_text())["generation_fidelity"]
+        if judged and method in judged:
+            row["judge_fidelity"] = json.loads(Path(judged[method]).read_text())["judge_fidelity"]
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A readable markdown table: top-1 as mean ± std in percent, cost in hours."""
+def judge_note(judged: dict[str, Path]) -> list[str]:
+    """The line under the table that says how good the judge itself is (its top-1 on the test split)."""
+    if not judged:
+        return []
+    top1 = json.loads(Path(next(iter(judged.values()))).read_text())["judge_test_top1"]
+    return [f"Judge: the classifier recipe trained on train + train_extra + val (no CLIP, no generator); "
+            f"its test top-1 is {100 * top1:.1f} %."]
+
+
+def to_markdown(table: pd.DataFrame, notes: list[str] | None = None) -> str:
+    """A readable markdown table: top-1 as mean ± std in percent, cost in hours; `notes` are lines under it."""
     lines = ["| method | n_aug | achieved (min / median) | seeds | top-1 (%) | top-5 (%) | retrieval precision | leaked removed "
-             "| generation fidelity | cost (h) | gain / h |",
+             "| generation fidelity (CLIP / judge) | cost (h) | gain / h |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table.itertuples(index=False):
         std = "" if np.isnan(r.top1_std) else f" ± {100 * r.top1_std:.1f}"
         prec = "" if np.isnan(r.retrieval_precision) else f"{r.retrieval_precision:.3f}"
         leak = "" if np.isnan(r.leaked_removed) else f"{int(r.leaked_removed)}"
         fid = "" if np.isnan(r.generation_fidelity) else f"{r.generation_fidelity:.3f}"
+        judge = getattr(r, "judge_fidelity", np.nan)
+        fid += "" if np.isnan(judge) else f" / {judge:.3f}"
         top = f"{100 * r.top1_mean:.1f}{std} | {100 * r.top5_mean:.1f}"
         cost = getattr(r, "cost_hours", np.nan)
         gain = getattr(r, "gain_per_hour", np.nan)
@@ -304,6 +319,8 @@ def to_markdown(table: pd.DataFrame) -> str:
         lines.append("Undecodable images skipped (per run): " + "; ".join(
             f"{r.method} n_aug {r.n_aug}: " + ", ".join(f"{c[8:]} {int(getattr(r, c))}" for c in skipped if getattr(r, c))
             for r in table.itertuples(index=False) if any(getattr(r, c) for c in skipped)))
+    for note in notes or []:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +328,7 @@ COST_COLUMNS = ["method", "n_aug", "cpu_hours", "gpu_hours", "cost_hours", "gain
 
 
 def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path, out_html: Path | None = None,
-                 out_method_cost: Path | None = None) -> None:
+                 out_method_cost: Path | None = None, notes: list[str] | None = None) -> None:
     """Write results.csv (and .parquet), results.md, results.html and cost_by_method.csv atomically.
 
     results.csv holds results only, so two runs of the same inputs give the same bytes; the measured
@@ -324,7 +341,7 @@ def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path, out_html: Pat
         with atomic_path(out_method_cost) as tmp:
             table[COST_COLUMNS].to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out_md) as tmp:
-        tmp.write_text(to_markdown(table))
+        tmp.write_text(to_markdown(table, notes))
     if out_html is not None:
         with atomic_path(out_html) as tmp:
             tmp.write_text(to_html(table))

@@ -336,6 +336,7 @@ def report_inputs():
         "tars": [f"{R}/augment/{m}/images.tar" for m in AUGMENTED],
         "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
+        "judged": [f"{R}/augment/{m}/judge.json" for m in GENERATED] if config["report"]["judge"] else [],
         "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
         "classes": f"{DATA}/classes.json",
         "real": f"{DATA}/target/train.parquet",
@@ -354,6 +355,7 @@ def report_args(wildcards, input, output):
     retr = " ".join(f"--retrieval {m} {manifest[m]} {st}" for m, st in zip(retrieval, input.stats))
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
+    fid += "".join(f" --judge {m} {f}" for m, f in zip(GENERATED, input.judged))
     grids = " ".join(f"--grid {m} {manifest[m]} {tar[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
     augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
     return f"{runs} {retr} {fid} {truth} {grids} {augment}"
