@@ -28,7 +28,7 @@ from PIL import Image
 
 from augbench.device import pick_device
 from augbench.io import content_id, write_json, write_meta, write_parquet
-from augbench.methods import COND_METHODS, TI_METHODS
+from augbench.methods import method as registry_row
 from augbench.personalize import class_images, load_pipeline, resolution_of
 from augbench.prompts import IMAGENET_TEMPLATES
 from augbench.shards import Sample, iter_shard, write_shard
@@ -81,18 +81,19 @@ def conditioning(folder: Path) -> torch.Tensor:
 def plan(spec: GenerateSpec, class_key: str, class_name: str, n: int, token: str | None = None,
          n_sources: int = 0, n_vectors: int = 0) -> pd.DataFrame:
     """One row per image to make: index, seed, prompt, and the source image or conditioning vector it uses."""
+    m = registry_row(spec.method)
     rows = []
     for j in range(n):
         row = {"index": j, "seed": item_seed(spec.seed, spec.method, class_key, j), "prompt": None, "source": -1, "vector": -1}
-        if spec.method == "prompt_templates":
+        if m.prompt == "templates":
             row["prompt"] = IMAGENET_TEMPLATES[j % len(IMAGENET_TEMPLATES)].format(class_name)
-        elif spec.method in TI_METHODS:
+        elif m.learns == "pseudo_word":
             row["prompt"] = spec.prompt.format(token)
-        elif spec.method in COND_METHODS:
+        elif m.personalized:  # conditioning vectors: each image uses one, in turn
             row["vector"] = j % n_vectors
         else:
             row["prompt"] = spec.prompt.format(class_name)
-        if spec.method == "img2img":
+        if m.from_real:
             row["source"] = j % n_sources
         rows.append(row)
     return pd.DataFrame(rows)
@@ -109,7 +110,7 @@ def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources:
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed"]]
     common = {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance_scale, "generator": gens}
     neg = [spec.negative_prompt] * len(rows) if spec.guidance_scale > 1 else None
-    if spec.method == "img2img":
+    if registry_row(spec.method).from_real:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
@@ -166,7 +167,8 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
     device = pick_device()
     half = spec.precision == "fp16" or (spec.precision == "auto" and device.type == "cuda")
     dtype = torch.float16 if half else torch.float32
-    ident = cache_ident(spec, model, class_key, personalization, real[0] if spec.method == "img2img" and real else None)
+    m = registry_row(spec.method)
+    ident = cache_ident(spec, model, class_key, personalization, real[0] if m.from_real and real else None)
     key = cache_key(ident)
     chunk_dir = cache / key
     if not chunk_dir.exists():
@@ -176,14 +178,14 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
     n, b = spec.n_images, spec.batch_size
     n_chunks = -(-n // b)
     missing = [c for c in range(n_chunks) if not (chunk_dir / f"{c:05d}.tar").exists()]
-    personalised = spec.method in TI_METHODS + COND_METHODS
+    personalised = m.personalized
     if personalised and personalization is None:
         raise ValueError(f"generate: method {spec.method} needs its personalisation folder")
-    if spec.method == "img2img" and real is None:
-        raise ValueError("generate: img2img needs the real training table and root")
+    if m.from_real and real is None:
+        raise ValueError(f"generate: {spec.method} starts from the real images: it needs the real training table and root")
     token = json.loads((personalization / "personalization.json").read_text()).get("token") if personalised else None
-    cond = conditioning(personalization) if spec.method in COND_METHODS else None
-    n_sources = int((pd.read_parquet(real[0])["label"] == label).sum()) if spec.method == "img2img" else 0
+    cond = conditioning(personalization) if m.learns in ("cond_vectors", "cond_clusters") else None
+    n_sources = int((pd.read_parquet(real[0])["label"] == label).sum()) if m.from_real else 0
     pipe, sources, size = None, None, spec.resolution
     if missing:  # everything cached: no model is loaded at all
         pipe = load_pipeline(model, device, dtype)
@@ -191,7 +193,7 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
         size = spec.resolution or resolution_of(pipe)
         if personalised:
             apply_personalization(pipe, personalization)
-        if spec.method == "img2img":
+        if m.from_real:
             sources = class_images(real[0], real[1], label, size)
     rows = plan(spec, class_key, class_name, n_chunks * b, token, n_sources, 0 if cond is None else len(cond))
     for c in missing:

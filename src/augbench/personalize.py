@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from augbench.device import pick_device
 from augbench.imaging import decode_many, to_float
 from augbench.io import atomic_dir, write_json, write_meta
-from augbench.methods import PERSONALIZED, TI_METHODS
+from augbench.methods import method as registry_row
 from augbench.prompts import CLASSNAME, IMAGENET_TEMPLATES
 from augbench.specs import PersonalizeSpec, item_seed, spec_dict
 
@@ -111,9 +111,10 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
 
 def assignments(method: str, n_images: int, cluster_size: int, embeddings: np.ndarray | None, seed: int) -> np.ndarray:
     """Which conditioning vector each training image trains: its own, its cluster's, or the class's one."""
-    if method in ("cond_vectors", "cond_vectors_dm"):
+    learns = registry_row(method).learns
+    if learns == "cond_vectors":
         return np.arange(n_images)
-    if method == "cond_clusters":
+    if learns == "cond_clusters":
         if embeddings is None or len(embeddings) != n_images:
             got = None if embeddings is None else len(embeddings)
             raise ValueError(f"cond_clusters: need one CLIP embedding per training image, got {got} for {n_images} images")
@@ -153,9 +154,10 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     `latents` holds the n images then their n mirror images; `assign[i]` is image i's vector.
     """
     method = spec.method
-    if method not in PERSONALIZED:
-        raise ValueError(f"personalize: unknown method {method!r}; known: {list(PERSONALIZED)}")
-    dm = method.endswith("_dm")
+    m = registry_row(method)
+    if not m.personalized:
+        raise ValueError(f"personalize: method {method!r} learns nothing per class")
+    dm = m.finetune_unet
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.unet.requires_grad_(False)
@@ -168,7 +170,7 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     g = torch.Generator().manual_seed(item_seed(spec.seed, "personalize", method, class_key))
     groups: list[dict] = []
     learned = Learned(assign=assign)
-    if method in TI_METHODS:
+    if m.learns == "pseudo_word":
         token = token_for(class_key)
         if pipe.tokenizer.add_tokens([token]) != 1:
             raise ValueError(f"textual_inversion: token {token!r} already exists in the tokenizer")
@@ -250,7 +252,8 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
         if learned.cond is not None:
             save_file({"cond": learned.cond.detach().float().cpu().contiguous(),
                        "assign": torch.from_numpy(learned.assign).contiguous()}, str(tmp / "cond.safetensors"))
-        if method.endswith("_dm"):
+        dm = registry_row(method).finetune_unet
+        if dm:
             if spec.dm_finetune == "lora":
                 from diffusers import StableDiffusionPipeline
                 from diffusers.utils import convert_state_dict_to_diffusers
@@ -261,7 +264,7 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
             else:
                 pipe.unet.save_pretrained(tmp / "unet")
         write_json(tmp / "personalization.json", {"method": method, "token": learned.token, "dm_finetune": spec.dm_finetune
-                                                  if method.endswith("_dm") else None, "final_loss": learned.final_loss})
+                                                  if dm else None, "final_loss": learned.final_loss})
 
 
 def personalize(model: str | Path, table: Path, root: Path, label: int, class_key: str, class_name: str, out: Path,
@@ -273,7 +276,7 @@ def personalize(model: str | Path, table: Path, root: Path, label: int, class_ke
     size = spec.resolution or resolution_of(pipe)
     images = class_images(table, root, label, size)
     emb = None
-    if spec.method == "cond_clusters":
+    if registry_row(spec.method).learns == "cond_clusters":
         if embeddings is None:
             raise ValueError("cond_clusters: the training split's CLIP embeddings are needed")
         meta = pd.read_parquet(embeddings[1])

@@ -27,7 +27,7 @@ from PIL import Image
 from augbench.classify import read_metrics
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
-from augbench.methods import BASELINES, RETRIEVAL_MODES
+from augbench.methods import BASELINES, REGISTRY, RETRIEVAL_MODES
 from augbench.shards import iter_shard
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ def read_benchmarks(folder: Path, logs: Path | None = None) -> pd.DataFrame:
 
 
 def _family(method: str) -> str:
-    if method in BASELINES:
-        return "baseline"
-    return "retrieval" if method in RETRIEVAL_MODES else "generated"
+    return REGISTRY[method].family
 
 
 def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool) -> dict[str, float]:
@@ -108,7 +106,7 @@ def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool) -> dict
     elif method not in BASELINES:
         own |= bench["stage"].isin(["personalize", "generate"]) & bench["key"].str.startswith(f"{method}/")
         own |= (bench["stage"] == "collect") & (bench["key"] == method)
-        if method == "cond_clusters":  # clusters come from the CLIP embeddings of the training images
+        if REGISTRY[method].learns == "cond_clusters":  # clusters come from the CLIP embeddings of the training images
             own |= (bench["stage"] == "embed_target") | (bench["stage"] == "pretrain_clip")
     runs = bench[(bench["stage"] == "train") & bench["key"].str.startswith(f"{method}/{n_aug}/")]
     rows = bench[own]

@@ -23,7 +23,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 def _copy_workflow(dest: Path) -> Path:
     """A copy of the workflow (code, rules, configs) in its own folder, so results/ stay inside the test."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "src"):
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "src", "models"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     shutil.copy(REPO / "config.yaml", dest / "config.yaml")

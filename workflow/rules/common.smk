@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from augbench.methods import ALL_METHODS, BASELINES, COND_METHODS, GENERATION_METHODS, PERSONALIZED, RETRIEVAL_MODES  # noqa: E402
+from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONALIZED, REGISTRY, RETRIEVAL_MODES  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
@@ -73,9 +73,10 @@ if TOY_TARGET:  # shipped toy models (models/toy/manifest.json) trained on anoth
 GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
 
 
-_unknown = [m for m in (config.get("sweep_methods") or []) if m not in ALL_METHODS]
-if _unknown:
-    config_error(f"sweep_methods names {_unknown}, which are no methods; known: {list(ALL_METHODS)}")
+for _key in ("methods", "sweep_methods"):  # the registry is the one list of methods (augbench.methods.REGISTRY)
+    _unknown = [m for m in (config.get(_key) or []) if m not in ALL_METHODS]
+    if _unknown:
+        config_error(f"{_key} names {_unknown}, which are no methods; known: {list(ALL_METHODS)}")
 if config["report"]["gpu"] and DEVICE != "cuda":
     config_error("report.gpu books the GPU rules' time as GPU-hours: set device: cuda, so that a GPU rule without a "
                  "usable GPU fails instead of running on the CPU")
@@ -198,17 +199,11 @@ def stage_spec(stage, **extra):
     for key in ("threads", "processes_count", "thread_count"):
         data.pop(key, None)
     method = extra.get("method", "")
-    if stage == "personalize":  # drop what this method does not use: changing it reruns nothing
-        if not method.endswith("_dm"):
-            data = {k: v for k, v in data.items() if k not in ("dm_finetune", "dm_lr", "lora_rank")}
-        if method != "cond_clusters":
-            data.pop("cluster_size", None)
+    if stage in ("personalize", "generate"):  # drop what this method does not use: changing it reruns nothing
+        data = {k: v for k, v in data.items() if k not in REGISTRY[method].unused_keys(stage)}
     if stage == "generate":
         data["n_images"] = max(N_AUG)
-        if method != "img2img":
-            data.pop("strength", None)
-        if method == "prompt_templates" or method in COND_METHODS:
-            data.pop("prompt", None)
+        data.update(REGISTRY[method].generate)  # settings the method fixes for itself (registry)
     if stage == "retrieve":  # content only: how the search is scheduled (blocks, tiles, threads, device) is not
         data = {k: v for k, v in config["retrieve"].items() if k not in SEARCH_SCHEDULING
                 and not (extra.get("mode") == "image" and k == "prompts")}
@@ -259,9 +254,8 @@ def augment_inputs(wildcards):
 
 
 def real_splits(wildcards):
-    """Real training tables: the shots, plus as many again for the real_x2 upper bound."""
-    splits = ["train", "train_extra"] if wildcards.method == "real_x2" else ["train"]
-    return [f"{DATA}/target/{s}.parquet" for s in splits]
+    """Real training tables of a method (registry: real_x2 adds as many real images again, the upper bound)."""
+    return [f"{DATA}/target/{s}.parquet" for s in REGISTRY[wildcards.method].real_splits]
 
 
 def model_input():
@@ -272,7 +266,7 @@ def model_input():
 def personalize_inputs(wildcards):
     """What personalising one class reads: the model, the real training table, and CLIP embeddings for clusters."""
     inputs = {**model_input(), "table": f"{DATA}/target/train.parquet"}
-    if wildcards.method == "cond_clusters":
+    if REGISTRY[wildcards.method].learns == "cond_clusters":  # k-means on the training images' CLIP embeddings
         inputs["emb"] = f"{R}/embed/target/img_emb/train.npy"
         inputs["meta"] = f"{R}/embed/target/metadata/train.parquet"
     return inputs
