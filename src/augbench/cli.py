@@ -79,22 +79,32 @@ def cmd_ship_toy(a: argparse.Namespace) -> object:
     return {"size_mb": manifest["size_mb"], **{k: v for k, v in manifest["quality"].items() if k != "fidelity_learning_curve"}}
 
 
+def _block(a: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(key, label, display name) of the block's classes (--keys) from classes.json (--classes)."""
+    info = json.loads(Path(a.classes).read_text())
+    label = {k: i for i, k in enumerate(info["classes"])}
+    unknown = [k for k in a.keys if k not in label]
+    if unknown:
+        raise ValueError(f"{a.classes}: no class(es) {unknown}")
+    return [(k, label[k], info["names"].get(k, k)) for k in a.keys]
+
+
 def cmd_personalize(a: argparse.Namespace) -> object:
-    from augbench.personalize import personalize
+    from augbench.personalize import personalize_block
     from augbench.specs import PersonalizeSpec, parse_spec
 
     emb = (Path(a.emb), Path(a.meta)) if a.emb else None
-    return personalize(a.model, Path(a.table), Path(a.root), a.label, a.class_key, a.name, Path(a.out),
-                       parse_spec(PersonalizeSpec, a.spec), embeddings=emb)
+    return personalize_block(a.model, Path(a.table), Path(a.root), _block(a), Path(a.out), Path(a.cache),
+                             parse_spec(PersonalizeSpec, a.spec), embeddings=emb)
 
 
 def cmd_generate(a: argparse.Namespace) -> object:
-    from augbench.generate import generate
+    from augbench.generate import generate_block
     from augbench.specs import GenerateSpec, parse_spec
 
-    return generate(a.model, a.class_key, a.name, a.label, Path(a.out_tar), Path(a.out_manifest), Path(a.cache),
-                    parse_spec(GenerateSpec, a.spec), personalization=Path(a.personalization) if a.personalization else None,
-                    real=(Path(a.table), Path(a.root)))
+    return generate_block(a.model, _block(a), Path(a.out), Path(a.cache), parse_spec(GenerateSpec, a.spec),
+                          personalization=Path(a.personalization) if a.personalization else None,
+                          real=(Path(a.table), Path(a.root)))
 
 
 def cmd_collect(a: argparse.Namespace) -> object:
@@ -286,9 +296,8 @@ def _query_args(s: argparse.ArgumentParser) -> None:
 
 
 def _class_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--class-key", required=True)
-    s.add_argument("--label", type=int, required=True)
-    s.add_argument("--name", required=True, help="the class name prompts use")
+    s.add_argument("--classes", required=True, help="classes.json: labels and display names")
+    s.add_argument("--keys", nargs="+", required=True, help="the class keys of this block, processed in this order")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -346,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--command", required=True, help="the command that rebuilds them (recorded in the manifest)")
     s.set_defaults(fn=cmd_ship_toy)
 
-    s = sub.add_parser("personalize", help="personalise a diffusion model to one class")
+    s = sub.add_parser("personalize", help="personalise a diffusion model to each class of a block (one model load)")
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
                    help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
@@ -356,11 +365,12 @@ def parser() -> argparse.ArgumentParser:
     _class_args(s)
     s.add_argument("--emb", help="training split CLIP embeddings (cond_clusters)")
     s.add_argument("--meta", help="their metadata parquet")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="the block's folder: one sub-folder per class")
+    s.add_argument("--cache", required=True, help="per-class results, kept across blocks and killed jobs")
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_personalize)
 
-    s = sub.add_parser("generate", help="generate one class's images with one method (cached by chunk)")
+    s = sub.add_parser("generate", help="generate each class of a block with one method (one model load; cached by chunk)")
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
                    help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
@@ -368,10 +378,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--table", required=True, help="training split table (img2img sources)")
     s.add_argument("--root", required=True)
     _class_args(s)
-    s.add_argument("--personalization", help="the class's personalisation folder (personalised methods)")
-    s.add_argument("--cache", required=True)
-    s.add_argument("--out-tar", required=True)
-    s.add_argument("--out-manifest", required=True)
+    s.add_argument("--personalization", help="the block's personalisation folder (personalised methods)")
+    s.add_argument("--cache", required=True, help="chunk cache: one sub-folder per class")
+    s.add_argument("--out", required=True, help="the block's folder: <class>/images.tar and manifest.parquet")
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_generate)
 

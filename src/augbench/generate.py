@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from augbench.device import pick_device
-from augbench.io import content_id, write_json, write_meta, write_parquet
+from augbench.io import atomic_dir, content_id, write_json, write_meta, write_parquet
 from augbench.methods import method as registry_row
-from augbench.personalize import class_images, load_pipeline, resolution_of
+from augbench.personalize import PipelineSource, class_images, resolution_of
 from augbench.prompts import IMAGENET_TEMPLATES
 from augbench.shards import Sample, iter_shard, write_shard
 from augbench.specs import GenerateSpec, canonical_json, item_seed, spec_dict
@@ -161,12 +161,14 @@ def _content(model: str | Path) -> str:
 
 def generate(model: str | Path, class_key: str, class_name: str, label: int, out_tar: Path, out_manifest: Path,
              cache: Path, spec: GenerateSpec, personalization: Path | None = None,
-             real: tuple[Path, Path] | None = None) -> dict[str, object]:
-    """Make `spec.n_images` images of one class with `spec.method`; reuse cached chunks; write tar + manifest."""
+             real: tuple[Path, Path] | None = None, source: PipelineSource | None = None) -> dict[str, object]:
+    """Make `spec.n_images` images of one class with `spec.method`; reuse cached chunks; write tar + manifest.
+
+    `source` is the block worker's pipeline source (loaded once for all its classes); None loads the model here.
+    """
     started = time.time()
     device = pick_device()
-    half = spec.precision == "fp16" or (spec.precision == "auto" and device.type == "cuda")
-    dtype = torch.float16 if half else torch.float32
+    dtype = precision_of(spec, device)
     m = registry_row(spec.method)
     ident = cache_ident(spec, model, class_key, personalization, real[0] if m.from_real and real else None)
     key = cache_key(ident)
@@ -188,7 +190,8 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
     n_sources = int((pd.read_parquet(real[0])["label"] == label).sum()) if m.from_real else 0
     pipe, sources, size = None, None, spec.resolution
     if missing:  # everything cached: no model is loaded at all
-        pipe = load_pipeline(model, device, dtype)
+        source = source or PipelineSource(model, device, dtype)
+        pipe = source.fresh() if personalised else source.base()  # a personalisation never touches the shared one
         set_scheduler(pipe, spec.scheduler)
         size = spec.resolution or resolution_of(pipe)
         if personalised:
@@ -218,6 +221,39 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
              "dtype": str(dtype).removeprefix("torch."), "device": device.type}
     write_meta(out_tar, "generate", spec_dict(spec), started, model=str(model), class_key=class_key, cache_key=key, stats=stats)
     log.info("generate %s/%s: %s in %.1fs", spec.method, class_key, stats, time.time() - started)
+    return stats
+
+
+def precision_of(spec: GenerateSpec, device: torch.device) -> torch.dtype:
+    """fp16 where asked, or on a GPU under `auto`; fp32 on the CPU."""
+    half = spec.precision == "fp16" or (spec.precision == "auto" and device.type == "cuda")
+    return torch.float16 if half else torch.float32
+
+
+def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: Path, cache: Path, spec: GenerateSpec,
+                   personalization: Path | None = None, real: tuple[Path, Path] | None = None) -> dict[str, object]:
+    """Generate every class of a block in one process: the model is loaded once (only if a chunk is missing).
+
+    Writes `out/<class key>/images.tar` and `manifest.parquet` for each class; chunks live in `cache/<class key>/`,
+    outside the block's folder, so a killed block keeps what it made and a rerun appends as a per-class job would.
+    """
+    started = time.time()
+    device = pick_device()
+    source = PipelineSource(model, device, precision_of(spec, device))
+    per_class = {}
+    with atomic_dir(out) as tmp:
+        for key, label, name in classes:
+            per_class[key] = generate(model, key, name, label, tmp / key / "images.tar", tmp / key / "manifest.parquet",
+                                      cache / key, spec, personalization / key if personalization else None, real, source)
+    images = sum(int(s["images"]) for s in per_class.values())
+    seconds = time.time() - started
+    stats = {"classes": len(classes), "images": images, "pipeline_loads": source.loads,
+             "images_per_s": round(images / seconds, 3) if seconds else None,
+             "chunks_made": sum(int(s["chunks_made"]) for s in per_class.values())}
+    if device.type == "cuda":
+        stats["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    write_meta(out, "generate", spec_dict(spec), started, model=str(model), stats=stats)
+    log.info("generate %s: %s in %.1fs", spec.method, stats, seconds)
     return stats
 
 

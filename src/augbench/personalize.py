@@ -16,9 +16,14 @@ The VAE and the text encoder's weights are frozen in every method; only the tens
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import math
+import os
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +34,10 @@ import torch.nn.functional as F
 
 from augbench.device import pick_device
 from augbench.imaging import decode_many, to_float
-from augbench.io import atomic_dir, write_json, write_meta
+from augbench.io import atomic_dir, content_id, write_json, write_meta
 from augbench.methods import method as registry_row
 from augbench.prompts import CLASSNAME, IMAGENET_TEMPLATES
-from augbench.specs import PersonalizeSpec, item_seed, spec_dict
+from augbench.specs import PersonalizeSpec, canonical_json, item_seed, spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +49,68 @@ def token_for(class_key: str) -> str:
     return f"<{class_key}>"
 
 
+def has_fp16_variant(model: str | Path) -> bool:
+    """Whether a pipeline folder ships diffusers' fp16 variant files (`*.fp16.safetensors`): half the bytes to read."""
+    folder = Path(model)
+    return folder.is_dir() and any(folder.glob("*/*.fp16.safetensors"))
+
+
 def load_pipeline(model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
-    """`StableDiffusionPipeline.from_pretrained` on a folder or hub id, without the safety checker."""
+    """`StableDiffusionPipeline.from_pretrained` on a folder or hub id, without the safety checker (fp16 variant files
+    when loading in half precision and the folder has them)."""
     from diffusers import StableDiffusionPipeline
 
+    variant = "fp16" if dtype == torch.float16 and has_fp16_variant(model) else None
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False,
-                                                   feature_extractor=None, dtype=dtype)
+                                                   feature_extractor=None, dtype=dtype, variant=variant)
     if len(pipe.tokenizer) < 10:
         raise ValueError(f"{model}: tokenizer has only {len(pipe.tokenizer)} tokens; is the pipeline folder complete?")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or torch.device("cpu"))
+
+
+class PipelineSource:
+    """One pipeline load per worker process, and for each class a pipeline of its own.
+
+    A class-block job (one process per method and block of classes) loads the model once; each class then
+    gets `fresh()`: the frozen VAE and scheduler are shared, while the UNet, text encoder and tokenizer are
+    copies of the loaded ones, so a pseudo-word, LoRA adapter or fine-tuned UNet of one class never reaches
+    the next, and a class's result is the same as in a process of its own.
+    """
+
+    def __init__(self, model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.device, self.dtype = model, device or torch.device("cpu"), dtype
+        self._base = None
+        self.loads = 0
+
+    def base(self):  # -> StableDiffusionPipeline
+        if self._base is None:
+            self._base = load_pipeline(self.model, self.device, self.dtype)
+            self.loads += 1
+        return self._base
+
+    def fresh(self):  # -> StableDiffusionPipeline
+        base = self.base()
+        parts = dict(base.components)
+        parts.update(unet=copy.deepcopy(base.unet), text_encoder=copy.deepcopy(base.text_encoder),
+                     tokenizer=copy.deepcopy(base.tokenizer))
+        pipe = type(base)(**parts, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """`dst` as a tree of hard links to `src`'s files (copies across filesystems): a block's outputs cost no bytes."""
+    for f in sorted(src.rglob("*")):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
 
 
 def resolution_of(pipe) -> int:
@@ -72,11 +129,19 @@ def class_images(table: Path, root: Path, label: int, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_latents(pipe, images: np.ndarray) -> torch.Tensor:
-    """Scaled VAE posterior means of the images and of their mirror images ([2n, c, h, w]: originals first)."""
-    x = to_float(torch.from_numpy(images)) * 2 - 1
-    x = torch.cat([x, x.flip(-1)]).to(pipe.device, pipe.vae.dtype)
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+def encode_latents(pipe, images: np.ndarray, micro_batch: int = 16) -> torch.Tensor:
+    """Scaled VAE posterior means of the images and of their mirror images ([2n, c, h, w]: originals first).
+
+    At most `micro_batch` images reach the VAE at once: SD's encoder at 512 px holds about 130 MiB of activations
+    per image, so one call over a 260-image class and its mirrors would need tens of GiB.
+    """
+    out = []
+    for flip in (False, True):
+        for i in range(0, len(images), micro_batch):
+            x = to_float(torch.from_numpy(images[i:i + micro_batch])) * 2 - 1
+            x = (x.flip(-1) if flip else x).to(pipe.device, pipe.vae.dtype)
+            out.append(pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -192,7 +257,7 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
         templates = fits or [CLASSNAME]
     else:
         base = encode_prompt(pipe, [CLASSNAME.format(class_name)])
-        cond = base.repeat(int(assign.max()) + 1, 1, 1).clone().requires_grad_(True)
+        cond = base.float().repeat(int(assign.max()) + 1, 1, 1).clone().requires_grad_(True)
         groups.append({"params": [cond], "lr": spec.lr, "weight_decay": 0.0})
         learned.cond = cond
     if dm:
@@ -215,13 +280,15 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
             prompts = [templates[int(j)].format(learned.token) for j in picks]
             ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
                                  return_tensors="pt").input_ids
-            c = pipe.text_encoder(ids.to(pipe.device))[0]
+            with _autocast(pipe.device):
+                c = pipe.text_encoder(ids.to(pipe.device))[0]
         else:
             c = learned.cond[assign_t[idx]]
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         eps = torch.randn(z0.shape, generator=g).to(z0)
         zt = sched.add_noise(z0, eps, t.to(z0.device))
-        pred = pipe.unet(zt, t.to(z0.device), encoder_hidden_states=c.to(pipe.unet.dtype)).sample
+        with _autocast(pipe.device):
+            pred = pipe.unet(zt, t.to(z0.device), encoder_hidden_states=c.to(pipe.unet.dtype)).sample
         # the model's own objective: SD 1.x predicts the noise, SD 2.x (768 px) the velocity
         target = eps if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, eps, t.to(z0.device))
         loss = F.mse_loss(pred.float(), target.float())
@@ -267,27 +334,82 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
                                                   if dm else None, "final_loss": learned.final_loss})
 
 
-def personalize(model: str | Path, table: Path, root: Path, label: int, class_key: str, class_name: str, out: Path,
-                spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None) -> dict[str, float]:
-    """Personalise `model` to one class (its rows of `table`) and save the result to folder `out`."""
+def _autocast(device: torch.device):  # -> context manager
+    """bfloat16 autocast for the forward passes on a GPU; nothing on the CPU (runs there stay bit-exact)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _halve_frozen(pipe, m) -> None:
+    """On a GPU, the parts a method does not train go to half precision (the VAE, and the UNet or text encoder
+    where they stay frozen): SD's frozen UNet is 1.7 GB instead of 3.4 GB."""
+    if pipe.device.type != "cuda":
+        return
+    pipe.vae.half()
+    if not m.finetune_unet:
+        pipe.unet.half()
+    if m.learns != "pseudo_word":
+        pipe.text_encoder.half()
+
+
+def cache_ident(spec: PersonalizeSpec, model: str | Path, class_key: str, table: Path,
+                embeddings: tuple[Path, Path] | None) -> dict[str, object]:
+    """What fixes one class's personalisation: the spec and the content of the model, the table and the embeddings."""
+    ident: dict[str, object] = {"spec": spec_dict(spec), "class": class_key, "table": content_id(table),
+                                "model": content_id(model) if Path(model).exists() else str(model)}
+    if embeddings is not None:
+        ident["embeddings"] = [content_id(p) for p in embeddings]
+    return ident
+
+
+def personalize_class(source: PipelineSource, table: Path, root: Path, label: int, class_key: str, class_name: str,
+                      cache: Path, spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None) -> tuple[Path, dict]:
+    """One class's personalisation folder, from the cache (`cache/<key>/`, keyed by content) or made now."""
+    ident = cache_ident(spec, source.model, class_key, table, embeddings)
+    out = cache / hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+    if (out / "personalization.json").exists():
+        log.info("personalize %s/%s: cached in %s", spec.method, class_key, out)
+        return out, {"cached": True}
     started = time.time()
-    device = pick_device()
-    pipe = load_pipeline(model, device)
+    m = registry_row(spec.method)
+    pipe = source.fresh()
+    _halve_frozen(pipe, m)
     size = spec.resolution or resolution_of(pipe)
     images = class_images(table, root, label, size)
     emb = None
-    if registry_row(spec.method).learns == "cond_clusters":
+    if m.learns == "cond_clusters":
         if embeddings is None:
             raise ValueError("cond_clusters: the training split's CLIP embeddings are needed")
         meta = pd.read_parquet(embeddings[1])
         vecs = np.load(embeddings[0]).astype(np.float32)
         emb = vecs[(meta["label"] == label).to_numpy()]
     assign = assignments(spec.method, len(images), spec.cluster_size, emb, item_seed(spec.seed, "clusters", class_key))
-    latents = encode_latents(pipe, images)
+    latents = encode_latents(pipe, images, spec.encode_batch)
     log.info("personalize %s/%s: %d images at %dpx, %d vectors, device %s", spec.method, class_key, len(images), size,
-             int(assign.max()) + 1, device)
+             int(assign.max()) + 1, pipe.device)
     learned = train_personalization(pipe, latents, assign, class_key, class_name, spec)
     save_personalization(pipe, learned, spec.method, spec, out)
-    stats = {"images": len(images), "vectors": int(assign.max()) + 1, "final_loss": learned.final_loss}
-    write_meta(out, "personalize", spec_dict(spec), started, model=str(model), class_key=class_key, stats=stats)
-    return stats
+    write_json(out / "ident.json", ident)
+    stats = {"images": len(images), "vectors": int(assign.max()) + 1, "final_loss": learned.final_loss,
+             "seconds": round(time.time() - started, 1)}
+    if pipe.device.type == "cuda":
+        stats["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return out, stats
+
+
+def personalize_block(model: str | Path, table: Path, root: Path, classes: list[tuple[str, int, str]], out: Path,
+                      cache: Path, spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None) -> dict[str, object]:
+    """Personalise `model` to each class of a block in one process (the model is loaded once) and write the block's
+    folder `out/<class key>/` (links to the per-class cache under `cache/<class key>/`, so a killed block keeps the
+    classes it finished)."""
+    started = time.time()
+    source = PipelineSource(model, pick_device())
+    per_class = {}
+    with atomic_dir(out) as tmp:
+        for key, label, name in classes:
+            folder, per_class[key] = personalize_class(source, table, root, label, key, name, cache / key, spec, embeddings)
+            link_tree(folder, tmp / key)
+    stats = {"classes": len(classes), "pipeline_loads": source.loads, "per_class": per_class}
+    write_meta(out, "personalize", spec_dict(spec), started, model=str(model), stats=stats)
+    log.info("personalize %s: %d classes, %d pipeline load(s) in %.1fs", spec.method, len(classes), source.loads,
+             time.time() - started)
+    return {k: v for k, v in stats.items() if k != "per_class"}

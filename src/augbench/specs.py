@@ -177,6 +177,7 @@ class PersonalizeSpec:
     lora_rank: int = 4
     cluster_size: int = 5
     resolution: int | None = None
+    encode_batch: int = 16  # images per VAE encode call: a class's memory does not grow with its size
     version: int = STAGE_VERSIONS["personalize"]
 
 

@@ -14,13 +14,20 @@ and the classifier never know which world they are in:
   for datasets without one (Caltech256), `test_per_class` of the images left over.
 
 Paths in the tables are absolute, so `root / path` (how every stage resolves them) is the path itself.
+
+A class's *key* names its files and jobs (wildcards, folders, shard members); its *folder* is where its images
+are; its *name* goes into prompts. A folder name that is not a safe key (Caltech-256's `001.ak47`, spaces,
+apostrophes, non-ASCII letters) gets a slug key, `class_key`; the display name keeps the original spelling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +69,38 @@ def _read_tsv(path: Path) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows[1:]]
 
 
+SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def class_key(folder: str) -> str:
+    """The key of a class folder: the folder name itself where it is safe in paths, wildcards, shell words and
+    webdataset member names (letters, digits, `_`, `-`); else an ASCII slug plus 6 hex of the name's sha1, so two
+    folders never share a key ("001.ak47" -> "001_ak47-<hash>", "crème brûlée" -> "creme_brulee-<hash>")."""
+    if SAFE_KEY.fullmatch(folder) and len(folder) <= 64:  # (a key is also a file name: at most 255 bytes)
+        return folder
+    ascii_name = unicodedata.normalize("NFKD", folder).encode("ascii", "ignore").decode()
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_name).strip("_-")[:48] or "class"
+    return f"{base}-{hashlib.sha1(folder.encode()).hexdigest()[:6]}"
+
+
 def target_classes(spec: TargetSpec) -> list[tuple[str, str]]:
-    """(folder key, display name) of each class in label order; called at workflow parse time, so it is cheap.
+    """(key, display name) of each class in label order; called at workflow parse time, so it is cheap.
 
     `class_list` is `imagenet` (the shipped wnid/name table, no disk scan), `folders` (the sorted
     sub-folders of `root/train_dir`; Caltech256's "001.ak47" becomes the name "ak47"), or a path to
-    a `key<TAB>name` table.
+    a `key<TAB>name` table (key: the folder name). Keys are `class_key` of the folder names.
     """
+    classes = [(class_key(folder), name) for folder, name in class_folders(spec)]
+    seen: dict[str, int] = {}
+    for i, (key, _) in enumerate(classes):
+        if key in seen:
+            raise ValueError(f"target: classes {seen[key]} and {i} have the same key {key!r} (class list {spec.class_list!r})")
+        seen[key] = i
+    return classes
+
+
+def class_folders(spec: TargetSpec) -> list[tuple[str, str]]:
+    """(folder name, display name) of each class in label order (see `target_classes`)."""
     root = Path(spec.root)
     if not spec.root or not root.is_dir():
         raise FileNotFoundError(f"target.root {spec.root!r} does not exist or is not a folder (set it in your config)")
@@ -79,10 +111,10 @@ def target_classes(spec: TargetSpec) -> list[tuple[str, str]]:
         return _read_tsv(CLASS_LISTS[spec.class_list])
     if spec.class_list != "folders":
         return _read_tsv(Path(spec.class_list))
-    keys = sorted(p.name for p in train.iterdir() if p.is_dir())
-    if not keys:
+    folders = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not folders:
         raise ValueError(f"{train}: no class folders")
-    return [(k, _display_name(k)) for k in keys]
+    return [(k, _display_name(k)) for k in folders]
 
 
 def _display_name(folder: str) -> str:
@@ -99,14 +131,15 @@ def _images(folder: Path) -> list[Path]:
 def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
     """Write `target/{train,train_extra,val,test}.parquet` and `classes.json` under `out`."""
     started = time.time()
-    classes = target_classes(spec)
+    folders = class_folders(spec)
+    classes = [(class_key(folder), name) for folder, name in folders]
     root = Path(spec.root)
     splits: dict[str, list[dict[str, object]]] = {s: [] for s in ("train", "train_extra", "val", "test")}
     empty = []
-    for label, (key, _) in enumerate(classes):
-        files = _images(root / spec.train_dir / key)
+    for label, ((key, _), (folder, _)) in enumerate(zip(classes, folders, strict=True)):
+        files = _images(root / spec.train_dir / folder)
         if not files:
-            empty.append(key)
+            empty.append(folder)
             continue
         random.Random(item_seed(spec.seed, "target", key)).shuffle(files)
         n = spec.train_per_class if spec.train_per_class is not None else max(1, round((spec.train_fraction or 0) * len(files)))
@@ -115,7 +148,7 @@ def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
         if spec.test_dir is None:
             cuts["test"] = rest[: spec.test_per_class] if spec.test_per_class is not None else rest
         else:
-            cuts["test"] = _images(root / spec.test_dir / key)
+            cuts["test"] = _images(root / spec.test_dir / folder)
         for split, chosen in cuts.items():
             splits[split] += [{"path": str(p.resolve()), "label": label, "class": key} for p in chosen]
     if empty:
@@ -127,7 +160,8 @@ def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
         counts[split] = len(rows)
     if counts["test"] == 0:
         raise ValueError(f"target.root {spec.root!r}: the test split is empty (target.test_dir / test_per_class)")
-    write_json(out / "classes.json", {"classes": [k for k, _ in classes], "names": dict(classes)})
+    write_json(out / "classes.json", {"classes": [k for k, _ in classes], "names": dict(classes),
+                                      "folders": {k: folder for (k, _), (folder, _) in zip(classes, folders, strict=True)}})
     write_meta(out / "classes.json", "target", spec_dict(spec), started, counts=counts)
     log.info("target: %d classes, %s", len(classes), counts)
     return counts

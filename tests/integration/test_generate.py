@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from augbench.generate import generate
-from augbench.personalize import load_pipeline, personalize
+from augbench.personalize import load_pipeline, personalize_block
 from augbench.shards import iter_shard
 from augbench.specs import GenerateSpec, PersonalizeSpec
 
@@ -38,8 +38,9 @@ def _images(tar: Path) -> dict[str, bytes]:
 
 
 def test_textual_inversion_file_loads_into_a_fresh_pipeline(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path) -> None:
-    out = tmp_path / "ti"
-    personalize(tiny_sd, target[0], target[1], 0, "circle", "circle", out, PersonalizeSpec(method="textual_inversion", steps=2))
+    personalize_block(tiny_sd, target[0], target[1], [("circle", 0, "circle")], tmp_path / "block", tmp_path / "cache",
+                      PersonalizeSpec(method="textual_inversion", steps=2))
+    out = tmp_path / "block/circle"
     saved = load_file(str(out / "learned_embeds.safetensors"))
     assert list(saved) == ["<circle>"] and saved["<circle>"].shape == (1, 32)
 

@@ -133,11 +133,12 @@ def _test_profile(dest: Path) -> Path:
 
 def _workflow(dest: Path, **overrides: object) -> Path:
     dest.mkdir(parents=True)
-    for name in ("Snakefile", "workflow", "config", "envs", "src"):
+    for name in ("Snakefile", "workflow", "config", "envs", "src", "models"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, dest / name)
     shutil.copy(REPO / "config.yaml", dest / "config.yaml")
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
     cfg["methods"] = ["real", "retrieval_image", "textual_inversion"]
+    cfg["class_block"] = 1  # one personalize and one generate job per class: three of each for the group jobs
     cfg.update(overrides)
     (dest / "run.yaml").write_text(yaml.safe_dump(cfg))
     return dest
@@ -199,8 +200,9 @@ def test_tiny_workflow_runs_every_job_through_slurm(slurm: None, tmp_path: Path)
     local = _workflow(tmp_path / "local")
     res_local = _snakemake(local, "--cores", "2", "--configfile", "run.yaml")
     assert res_local.returncode == 0, res_local.stderr[-3000:]
-    for rel in ("world/classes.json", "world/target/train.parquet", "generate/textual_inversion/circle/images.tar",
-                "generate/textual_inversion/square/images.tar", "personalize/textual_inversion/circle/learned_embeds.safetensors"):
+    for rel in ("world/classes.json", "world/target/train.parquet", "generate/textual_inversion/block_0000/circle/images.tar",
+                "generate/textual_inversion/block_0001/square/images.tar",
+                "personalize/textual_inversion/block_0000/circle/learned_embeds.safetensors"):
         assert (wf / "results/tiny" / rel).read_bytes() == (local / "results/tiny" / rel).read_bytes(), rel
 
     # a second run submits nothing

@@ -25,14 +25,13 @@ def test_a_registry_row_is_all_a_new_method_needs(tmp_path: Path) -> None:
     res = _smk(wf, "-n", "-p", "--configfile", "config/tiny.yaml", env={"PYTHONPATH": str(wf / "src")})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = scheduled_jobs(res.stdout)
-    n_classes = cfg["world"]["n_classes"]
-    # as many generate jobs as img2img's (one per class each), plus its collect, judge and training runs
-    assert jobs["generate"] == n_classes * 4 and jobs["collect_generated"] == 4
+    # as many generate jobs as img2img's (one per block of classes each), plus its collect and training runs
+    assert jobs["generate"] == 4 and jobs["collect_generated"] == 4
     assert "results/tiny/train/img2img_strong/5/0/metrics.json" in res.stdout
     assert "results/tiny/personalize/img2img_strong" not in res.stdout  # it learns nothing per class
     # its spec carries the strength the row fixes; img2img keeps the config's
     specs = {m: set(re.findall(r'"strength":([0-9.]+)', "\n".join(
-        line for line in res.stdout.splitlines() if f"/generate/{m}/" in line and "augbench generate" in line)))
+        line for line in res.stdout.splitlines() if f"/generate/{m}/block_" in line and "augbench generate" in line)))
              for m in ("img2img", "img2img_strong")}
     assert specs == {"img2img": {str(cfg.get("generate", {}).get("strength", 0.5))}, "img2img_strong": {"0.9"}}
 

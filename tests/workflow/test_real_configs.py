@@ -85,7 +85,8 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     generated = [m for m in METHODS if m.startswith(("prompt_", "img2img", "textual_", "cond_"))]
     personalised = [m for m in generated if m.startswith(("textual_", "cond_"))]
     augmented = [m for m in METHODS if m not in ("real", "real_x2")]
-    assert jobs["generate"] == 1000 * len(generated) and jobs["personalize"] == 1000 * len(personalised)
+    # one job per method and block of 50 classes (class_block), not per class: the model is loaded once per block
+    assert jobs["generate"] == 20 * len(generated) and jobs["personalize"] == 20 * len(personalised)
     assert jobs["train"] == 3 * (2 + 4 * len(augmented))  # 3 seeds; baselines once, the rest at 4 n_aug values
     assert jobs["target"] == 1 and jobs["retrieve"] == 2 and jobs["embed_target"] == 3 and jobs["queries"] == 2
     assert jobs["search_block"] == 1 and jobs["fetch_retrieved"] == 2  # 3 parts, 8 parts per block
@@ -101,6 +102,10 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
         assert f"results/imagenet10/train/retrieval_image/{n}/0/metrics.json" in res.stdout
     assert seconds <= 60, f"the ImageNet DAG took {seconds:.0f} s to build"
     assert "results/imagenet10/world/" not in res.stdout, "a real run writes nothing under world/"
+    # config.yaml's toy-only recipe settings do not leak into the ImageNet runs layered on it
+    specs = [json.loads(s) for s in re.findall(r"augbench train .*?--spec '(\{.*?\})'", res.stdout)]
+    assert specs and all(s["colour_invariance"] is False and s["arch"] == "resnet50" for s in specs)
+    assert "train_judge" not in jobs
     # the guard is live: the toy config needs the toy code and fails with it forbidden
     toy = _smk(wf, "-n", "--configfile", "config/tiny.yaml", timeout=120, env={"AUGBENCH_FORBID_TOY": "1"})
     assert toy.returncode != 0 and "AUGBENCH_FORBID_TOY" in toy.stdout + toy.stderr

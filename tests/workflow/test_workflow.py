@@ -113,7 +113,7 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert (wf / "results/tiny/diffusion/model/model_index.json").exists()
     sched = json.loads((wf / "results/tiny/diffusion/model/scheduler/scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"  # the toy default; personalise and generate read it from here
-    assert (wf / "results/tiny/personalize/textual_inversion_dm/circle/pytorch_lora_weights.safetensors").exists()
+    assert (wf / "results/tiny/personalize/textual_inversion_dm/block_0000/circle/pytorch_lora_weights.safetensors").exists()
     retrieval = report[report["method"].str.startswith("retrieval")]
     assert retrieval["retrieval_precision"].between(0, 1).all()
     for r in retrieval.itertuples():
@@ -208,16 +208,17 @@ def _content_keyed_caches(wf: Path) -> None:
 
     # a retrained CLIP under an unchanged diffusion spec: a new text encoder in the diffusion model, new images
     # (a cache keyed by the model's spec handed back the old model's images byte for byte)
-    gen = "results/tiny/generate/prompt_classname/circle/images.tar"
+    block = "results/tiny/generate/prompt_classname/block_0000"
+    gen = f"{block}/circle/images.tar"
     old = _members(wf / gen)
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg["clip"]["train"]["steps"] = 21
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
-    res = _smk(wf, gen, "--cores", "2", "--configfile", "changed.yaml")  # targets first: --configfile takes several values
+    res = _smk(wf, block, "--cores", "2", "--configfile", "changed.yaml")  # targets first: --configfile takes several values
     assert res.returncode == 0, res.stderr[-3000:]
     new = _members(wf / gen)
     assert new.keys() == old.keys() and all(new[k] != old[k] for k in new), "a retrained model reused cached images"
-    assert "not used: model changed" in (wf / "logs/tiny/generate/prompt_classname/circle.log").read_text()
+    assert "not used: model changed" in (wf / "logs/tiny/generate/prompt_classname/block_0000.log").read_text()
 
     # another world under the same keys and file names: no image of the old pool in the new shards
     shard = "results/tiny/pool/shards/00000.tar"
@@ -258,18 +259,20 @@ def test_real_path_stable_diffusion_folder_personalise_and_generate(tmp_path: Pa
     cfg["methods"] = ["real", "textual_inversion", "cond_vectors_dm", "img2img"]
     cfg["n_aug"] = [3]
     (wf / "sd.yaml").write_text(yaml.safe_dump(cfg))
-    targets = [f"results/tiny/generate/{m}/{c}/images.tar" for m in cfg["methods"][1:] for c in ("circle", "square")]
+    cfg["class_block"] = 1  # one block per class: two jobs of each rule per method
+    (wf / "sd.yaml").write_text(yaml.safe_dump(cfg))
+    targets = [f"results/tiny/generate/{m}/block_{b:04d}" for m in cfg["methods"][1:] for b in (0, 1)]
     res = _smk(wf, *targets, "--cores", "2", "--configfile", "sd.yaml")  # --configfile takes several values: targets first
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert not (wf / "results/tiny/diffusion").exists(), "a named model must not trigger toy pretraining"
-    for cls in ("circle", "square"):
-        ti = wf / f"results/tiny/personalize/textual_inversion/{cls}"
+    for b, cls in enumerate(("circle", "square")):
+        ti = wf / f"results/tiny/personalize/textual_inversion/block_{b:04d}/{cls}"
         assert (ti / "learned_embeds.safetensors").exists()
-        assert (wf / f"results/tiny/personalize/cond_vectors_dm/{cls}/pytorch_lora_weights.safetensors").exists()
+        assert (wf / f"results/tiny/personalize/cond_vectors_dm/block_{b:04d}/{cls}/pytorch_lora_weights.safetensors").exists()
         for method in cfg["methods"][1:]:
-            manifest = pd.read_parquet(wf / f"results/tiny/generate/{method}/{cls}/manifest.parquet")
+            manifest = pd.read_parquet(wf / f"results/tiny/generate/{method}/block_{b:04d}/{cls}/manifest.parquet")
             assert len(manifest) == 3 and set(manifest["class"]) == {cls}
-    log = (wf / "logs/tiny/generate/textual_inversion/circle.log").read_text()
+    log = (wf / "logs/tiny/generate/textual_inversion/block_0000.log").read_text()
     assert str(sd) in log
     # both classes ran as separate jobs of each rule
     jobs = scheduled_jobs(_smk(wf, *targets, "-n", "--forceall", "--configfile", "sd.yaml").stdout)

@@ -169,6 +169,9 @@ CLASSES = dataset_classes()
 CLASS_KEYS = [k for k, _ in CLASSES]
 CLASS_LABEL = {k: i for i, (k, _) in enumerate(CLASSES)}
 CLASS_NAME = dict(CLASSES)
+# Personalisation and generation run one process per (method, block of classes): the model is loaded once per
+# block, not once per class (13,000 loads of Stable Diffusion for ImageNet's per-class jobs).
+CLASS_BLOCKS = [CLASS_KEYS[i:i + config["class_block"]] for i in range(0, len(CLASS_KEYS), config["class_block"])]
 
 
 wildcard_constraints:
@@ -264,8 +267,8 @@ def model_input():
 
 
 def personalize_inputs(wildcards):
-    """What personalising one class reads: the model, the real training table, and CLIP embeddings for clusters."""
-    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet"}
+    """What personalising a block reads: the model, the real training table, and CLIP embeddings for clusters."""
+    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
     if REGISTRY[wildcards.method].learns == "cond_clusters":  # k-means on the training images' CLIP embeddings
         inputs["emb"] = f"{R}/embed/target/img_emb/train.npy"
         inputs["meta"] = f"{R}/embed/target/metadata/train.parquet"
@@ -273,16 +276,26 @@ def personalize_inputs(wildcards):
 
 
 def generate_inputs(wildcards):
-    """What generating one class reads: the model, its personalisation folder, or its real images (img2img)."""
-    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet"}
+    """What generating a block reads: the model, the block's personalisation folder, the real images (img2img)."""
+    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
     if wildcards.method in PERSONALIZED:
-        inputs["personalization"] = f"{R}/personalize/{wildcards.method}/{wildcards.cls}"
+        inputs["personalization"] = f"{R}/personalize/{wildcards.method}/block_{wildcards.block}"
     return inputs
 
 
 def class_args(wildcards):
-    """The label and display name of a class wildcard, as command-line arguments."""
-    return f"--label {CLASS_LABEL[wildcards.cls]} --name {shlex.quote(CLASS_NAME[wildcards.cls])} --class-key {wildcards.cls}"
+    """The block's class keys, as command-line arguments (labels and display names come from classes.json)."""
+    return "--keys " + " ".join(CLASS_BLOCKS[int(wildcards.block)])
+
+
+def generated_files(method, name):
+    """Every class's `name` (images.tar, manifest.parquet) of a generated method, in class order, inside its blocks."""
+    return [f"{R}/generate/{method}/block_{b:04d}/{k}/{name}" for b, keys in enumerate(CLASS_BLOCKS) for k in keys]
+
+
+def generated_blocks(method):
+    """The block folders of a generated method (the generate jobs' outputs)."""
+    return [f"{R}/generate/{method}/block_{b:04d}" for b in range(len(CLASS_BLOCKS))]
 
 
 # Per-class rules take their input-dependent arguments from one function and their spec from a second,
@@ -305,15 +318,18 @@ def method_spec(stage):
 
 
 def personalize_args(wildcards, input):
-    """Class and optional CLIP embeddings (cond_clusters) of one personalize job (the spec is its own param)."""
+    """Classes, per-class cache and optional CLIP embeddings (cond_clusters) of one personalize job (the spec is its
+    own param)."""
     emb = f" --emb {shlex.quote(input.emb)} --meta {shlex.quote(input.meta)}" if "emb" in input.keys() else ""
-    return f"{class_args(wildcards)}{emb}"
+    cache = f"{R}/personalize/{wildcards.method}/cache"
+    return f"{class_args(wildcards)}{emb} --cache {shlex.quote(cache)}"
 
 
 def generate_args(wildcards, input):
-    """Class, personalisation folder (personalised methods) and chunk cache of one generate job (the spec is its own param)."""
+    """Classes, personalisation folder (personalised methods) and chunk cache of one generate job (the spec is its
+    own param)."""
     pers = f" --personalization {shlex.quote(input.personalization)}" if "personalization" in input.keys() else ""
-    cache = f"{R}/generate/{wildcards.method}/{wildcards.cls}/cache"
+    cache = f"{R}/generate/{wildcards.method}/cache"
     return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)}"
 
 

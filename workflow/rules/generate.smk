@@ -1,18 +1,19 @@
-# One job per (method, class); images are cached by chunk under generate/{method}/{cls}/cache/,
-# so asking for more images (a larger n_aug) appends and keeps the existing ones byte for byte.
+# One job per (method, block of `class_block` classes), the model loaded once; images are cached by chunk under
+# generate/{method}/cache/{cls}/, so asking for more images (a larger n_aug) appends and keeps the existing ones
+# byte for byte, and a killed block keeps its finished chunks.
 rule generate:
     input:
         unpack(generate_inputs),
     output:
-        tar=f"{R}/generate/{{method}}/{{cls}}/images.tar",
-        manifest=f"{R}/generate/{{method}}/{{cls}}/manifest.parquet",
+        folder=directory(f"{R}/generate/{{method}}/block_{{block}}"),
     wildcard_constraints:
         method="|".join(GENERATION_METHODS),
+        block=r"\d{4}",
     priority: 1  # on the critical path: scheduled before ready jobs of lower priority
     log:
-        f"{LOGS}/generate/{{method}}/{{cls}}.log",
+        f"{LOGS}/generate/{{method}}/block_{{block}}.log",
     benchmark:
-        f"{BENCH}/generate/{{method}}/{{cls}}.tsv"
+        f"{BENCH}/generate/{{method}}/block_{{block}}.tsv"
     # The spec is a param of its own, a function of the wildcards only: Snakemake records such params and reruns
     # the job when they change, but not params computed from the job's input (as `args` is).
     params:
@@ -28,7 +29,7 @@ rule generate:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.args} --spec {params.spec:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
+        " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 
 # The per-class images of a method become one augmentation set, in the format the classifier reads;
@@ -36,8 +37,7 @@ rule generate:
 rule collect_generated:
     input:
         unpack(lambda wc: clip_input()),
-        tars=lambda wc: expand(f"{R}/generate/{wc.method}/{{cls}}/images.tar", cls=CLASS_KEYS),
-        manifests=lambda wc: expand(f"{R}/generate/{wc.method}/{{cls}}/manifest.parquet", cls=CLASS_KEYS),
+        blocks=lambda wc: generated_blocks(wc.method),
         classes=f"{DATA}/classes.json",
     output:
         tar=f"{R}/augment/{{method}}/images.tar",
@@ -51,12 +51,14 @@ rule collect_generated:
         f"{BENCH}/collect/{{method}}.tsv"
     params:
         clip=CLIP_MODEL,
+        tars=lambda wc: " ".join(shlex.quote(f) for f in generated_files(wc.method, "images.tar")),
+        manifests=lambda wc: " ".join(shlex.quote(f) for f in generated_files(wc.method, "manifest.parquet")),
         version=STAGE_VERSIONS["collect"],  # a param: bumping it reruns every collect job
     resources:
         device=DEVICE,
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench collect --tars {input.tars:q} --manifests {input.manifests:q} --classes {input.classes:q}"
+        "python -m augbench collect --tars {params.tars} --manifests {params.manifests} --classes {input.classes:q}"
         " --clip {params.clip:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q}"
         " --out-fidelity {output.fidelity:q} --device {resources.device} > {log:q} 2>&1"

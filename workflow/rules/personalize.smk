@@ -1,16 +1,19 @@
-# One job per (method, class): a cluster profile can group them, or run them as arrays.
+# One job per (method, block of `class_block` classes): the model is loaded once and each class gets fresh copies of
+# what it trains. Each class's result is kept in personalize/{method}/cache/{cls}/<content key>/ (the block folder
+# links to it), so a killed block keeps the classes it finished.
 rule personalize:
     input:
         unpack(personalize_inputs),
     output:
-        folder=directory(f"{R}/personalize/{{method}}/{{cls}}"),
+        folder=directory(f"{R}/personalize/{{method}}/block_{{block}}"),
     wildcard_constraints:
         method="|".join(PERSONALIZED),
+        block=r"\d{4}",
     priority: 2  # on the critical path: scheduled before ready jobs of lower priority
     log:
-        f"{LOGS}/personalize/{{method}}/{{cls}}.log",
+        f"{LOGS}/personalize/{{method}}/block_{{block}}.log",
     benchmark:
-        f"{BENCH}/personalize/{{method}}/{{cls}}.tsv"
+        f"{BENCH}/personalize/{{method}}/block_{{block}}.tsv"
     # The spec is a param of its own, a function of the wildcards only: Snakemake records such params and reruns
     # the job when they change, but not params computed from the job's input (as `args` is).
     params:
@@ -26,4 +29,4 @@ rule personalize:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench personalize --model {params.model:q} --table {input.table:q} --root {params.root:q}"
-        " {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
+        " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
