@@ -19,10 +19,11 @@ import torch
 import torchvision
 from torch import nn
 
+from augbench.decoded import Rows, is_decoded, open_decoded
 from augbench.device import pick_device
 from augbench.imaging import center_crop, colour_invariance, decode_many, random_resized_crop, shift_flip, to_float
 from augbench.io import atomic_path, content_id, write_json, write_meta
-from augbench.shards import iter_shard
+from augbench.shards import read_pointed
 from augbench.specs import TrainSpec, canonical_json, item_seed, parse_spec, spec_dict
 
 log = logging.getLogger(__name__)
@@ -53,24 +54,94 @@ def build_model(spec: TrainSpec, n_classes: int) -> nn.Module:
 def load_split(table: Path, root: Path, size: int, skips: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode a split table (path relative to `root`, label) to (NHWC uint8, labels); undecodable images counted into `skips`."""
     df = pd.read_parquet(table)
-    arr, tags = decode_many(((i, str(root / p)) for i, p in enumerate(df["path"])), size, str(table), skips)
+    arr, tags = decode_many(((i, str(root / p)) for i, p in enumerate(df["path"])), size, str(table), skips, fit="crop")
     return arr, df["label"].to_numpy()[np.asarray(tags, dtype=np.int64)]
 
 
-def load_augment(manifest: Path, shard: Path, n_aug: int, size: int, skips: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The first `n_aug` images per class (by rank) of an augmentation set (manifest + tar shard)."""
+def load_augment(manifest: Path, n_aug: int, size: int, skips: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n_aug` images per class (by rank) of an augmentation set, read by its manifest's pointers."""
     df = pd.read_parquet(manifest)
-    df = df[df["rank"] < n_aug]
-    wanted = dict(zip(df["key"].astype(str), df["label"], strict=True))
-    items = ((s.key, s.image) for s in iter_shard(shard) if s.key in wanted)
+    df = df[df["rank"] < n_aug].reset_index(drop=True)
+    labels = df["label"].to_numpy()
     missing: Counter[str] = Counter()
-    arr, tags = decode_many(items, size, str(shard), missing)
-    found = len(tags) + sum(missing.values())
+    arr, tags = decode_many(read_pointed(df, Path(manifest).parent), size, str(manifest), missing, fit="crop")
     if skips is not None:
         skips.update(missing)
-    if found < len(wanted):
-        log.warning("train: %s: %d of %d augmentation images missing from %s", manifest, len(wanted) - found, len(wanted), shard)
-    return arr, np.asarray([wanted[t] for t in tags], dtype=np.int64)
+    return arr, labels[np.asarray(tags, dtype=np.int64)].astype(np.int64)
+
+
+def _source(path: Path, root: Path, size: int, n_aug: int | None, skips: Counter[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, rows to use, their labels) of one input: a decoded folder (memory-mapped; the workflow's path), an
+    augmentation manifest with pointers, or a split table (both decoded here, in memory: direct use and tests).
+    `n_aug` (augmentation sets) keeps the first n_aug images per class."""
+    path = Path(path)
+    if is_decoded(path):
+        images, rows, labels, stats = open_decoded(path, n_aug)
+        if stats["skipped"]:
+            skips.update(stats["skipped_by_reason"] if n_aug is None else {"undecodable": stats["skipped"]})
+        return images, rows, labels
+    if n_aug is not None:
+        arr, labels = load_augment(path, n_aug, size, skips)
+    else:
+        arr, labels = load_split(path, root, size, skips)
+    return arr, np.arange(len(arr)), labels
+
+
+def rss_anon_mb() -> float:
+    """The process's anonymous resident memory (Linux RssAnon: not file-backed, so memory-mapped data is not in it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prefetch(data: Rows, y: np.ndarray, seed: int, start: int, total: int, bs: int, pin: bool):  # -> Iterator
+    """The batches of steps start..total-1, gathered by a background thread two steps ahead (into pinned memory
+    for a GPU). Batch contents are a function of (seed, step), so the order of work changes nothing."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for step in range(start, total):
+                if stop.is_set():
+                    return
+                idx = batch_indices(seed, step, len(y), bs).numpy()
+                xb, yb = torch.from_numpy(data.take(idx)), torch.from_numpy(y[idx])
+                q.put((xb.pin_memory(), yb.pin_memory()) if pin else (xb, yb))
+        except BaseException as exc:  # handed to the training loop, which raises it
+            q.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        for _ in range(start, total):
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def pointed_shards(manifests: list[Path]) -> list[Path]:
+    """The shard files the manifests' pointers lead to (their content is part of a run's identity)."""
+    found: set[Path] = set()
+    for m in manifests:
+        found |= {Path(m).parent / s for s in pd.read_parquet(m, columns=["shard"])["shard"].unique()}
+    return sorted(found)
 
 
 @torch.no_grad()
@@ -170,7 +241,7 @@ def _load_resume(path: Path, identity: str, model: nn.Module, opt: torch.optim.O
     return int(state["step"]), state["loss_ema"]
 
 
-def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Path]], n_aug: int, seed: int,
+def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: int, seed: int,
           n_classes: int, out_metrics: Path, out_ckpt: Path, spec: TrainSpec) -> dict[str, object]:
     """Train from scratch on real (+ augmentation) images and write metrics and the final checkpoint.
 
@@ -183,14 +254,17 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(item_seed(seed, "train", "init"))
     device = pick_device()
+    if device.type == "cuda" and not spec.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     load = spec.load_size or spec.input_size
     skips: dict[str, Counter[str]] = {"train": Counter(), "aug": Counter(), "test": Counter()}
-    parts = [load_split(t, root, load, skips["train"]) for t in real]
+    parts = [_source(t, root, load, None, skips["train"]) for t in real]
     n_real = sum(len(p[1]) for p in parts)
-    parts += [load_augment(m, s, n_aug, load, skips["aug"]) for m, s in augment]
-    x = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    x_test, y_test = load_split(test, root, load, skips["test"])
+    parts += [_source(m, root, load, n_aug, skips["aug"]) for m in augment]
+    data = Rows([(arr, rows) for arr, rows, _ in parts])
+    y = np.concatenate([p[2] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
+    test_arr, test_rows, y_test = _source(test, root, load, None, skips["test"])
+    x_test = Rows([(test_arr, test_rows)])
     log.info("train: %d real + %d augmentation images, %d test, device %s, spec %s", n_real, len(y) - n_real, len(y_test), device, spec)
     model = build_model(spec, n_classes).to(device)
     if spec.channels_last and device.type == "cuda":
@@ -204,33 +278,34 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
     steps_per_epoch = max(len(y) // bs, 1)
     total = max(spec.epochs * steps_per_epoch, spec.min_steps)
     warmup = min(spec.warmup_epochs * steps_per_epoch, total // 5)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mean, std = MEAN.to(device), STD.to(device)
     resume = resume_path(out_ckpt)
     # a checkpoint continues only the run of the same spec, seed and input files (by content: a regenerated augmentation
     # set of the same size is another run), so a rerun after changed inputs starts from step 0
-    inputs = [*real, test, *(f for pair in augment for f in pair)]
+    inputs = [*real, test, *augment, *pointed_shards([m for m in augment if not is_decoded(m)])]
     identity = canonical_json({"spec": spec_dict(spec), "seed": seed, "n_aug": n_aug, "n_train": len(y),
                                "inputs": [content_id(f) for f in inputs]})
     start, loss_ema = _load_resume(resume, identity, model, opt)
     model.train()
-    for step in range(start, total):
-        idx = batch_indices(seed, step, len(y), bs)
+    anon_peak = rss_anon_mb()
+    batches = prefetch(data, y, seed, start, total, bs, pin=device.type == "cuda")
+    for step, (xb_u8, yb) in zip(range(start, total), batches, strict=True):
         lr = lr_at(step, total, warmup, spec.lr)
         for group in opt.param_groups:
             group["lr"] = lr
         # uint8 to the device first: on a GPU the crop / resize runs there (on one CPU thread it was the bottleneck:
         # 144 img/s against 4,300 img/s of ResNet-50 compute on an H200)
-        xb = (augment_batch(xt[idx].to(device), spec, seed, step) - mean) / std
+        xb = (augment_batch(xb_u8.to(device, non_blocking=True), spec, seed, step) - mean) / std
         if spec.channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device, spec):
-            loss = loss_fn(model(xb).float(), yt[idx].to(device))
+            loss = loss_fn(model(xb).float(), yb.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         if step % 100 == 0 or step == total - 1:
+            anon_peak = max(anon_peak, rss_anon_mb())
             log.info("train: step %d/%d loss %.4f lr %.3f (%.0fs)", step, total, loss_ema, lr, time.time() - started)
         if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
             with atomic_path(resume) as tmp:
@@ -241,18 +316,20 @@ def train(real: list[Path], root: Path, test: Path, augment: list[tuple[Path, Pa
                     "steps": total, "resumed_from_step": start, "final_loss": loss_ema,
                     "skipped": {split: sum(c.values()) for split, c in skips.items()},
                     "skipped_by_reason": {split: dict(sorted(c.items())) for split, c in skips.items() if c},
-                    "train_seconds": round(time.time() - started, 1)})
+                    "train_seconds": round(time.time() - started, 1),
+                    # the process's own (anonymous) memory: decoded images are memory-mapped, so it does not grow with them
+                    "memory_mb": {"anon_peak": round(max(anon_peak, rss_anon_mb()), 1), "rss_peak": round(peak_rss_mb(), 1)}})
     with atomic_path(out_ckpt) as tmp:
         torch.save({"model": model.state_dict(), "spec": spec_dict(spec), "seed": seed, "n_aug": n_aug}, tmp)
     write_json(out_metrics, metrics)
     write_meta(out_metrics, "train", spec_dict(spec), started, seed=seed, n_aug=n_aug, device=str(device),
-               inputs={"real": [str(p) for p in real], "augment": [[str(a), str(b)] for a, b in augment]})
+               inputs={"real": [str(p) for p in real], "augment": [str(a) for a in augment]})
     resume.unlink(missing_ok=True)
     log.info("train: top1 %.4f top5 %.4f in %.0fs", metrics["top1"], metrics["top5"], time.time() - started)
     return metrics
 
 
-def judge(ckpt: Path, judge_metrics: Path, manifest: Path, shard: Path, classes: Path, out: Path) -> dict[str, object]:
+def judge(ckpt: Path, judge_metrics: Path, manifest: Path, classes: Path, out: Path) -> dict[str, object]:
     """Score a method's generated images with the judge: a classifier trained on the target's own labelled images.
 
     CLIP's zero-shot `generation_fidelity` is measured by the model family the generator was built on (the toy
@@ -269,7 +346,7 @@ def judge(ckpt: Path, judge_metrics: Path, manifest: Path, shard: Path, classes:
     model.to(device)
     skips: Counter[str] = Counter()
     ranks = pd.read_parquet(manifest, columns=["rank"])["rank"]
-    x, y = load_augment(manifest, shard, int(ranks.max()) + 1 if len(ranks) else 0, spec.load_size or spec.input_size, skips)
+    x, y = load_augment(manifest, int(ranks.max()) + 1 if len(ranks) else 0, spec.load_size or spec.input_size, skips)
     scored = evaluate(model, x, y, len(keys), device, spec) if len(y) else {"top1": float("nan"), "per_class_top1": {}}
     result = {"judge_fidelity": scored["top1"], "per_class": {keys[c]: v for c, v in scored["per_class_top1"].items()},
               "images": len(y), "skipped": int(sum(skips.values())),

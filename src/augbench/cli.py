@@ -110,8 +110,7 @@ def cmd_generate(a: argparse.Namespace) -> object:
 def cmd_collect(a: argparse.Namespace) -> object:
     from augbench.generate import collect
 
-    return collect(_paths(a.tars), _paths(a.manifests), Path(a.classes), a.clip, Path(a.out_tar), Path(a.out_manifest),
-                   Path(a.out_fidelity))
+    return collect(_paths(a.manifests), Path(a.classes), a.clip, Path(a.out_manifest), Path(a.out_fidelity))
 
 
 def cmd_embed(a: argparse.Namespace) -> object:
@@ -234,16 +233,24 @@ def cmd_train(a: argparse.Namespace) -> object:
     from augbench.classify import train
     from augbench.specs import TrainSpec, parse_spec
 
-    augment = list(zip(_paths(a.aug_manifest), _paths(a.aug_tar), strict=True))
+    augment = _paths(a.aug_manifest)
     n_classes = len(json.loads(Path(a.classes).read_text())["classes"])
     return train(_paths(a.real), Path(a.root), Path(a.test), augment, a.n_aug, a.seed, n_classes,
                  Path(a.out_metrics), Path(a.out_ckpt), parse_spec(TrainSpec, a.spec))
 
 
+def cmd_decode(a: argparse.Namespace) -> object:
+    from augbench.decoded import decode_augment, decode_split
+
+    if a.manifest:
+        return decode_augment(Path(a.manifest), a.size, Path(a.out))
+    return decode_split(Path(a.table), Path(a.root), a.size, Path(a.out))
+
+
 def cmd_judge(a: argparse.Namespace) -> object:
     from augbench.classify import judge
 
-    return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.manifest), Path(a.tar), Path(a.classes), Path(a.out))
+    return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.manifest), Path(a.classes), Path(a.out))
 
 
 def cmd_report(a: argparse.Namespace) -> object:
@@ -273,8 +280,8 @@ def cmd_report(a: argparse.Namespace) -> object:
         classes_doc = json.loads(Path(a.classes).read_text())
         classes = [(k, classes_doc["names"].get(k, k)) for k in classes_doc["classes"][: a.grid_classes]]
         real = pd.read_parquet(a.real_table)
-        for method, manifest, tar, out in a.grid:
-            report.image_grid(method, real, Path(a.root), Path(manifest), Path(tar), classes, a.grid_images, Path(out))
+        for method, manifest, out in a.grid:
+            report.image_grid(method, real, Path(a.root), Path(manifest), classes, a.grid_images, Path(out))
     print(Path(a.out_md).read_text())
     return {"rows": len(table)}
 
@@ -380,7 +387,7 @@ def parser() -> argparse.ArgumentParser:
     _class_args(s)
     s.add_argument("--personalization", help="the block's personalisation folder (personalised methods)")
     s.add_argument("--cache", required=True, help="chunk cache: one sub-folder per class")
-    s.add_argument("--out", required=True, help="the block's folder: <class>/images.tar and manifest.parquet")
+    s.add_argument("--out", required=True, help="the block's folder: <class>/manifest.parquet and chunks/")
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_generate)
 
@@ -388,11 +395,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
                    help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
-    s.add_argument("--tars", nargs="+", required=True)
-    s.add_argument("--manifests", nargs="+", required=True)
+    s.add_argument("--manifests", nargs="+", required=True, help="the per-class manifests (pointers into their chunks)")
     s.add_argument("--classes", required=True)
     s.add_argument("--clip", required=True)
-    s.add_argument("--out-tar", required=True)
     s.add_argument("--out-manifest", required=True)
     s.add_argument("--out-fidelity", required=True)
     s.set_defaults(fn=cmd_collect)
@@ -518,19 +523,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
     for name in ("root", "test", "classes", "out-metrics", "out-ckpt"):
         s.add_argument(f"--{name}", required=True)
-    s.add_argument("--real", nargs="+", required=True)
-    s.add_argument("--aug-manifest", nargs="*", default=[])
-    s.add_argument("--aug-tar", nargs="*", default=[])
+    s.add_argument("--real", nargs="+", required=True, help="real splits: decoded folders or split tables")
+    s.add_argument("--aug-manifest", nargs="*", default=[], help="augmentation sets: manifests with pointers to their images")
     s.add_argument("--n-aug", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_train)
 
+    s = sub.add_parser("decode", help="decode a split or an augmentation set once into the classifier's uint8 array file")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--table", help="a split table (path, label)")
+    src.add_argument("--manifest", help="an augmentation set's manifest (pointers)")
+    s.add_argument("--root", default=".", help="folder the table's paths are relative to")
+    s.add_argument("--size", type=int, required=True, help="train.load_size (else input_size): the stored square's side")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_decode)
+
     s = sub.add_parser("judge", help="score a method's generated images with the judge classifier (independent of CLIP)")
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
                    help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
-    for name in ("ckpt", "judge-metrics", "manifest", "tar", "classes", "out"):
+    for name in ("ckpt", "judge-metrics", "manifest", "classes", "out"):
         s.add_argument(f"--{name}", required=True)
     s.set_defaults(fn=cmd_judge)
 
@@ -544,7 +558,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")
     s.add_argument("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line")
     s.add_argument("--gpu", action="store_true", help="GPU rules ran on GPUs (their wall time is GPU time)")
-    s.add_argument("--grid", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "TAR", "OUT_PNG"))
+    s.add_argument("--grid", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "OUT_PNG"))
     s.add_argument("--grid-classes", type=int, default=4)
     s.add_argument("--grid-images", type=int, default=6)
     s.add_argument("--classes", help="classes.json (grids)")

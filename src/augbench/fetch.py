@@ -35,7 +35,7 @@ from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import write_json, write_meta, write_parquet
 from augbench.pool import PoolPart, gather
 from augbench.retrieve import is_copy
-from augbench.shards import Sample, iter_shard, write_shard
+from augbench.shards import Sample, iter_shard, with_pointers, write_shard
 from augbench.specs import DownloadSpec, FetchSpec, spec_dict
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
                          f"{' ...' if len(short) > 10 else ''}; failures over all candidates: {dict(counts.most_common(5))}")
     _write_images(manifest, images, out_tar)
     cols = [c for c in ("class", "label", "rank", "key", "url", "caption", "score", "part", "row", "query") if c in manifest.columns]
-    write_parquet(out_manifest, manifest[cols].reset_index(drop=True))
+    # pointers (shard, offset, size) into the tar: the classifier and the grids seek to the images they read
+    write_parquet(out_manifest, with_pointers(manifest[cols].reset_index(drop=True), out_tar, Path(out_manifest).parent))
     write_json(out_stats, stats)
     write_meta(out_tar, "fetch", spec_dict(spec), started, stats={k: v for k, v in stats.items() if k != "per_class"})
     log.info("fetch: %d images (per class min %d, median %.0f of n_aug %d) from %d candidates; %s",

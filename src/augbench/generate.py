@@ -29,9 +29,9 @@ from PIL import Image
 from augbench.device import pick_device
 from augbench.io import atomic_dir, content_id, write_json, write_meta, write_parquet
 from augbench.methods import method as registry_row
-from augbench.personalize import PipelineSource, class_images, resolution_of
+from augbench.personalize import PipelineSource, class_images, link_tree_file, resolution_of
 from augbench.prompts import IMAGENET_TEMPLATES
-from augbench.shards import Sample, iter_shard, write_shard
+from augbench.shards import Sample, read_pointed, rebase, with_pointers, write_shard
 from augbench.specs import GenerateSpec, canonical_json, item_seed, spec_dict
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,16 @@ def plan(spec: GenerateSpec, class_key: str, class_name: str, n: int, token: str
     return pd.DataFrame(rows)
 
 
-def _png(image: Image.Image) -> bytes:
+def encode_image(image: Image.Image, spec: GenerateSpec) -> bytes:
+    """The stored form of a generated image: at `store_size` (shorter side, as torchvision's Resize) where set, in
+    `store_format` (png lossless; jpg / webp at `store_quality`). The classifier reads this one copy."""
+    if spec.store_size and min(image.size) != spec.store_size:
+        w, h = image.size
+        scale = spec.store_size / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[spec.store_format]
+    image.save(buf, format=fmt, **({} if fmt == "PNG" else {"quality": spec.store_quality}))
     return buf.getvalue()
 
 
@@ -159,10 +166,12 @@ def _content(model: str | Path) -> str:
     return content_id(model) if Path(model).exists() else str(model)
 
 
-def generate(model: str | Path, class_key: str, class_name: str, label: int, out_tar: Path, out_manifest: Path,
+def generate(model: str | Path, class_key: str, class_name: str, label: int, out: Path,
              cache: Path, spec: GenerateSpec, personalization: Path | None = None,
              real: tuple[Path, Path] | None = None, source: PipelineSource | None = None) -> dict[str, object]:
-    """Make `spec.n_images` images of one class with `spec.method`; reuse cached chunks; write tar + manifest.
+    """Make `spec.n_images` images of one class with `spec.method`; reuse cached chunks; write the class folder `out`:
+    `chunks/<c>.tar` (hard links to the cached chunks: the images are stored once) and `manifest.parquet`, whose
+    pointer columns (shard, offset, size) locate each image in them.
 
     `source` is the block worker's pipeline source (loaded once for all its classes); None loads the model here.
     """
@@ -202,24 +211,29 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
     for c in missing:
         chunk = rows.iloc[c * b:(c + 1) * b]
         images = _run_chunk(pipe, spec, chunk, size, sources, cond)
-        samples = [Sample(key=f"{class_key}_{j:06d}", image=_png(im), ext="png", caption=str(p or ""),
+        samples = [Sample(key=f"{class_key}_{j:06d}", image=encode_image(im, spec), ext=spec.store_format, caption=str(p or ""),
                           record={"seed": int(s), "index": int(j)})
                    for im, j, s, p in zip(images, chunk["index"], chunk["seed"], chunk["prompt"], strict=True)]
         write_shard(chunk_dir / f"{c:05d}.tar", samples)
         log.info("generate %s/%s: chunk %d/%d (%.0fs)", spec.method, class_key, c + 1, n_chunks, time.time() - started)
-    kept = [s for c in range(n_chunks) for s in iter_shard(chunk_dir / f"{c:05d}.tar")][:n]
-    write_shard(out_tar, kept)
     manifest = rows.iloc[:n].copy()
-    manifest.insert(0, "key", [s.key for s in kept])
-    manifest["file"] = [f"{s.key}.png" for s in kept]
+    manifest.insert(0, "key", [f"{class_key}_{j:06d}" for j in manifest["index"]])
     manifest["class"] = class_key
     manifest["label"] = label
     manifest["rank"] = manifest["index"]
     manifest["spec_hash"] = key
-    write_parquet(out_manifest, manifest)
-    stats = {"images": len(kept), "chunks_made": len(missing), "chunks_reused": n_chunks - len(missing),
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    parts = []
+    for c in range(n_chunks):
+        link_tree_file(chunk_dir / f"{c:05d}.tar", out / "chunks" / f"{c:05d}.tar")
+        part = manifest.iloc[c * b:(c + 1) * b]
+        parts.append(with_pointers(part, out / "chunks" / f"{c:05d}.tar", out))
+    manifest = pd.concat(parts, ignore_index=True)
+    write_parquet(out / "manifest.parquet", manifest)
+    stats = {"images": len(manifest), "chunks_made": len(missing), "chunks_reused": n_chunks - len(missing),
              "dtype": str(dtype).removeprefix("torch."), "device": device.type}
-    write_meta(out_tar, "generate", spec_dict(spec), started, model=str(model), class_key=class_key, cache_key=key, stats=stats)
+    write_meta(out / "manifest.parquet", "generate", spec_dict(spec), started, model=str(model), class_key=class_key,
+               cache_key=key, stats=stats)
     log.info("generate %s/%s: %s in %.1fs", spec.method, class_key, stats, time.time() - started)
     return stats
 
@@ -234,7 +248,7 @@ def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: 
                    personalization: Path | None = None, real: tuple[Path, Path] | None = None) -> dict[str, object]:
     """Generate every class of a block in one process: the model is loaded once (only if a chunk is missing).
 
-    Writes `out/<class key>/images.tar` and `manifest.parquet` for each class; chunks live in `cache/<class key>/`,
+    Writes `out/<class key>/manifest.parquet` and `chunks/` for each class; chunks live in `cache/<class key>/`,
     outside the block's folder, so a killed block keeps what it made and a rerun appends as a per-class job would.
     """
     started = time.time()
@@ -243,8 +257,8 @@ def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: 
     per_class = {}
     with atomic_dir(out) as tmp:
         for key, label, name in classes:
-            per_class[key] = generate(model, key, name, label, tmp / key / "images.tar", tmp / key / "manifest.parquet",
-                                      cache / key, spec, personalization / key if personalization else None, real, source)
+            per_class[key] = generate(model, key, name, label, tmp / key, cache / key, spec,
+                                      personalization / key if personalization else None, real, source)
     images = sum(int(s["images"]) for s in per_class.values())
     seconds = time.time() - started
     stats = {"classes": len(classes), "images": images, "pipeline_loads": source.loads,
@@ -257,30 +271,48 @@ def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: 
     return stats
 
 
-def collect(tars: list[Path], manifests: list[Path], classes: Path, clip_model: str | Path, out_tar: Path,
-            out_manifest: Path, out_fidelity: Path) -> dict[str, object]:
-    """Join a method's per-class sets into one augmentation set and measure its generation fidelity.
+FIDELITY_BATCH = 256  # decoded images held at once by collect
 
-    Fidelity is the share of generated images that CLIP, zero-shot over "a photo of a {name}." for
-    every class, assigns to the class they were generated for.
+
+def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_manifest: Path,
+            out_fidelity: Path) -> dict[str, object]:
+    """Join a method's per-class manifests into its augmentation set and measure its generation fidelity, streaming.
+
+    The set is a manifest of pointers into the per-class chunk shards (rebased to `out_manifest`'s folder): no image
+    is copied. Fidelity is the share of generated images that CLIP, zero-shot over "a photo of a {name}." for every
+    class, assigns to the class they were generated for; images are read by pointer and decoded `FIDELITY_BATCH` at
+    a time, so memory does not grow with the number of images.
     """
     from augbench.embed import Clip
+    from augbench.imaging import open_rgb
 
     started = time.time()
     info = json.loads(Path(classes).read_text())
     keys = list(info["classes"])
     names = [info["names"][k] for k in keys]
-    samples = [s for t in tars for s in iter_shard(t)]
-    manifest = pd.concat([pd.read_parquet(m) for m in manifests], ignore_index=True)
-    write_shard(out_tar, samples)
-    write_parquet(out_manifest, manifest)
-    label_of = dict(zip(manifest["key"].astype(str), manifest["label"], strict=True))
+    out_dir = Path(out_manifest).parent
+    manifest = pd.concat([rebase(pd.read_parquet(m), Path(m).parent, out_dir) for m in manifests], ignore_index=True)
     clip = Clip(clip_model)
-    pred = clip.zero_shot([s.pil() for s in samples], names)
-    truth = np.asarray([label_of[s.key] for s in samples])
+    text = clip.texts([f"a photo of a {n}." for n in names])
+    pred = np.full(len(manifest), -1, dtype=np.int64)
+    batch: list[tuple[int, bytes]] = []
+
+    def flush() -> None:
+        images = [open_rgb(data, name=f"{manifest['key'].iloc[i]} ({manifest['shard'].iloc[i]})") for i, data in batch]
+        pred[[i for i, _ in batch]] = np.argmax(clip.images(images) @ text.T, axis=1)
+        batch.clear()
+
+    for item in read_pointed(manifest, out_dir):
+        batch.append(item)
+        if len(batch) == FIDELITY_BATCH:
+            flush()
+    if batch:
+        flush()
+    truth = manifest["label"].to_numpy()
     per_class = {keys[c]: float((pred[truth == c] == c).mean()) for c in range(len(keys)) if (truth == c).any()}
     result = {"generation_fidelity": float((pred == truth).mean()) if len(truth) else float("nan"),
-              "per_class": per_class, "images": len(samples)}
+              "per_class": per_class, "images": len(manifest)}
+    write_parquet(out_manifest, manifest)
     write_json(out_fidelity, result)
-    write_meta(out_tar, "collect", {}, started, clip=str(clip_model), stats={"images": len(samples)})
+    write_meta(out_manifest, "collect", {}, started, clip=str(clip_model), stats={"images": len(manifest)})
     return result

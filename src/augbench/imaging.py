@@ -98,16 +98,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes | str, size: int, name: str | None = None) -> np.ndarray:
-    """Decode bytes or a path to an RGB uint8 HWC array of `size` x `size`."""
+def decode(data: bytes | str, size: int, name: str | None = None, fit: str = "squash") -> np.ndarray:
+    """Decode bytes or a path to an RGB uint8 HWC array of `size` x `size`.
+
+    fit "squash" resizes to the square (what a model with a fixed square input sees: CLIP's embedding, the VAE);
+    "crop" is torchvision's Resize(size) + CenterCrop(size): the shorter side to `size`, then the central square,
+    so no object is distorted (the classifier's decode cache).
+    """
     img = open_rgb(data, name)
-    if img.size != (size, size):
+    if img.size == (size, size):
+        return np.asarray(img, dtype=np.uint8)
+    if fit == "crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    else:
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
 
 
 def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: str,
-                skips: Counter[str] | None = None) -> tuple[np.ndarray, list[object]]:
+                skips: Counter[str] | None = None, fit: str = "squash") -> tuple[np.ndarray, list[object]]:
     """Decode (tag, data) items. Returns (NHWC, tags of the decoded ones).
 
     Undecodable images are logged and counted by reason into `skips`; a missing or unreadable file
@@ -117,7 +131,7 @@ def decode_many(items: Iterable[tuple[object, bytes | str]], size: int, what: st
     skipped: Counter[str] = Counter()
     for tag, data in items:
         try:
-            arrays.append(decode(data, size, name=None if isinstance(data, str) else f"{what}:{tag}"))
+            arrays.append(decode(data, size, name=None if isinstance(data, str) else f"{what}:{tag}", fit=fit))
             tags.append(tag)
         except UndecodableImage as exc:
             skipped[exc.reason] += 1

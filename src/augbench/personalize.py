@@ -99,18 +99,21 @@ class PipelineSource:
         return pipe
 
 
+def link_tree_file(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (a copy across filesystems): an output that costs no bytes."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def link_tree(src: Path, dst: Path) -> None:
-    """`dst` as a tree of hard links to `src`'s files (copies across filesystems): a block's outputs cost no bytes."""
+    """`dst` as a tree of hard links to `src`'s files: a block's outputs cost no bytes."""
     for f in sorted(src.rglob("*")):
-        target = dst / f.relative_to(src)
-        if f.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(f, target)
-        except OSError:
-            shutil.copy2(f, target)
+        if f.is_file():
+            link_tree_file(f, dst / f.relative_to(src))
 
 
 def resolution_of(pipe) -> int:

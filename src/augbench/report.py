@@ -28,7 +28,7 @@ from augbench.classify import read_metrics
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
 from augbench.methods import BASELINES, REGISTRY, RETRIEVAL_MODES
-from augbench.shards import iter_shard
+from augbench.shards import read_pointed
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,16 @@ def _grid_image(data: bytes | Path, name: str | None = None) -> Image.Image:
         return Image.new("RGB", (8, 8), (128, 128, 128))
 
 
-def image_grid(method: str, real: pd.DataFrame, root: Path, manifest: Path, shard: Path, classes: list[tuple[str, str]],
+def image_grid(method: str, real: pd.DataFrame, root: Path, manifest: Path, classes: list[tuple[str, str]],
                n_images: int, out: Path, tile: int = 64) -> None:
     """grids/<method>.png: one row per class, its real training images on the left, the method's images on the right."""
     from PIL import ImageDraw
 
     m = pd.read_parquet(manifest)
-    m = m[m["rank"] < n_images].assign(key=lambda d: d["key"].astype(str))
-    wanted = set(m["key"])
-    added = {s.key: _grid_image(s.image, f"{shard}:{s.key}") for s in iter_shard(shard) if s.key in wanted}
+    shown = {key for key, _ in classes}
+    m = m[(m["rank"] < n_images) & m["class"].isin(shown)].assign(key=lambda d: d["key"].astype(str)).reset_index(drop=True)
+    # read by pointer: only the shown images, never a scan of the set
+    added = {m["key"].iloc[i]: _grid_image(data, f"{manifest}:{m['key'].iloc[i]}") for i, data in read_pointed(m, Path(manifest).parent)}
     label_w, pad, head = 110, 4, 18
     width = label_w + 2 * n_images * (tile + pad) + 3 * pad
     canvas = Image.new("RGB", (width, head + len(classes) * (tile + pad) + pad), "white")

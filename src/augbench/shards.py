@@ -9,12 +9,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from PIL import Image
 
 from augbench.io import atomic_path
@@ -88,3 +91,66 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
                 tar.addfile(info, io.BytesIO(data))
             n += 1
     return n
+
+
+# Augmentation sets point into shards instead of copying them: each manifest row carries `shard` (a path relative
+# to the manifest's own folder), `offset` and `size` of the image member's bytes. A reader seeks to the images it
+# wants; nothing is scanned, and a generated image is stored once (the chunk it was made in).
+POINTER_COLUMNS = ("shard", "offset", "size")
+
+
+def index_shard(path: str | Path) -> pd.DataFrame:
+    """The image member of each sample of a tar shard: key, ext, offset (of its data in the file) and size."""
+    rows = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = Path(member.name).name.partition(".")
+            if ext.lower() in IMAGE_EXTS:
+                rows.append({"key": key, "ext": ext.lower(), "offset": member.offset_data, "size": member.size})
+    return pd.DataFrame(rows, columns=["key", "ext", "offset", "size"])
+
+
+def with_pointers(manifest: pd.DataFrame, shard: str | Path, relative_to: str | Path) -> pd.DataFrame:
+    """`manifest` (one row per key) with the pointer columns into `shard`, the path written relative to `relative_to`."""
+    index = index_shard(shard).drop_duplicates("key").set_index("key")
+    keys = manifest["key"].astype(str)
+    missing = sorted(set(keys) - set(index.index))
+    if missing:
+        raise ValueError(f"{shard}: no image for key(s) {missing[:5]} of the manifest")
+    out = manifest.copy()
+    out["shard"] = os.path.relpath(Path(shard), Path(relative_to))
+    out["offset"] = index.loc[keys, "offset"].to_numpy()
+    out["size"] = index.loc[keys, "size"].to_numpy()
+    return out
+
+
+def rebase(manifest: pd.DataFrame, old: str | Path, new: str | Path) -> pd.DataFrame:
+    """Pointers written relative to folder `old`, rewritten relative to folder `new`."""
+    out = manifest.copy()
+    out["shard"] = [os.path.relpath(Path(old) / s, Path(new)) for s in out["shard"]]
+    return out
+
+
+def read_pointed(manifest: pd.DataFrame, folder: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(row position, image bytes) for the rows of a manifest with pointers, each shard opened once, in file order."""
+    pos = np.arange(len(manifest))
+    for shard, group in pd.DataFrame({"shard": manifest["shard"].to_numpy(), "offset": manifest["offset"].to_numpy(),
+                                      "size": manifest["size"].to_numpy(), "pos": pos}).groupby("shard", sort=True):
+        path = Path(folder) / shard
+        with open(path, "rb") as f:  # a missing shard is the OSError that names it
+            for row in group.sort_values("offset").itertuples(index=False):
+                f.seek(int(row.offset))
+                data = f.read(int(row.size))
+                if len(data) != int(row.size):
+                    raise ValueError(f"{path}: {int(row.size)} bytes at offset {int(row.offset)} expected, "
+                                     f"{len(data)} found (shard changed after its manifest was written)")
+                yield int(row.pos), data
+
+
+def pointed_images(manifest: str | Path) -> dict[str, bytes]:
+    """{key: image bytes} of a manifest with pointers (small sets: grids, tests)."""
+    frame = pd.read_parquet(manifest)
+    keys = frame["key"].astype(str).to_numpy()
+    return {keys[i]: data for i, data in read_pointed(frame, Path(manifest).parent)}

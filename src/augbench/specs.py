@@ -24,13 +24,13 @@ STAGE_VERSIONS: dict[str, int] = {
     "index": 1,
     "retrieve": 2,  # 2: exact search over pool parts, derived k, cross-class resolution, over-fetch
     "search": 1,
-    "fetch": 2,  # 2: over-fetched candidates, content check, sharded resumable downloads
-    "train": 3,  # 3: one random shift per image; skipped images counted in the metrics
+    "fetch": 3,  # 2: over-fetched candidates, content check, sharded resumable downloads; 3: manifest with pointers
+    "train": 4,  # 3: one random shift per image; skipped images counted in the metrics; 4: reads pointers, decode cache
     "report": 1,
     "pretrain_diffusion": 3,  # 2: one random shift per image; 3: mirrored images encoded, not latents flipped
-    "personalize": 2,  # 2: LoRA initialised from a seeded generator
-    "generate": 1,
-    "collect": 1,
+    "personalize": 3,  # 2: LoRA initialised from a seeded generator; 3: class blocks, micro-batched VAE encoding
+    "generate": 2,  # 2: class blocks, one stored copy (chunks + pointers) at store_size / store_format
+    "collect": 2,  # 2: streams: a manifest of pointers, fidelity in batches of 256
 }
 
 T = TypeVar("T")
@@ -197,6 +197,9 @@ class GenerateSpec:
     negative_prompt: str = ""
     strength: float = 0.5
     precision: str = "auto"
+    store_size: int | None = None  # shorter side of the stored image (the classifier's load_size); None: as generated
+    store_format: str = "png"  # png | jpg | webp
+    store_quality: int = 95  # jpg / webp quality
     version: int = STAGE_VERSIONS["generate"]
 
 

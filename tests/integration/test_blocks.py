@@ -13,7 +13,7 @@ from PIL import Image
 
 from augbench.generate import generate_block
 from augbench.personalize import PipelineSource, encode_latents, load_pipeline, personalize_block
-from augbench.shards import iter_shard
+from augbench.shards import pointed_images
 from augbench.specs import GenerateSpec, PersonalizeSpec
 
 CLASSES = [("circle", 0, "circle"), ("square", 1, "square")]
@@ -36,8 +36,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def _images(tar: Path) -> dict[str, bytes]:
-    return {s.key: s.image for s in iter_shard(tar)}
+def _images(folder: Path) -> dict[str, bytes]:
+    return pointed_images(folder / "manifest.parquet")
 
 
 @pytest.mark.parametrize(("method", "finetune"), [("textual_inversion_dm", "lora"), ("cond_vectors_dm", "full"),
@@ -59,7 +59,7 @@ def test_a_block_gives_each_class_what_its_own_process_gives(tiny_sd: Path, targ
                        (table, root))
         learned = {k: v for k, v in _files(tmp_path / "p/block" / key).items() if k != "ident.json"}
         assert learned == {k: v for k, v in _files(alone / "p/block" / key).items() if k != "ident.json"}
-        assert _images(tmp_path / "g/block" / key / "images.tar") == _images(alone / "g/block" / key / "images.tar")
+        assert _images(tmp_path / "g/block" / key) == _images(alone / "g/block" / key)
 
 
 def test_a_killed_block_keeps_the_classes_it_finished(tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path) -> None:

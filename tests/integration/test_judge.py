@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import subprocess_env
 
-from augbench.shards import Sample, write_shard
+from augbench.shards import Sample, with_pointers, write_shard
 from augbench.specs import WorldSpec, canonical_json
 from augbench.toy.world import build_world
 
@@ -35,7 +35,7 @@ def _as_augmentation_set(world: Path, out: Path, shift: int, n_classes: int) -> 
     write_shard(out / "images.tar", samples)
     manifest = pd.DataFrame({"key": keys, "label": (test["label"] + shift) % n_classes,
                              "rank": test.groupby("label").cumcount()})
-    manifest.to_parquet(out / "manifest.parquet")
+    with_pointers(manifest, out / "images.tar", out).to_parquet(out / "manifest.parquet")
     return out / "manifest.parquet", out / "images.tar"
 
 
@@ -49,10 +49,10 @@ def test_judge_on_the_test_split_reproduces_its_test_accuracy(tmp_path: Path) ->
     metrics = json.loads((judge / "metrics.json").read_text())
     scores = []
     for shift in range(3):
-        manifest, tar = _as_augmentation_set(world, tmp_path / f"set{shift}", shift, 3)
+        manifest, _ = _as_augmentation_set(world, tmp_path / f"set{shift}", shift, 3)
         out = tmp_path / f"set{shift}/judge.json"
         _run(["judge", "--ckpt", str(judge / "model.pt"), "--judge-metrics", str(judge / "metrics.json"), "--manifest",
-              str(manifest), "--tar", str(tar), "--classes", str(world / "classes.json"), "--out", str(out)])
+              str(manifest), "--classes", str(world / "classes.json"), "--out", str(out)])
         scores.append(json.loads(out.read_text()))
     same = scores[0]
     assert same["images"] == metrics["n_test"] == 36 and same["skipped"] == 0

@@ -91,7 +91,7 @@ def _augment_set(world: Path, out: Path, colour: int) -> tuple[Path, Path]:
     import pandas as pd
     from PIL import Image
 
-    from augbench.shards import Sample, write_shard
+    from augbench.shards import Sample, with_pointers, write_shard
 
     extra = pd.read_parquet(world / "target/train_extra.parquet").groupby("label").head(4).reset_index(drop=True)
     samples, rows = [], []
@@ -105,15 +105,15 @@ def _augment_set(world: Path, out: Path, colour: int) -> tuple[Path, Path]:
         rows.append({"key": key, "label": int(r["label"]), "class": r["class"], "rank": int(i) % 4})
     out.mkdir(parents=True, exist_ok=True)
     write_shard(out / "images.tar", samples)
-    pd.DataFrame(rows).to_parquet(out / "manifest.parquet")
+    with_pointers(pd.DataFrame(rows), out / "images.tar", out).to_parquet(out / "manifest.parquet")
     return out / "manifest.parquet", out / "images.tar"
 
 
 def test_a_regenerated_augmentation_set_of_the_same_size_is_not_resumed(world: Path, tmp_path: Path) -> None:
     """Killed mid-run, then its augmentation set is regenerated (same keys, same size, other pixels): start again."""
-    manifest, tar = _augment_set(world, tmp_path / "aug", colour=0)
+    manifest, _ = _augment_set(world, tmp_path / "aug", colour=0)
     out = tmp_path / "run"
-    cmd = [*_train_cmd(world, out), "--aug-manifest", str(manifest), "--aug-tar", str(tar), "--n-aug", "4"]
+    cmd = [*_train_cmd(world, out), "--aug-manifest", str(manifest), "--n-aug", "4"]
     resume = out / "resume.pt"
     _kill_at_first_checkpoint(cmd, resume)
     assert resume.exists(), "killed before the first checkpoint"

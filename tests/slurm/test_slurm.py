@@ -200,8 +200,8 @@ def test_tiny_workflow_runs_every_job_through_slurm(slurm: None, tmp_path: Path)
     local = _workflow(tmp_path / "local")
     res_local = _snakemake(local, "--cores", "2", "--configfile", "run.yaml")
     assert res_local.returncode == 0, res_local.stderr[-3000:]
-    for rel in ("world/classes.json", "world/target/train.parquet", "generate/textual_inversion/block_0000/circle/images.tar",
-                "generate/textual_inversion/block_0001/square/images.tar",
+    for rel in ("world/classes.json", "world/target/train.parquet", "generate/textual_inversion/block_0000/circle/chunks/00000.tar",
+                "generate/textual_inversion/block_0001/square/manifest.parquet",
                 "personalize/textual_inversion/block_0000/circle/learned_embeds.safetensors"):
         assert (wf / "results/tiny" / rel).read_bytes() == (local / "results/tiny" / rel).read_bytes(), rel
 

@@ -1,8 +1,51 @@
+# The decode cache: each split and each augmentation set decoded once, by a CPU job, into a uint8 array file at the
+# classifier's load size (torchvision's Resize + CenterCrop geometry); every training run memory-maps it.
+rule decode_split:
+    input:
+        table=f"{DATA}/target/{{split}}.parquet",
+    output:
+        directory(f"{R}/decoded/{{split}}"),
+    wildcard_constraints:
+        split="train|train_extra|val|test",
+    log:
+        f"{LOGS}/decode/{{split}}.log",
+    benchmark:
+        f"{BENCH}/decode/{{split}}.tsv"
+    params:
+        size=DECODE_SIZE,
+        root=lambda wildcards, input: Path(input.table).parents[1],
+    resources:
+        mem_mb=2000,  # one image at a time into the memory-mapped file
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench decode --table {input.table:q} --root {params.root:q} --size {params.size} --out {output:q} > {log:q} 2>&1"
+
+
+rule decode_augment:
+    input:
+        manifest=f"{R}/augment/{{method}}/manifest.parquet",
+    output:
+        directory(f"{R}/decoded/augment/{{method}}"),
+    log:
+        f"{LOGS}/decode/augment/{{method}}.log",
+    benchmark:
+        f"{BENCH}/decode/augment/{{method}}.tsv"
+    params:
+        size=DECODE_SIZE,
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m augbench decode --manifest {input.manifest:q} --size {params.size} --out {output:q} > {log:q} 2>&1"
+
+
 rule train:
     input:
         unpack(augment_inputs),
         real=real_splits,
-        test=f"{DATA}/target/test.parquet",
+        test=f"{R}/decoded/test",
         classes=f"{DATA}/classes.json",
     output:
         metrics=f"{R}/train/{{method}}/{{n_aug}}/{{seed}}/metrics.json",
@@ -13,18 +56,16 @@ rule train:
         f"{BENCH}/train/{{method}}/{{n_aug}}/{{seed}}.tsv"
     params:
         spec=stage_spec("train"),
-        root=lambda wildcards, input: Path(input.test).parents[1],
-        aug=lambda wc, input: (
-            f"--aug-manifest {input.aug_manifest} --aug-tar {input.aug_tar}" if "aug_tar" in input.keys() else ""
-        ),
+        aug=lambda wc, input: f"--aug-manifest {input.aug_manifest}" if "aug_manifest" in input.keys() else "",
     threads: config["train"]["threads"]
     resources:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
+        mem_mb=train_mem_mb,
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench train --real {input.real:q} --root {params.root:q} --test {input.test:q}"
+        "python -m augbench train --real {input.real:q} --root . --test {input.test:q}"
         " --classes {input.classes:q} {params.aug} --n-aug {wildcards.n_aug} --seed {wildcards.seed}"
         " --out-metrics {output.metrics:q} --out-ckpt {output.ckpt:q} --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
@@ -33,8 +74,8 @@ rule train:
 # score each generated method's images: a fidelity figure that shares no weights with CLIP or the generator.
 rule train_judge:
     input:
-        real=[f"{DATA}/target/{s}.parquet" for s in ("train", "train_extra", "val")],
-        test=f"{DATA}/target/test.parquet",
+        real=[f"{R}/decoded/{s}" for s in ("train", "train_extra", "val")],
+        test=f"{R}/decoded/test",
         classes=f"{DATA}/classes.json",
     output:
         metrics=f"{R}/judge/metrics.json",
@@ -45,7 +86,6 @@ rule train_judge:
         f"{BENCH}/judge/train.tsv"
     params:
         spec=stage_spec("train", min_steps=config["report"]["judge_min_steps"]),
-        root=lambda wildcards, input: Path(input.test).parents[1],
     threads: config["train"]["threads"]
     resources:
         gpu=1,
@@ -53,7 +93,7 @@ rule train_judge:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench train --real {input.real:q} --root {params.root:q} --test {input.test:q}"
+        "python -m augbench train --real {input.real:q} --root . --test {input.test:q}"
         " --classes {input.classes:q} --seed 0 --out-metrics {output.metrics:q} --out-ckpt {output.ckpt:q}"
         " --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
@@ -63,7 +103,6 @@ rule judge_generated:
         ckpt=rules.train_judge.output.ckpt,
         judge_metrics=rules.train_judge.output.metrics,
         manifest=f"{R}/augment/{{method}}/manifest.parquet",
-        tar=f"{R}/augment/{{method}}/images.tar",
         classes=f"{DATA}/classes.json",
     output:
         f"{R}/augment/{{method}}/judge.json",
@@ -79,4 +118,4 @@ rule judge_generated:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench judge --ckpt {input.ckpt:q} --judge-metrics {input.judge_metrics:q} --manifest {input.manifest:q}"
-        " --tar {input.tar:q} --classes {input.classes:q} --out {output:q} --device {resources.device} > {log:q} 2>&1"
+        " --classes {input.classes:q} --out {output:q} --device {resources.device} > {log:q} 2>&1"

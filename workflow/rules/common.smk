@@ -250,15 +250,22 @@ def augment_inputs(wildcards):
     """The augmentation set a training run reads (none for the baselines)."""
     if wildcards.method in BASELINES:
         return {}
-    return {
-        "aug_manifest": f"{R}/augment/{wildcards.method}/manifest.parquet",
-        "aug_tar": f"{R}/augment/{wildcards.method}/images.tar",
-    }
+    return {"aug_manifest": f"{R}/decoded/augment/{wildcards.method}"}  # the set decoded once, memory-mapped
+
+
+DECODE_SIZE = config["train"].get("load_size") or config["train"]["input_size"]
+
+
+def train_mem_mb(wildcards, attempt):
+    """A training run's own memory: libraries and the model (about 3 GB with CUDA), plus a few prefetched batches.
+    The decoded images are memory-mapped (page cache, shared by every run on the node), so they are not counted."""
+    batch = config["train"]["batch_size"] * DECODE_SIZE * DECODE_SIZE * 3 * 4  # uint8 + float copies, two in flight
+    return int((3000 + 4 * batch / 1e6) * attempt)
 
 
 def real_splits(wildcards):
-    """Real training tables of a method (registry: real_x2 adds as many real images again, the upper bound)."""
-    return [f"{DATA}/target/{s}.parquet" for s in REGISTRY[wildcards.method].real_splits]
+    """The decoded real splits a method trains on (registry: real_x2 adds as many real images again, the upper bound)."""
+    return [f"{R}/decoded/{s}" for s in REGISTRY[wildcards.method].real_splits]
 
 
 def model_input():
@@ -289,7 +296,7 @@ def class_args(wildcards):
 
 
 def generated_files(method, name):
-    """Every class's `name` (images.tar, manifest.parquet) of a generated method, in class order, inside its blocks."""
+    """Every class's `name` (manifest.parquet) of a generated method, in class order, inside its blocks."""
     return [f"{R}/generate/{method}/block_{b:04d}/{k}/{name}" for b, keys in enumerate(CLASS_BLOCKS) for k in keys]
 
 
@@ -343,7 +350,6 @@ def report_inputs():
     return {
         "metrics": runs,
         "manifests": [f"{R}/augment/{m}/manifest.parquet" for m in AUGMENTED],
-        "tars": [f"{R}/augment/{m}/images.tar" for m in AUGMENTED],
         "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "judged": [f"{R}/augment/{m}/judge.json" for m in GENERATED] if config["report"]["judge"] else [],
@@ -360,13 +366,12 @@ def report_args(wildcards, input, output):
         for (m, n, s), f in zip(train_runs(), input.metrics)
     )
     manifest = dict(zip(AUGMENTED, input.manifests))
-    tar = dict(zip(AUGMENTED, input.tars))
     retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
     retr = " ".join(f"--retrieval {m} {manifest[m]} {st}" for m, st in zip(retrieval, input.stats))
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
     fid += "".join(f" --judge {m} {f}" for m, f in zip(GENERATED, input.judged))
-    grids = " ".join(f"--grid {m} {manifest[m]} {tar[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
+    grids = " ".join(f"--grid {m} {manifest[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
     augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
     return f"{runs} {retr} {fid} {truth} {grids} {augment}"
 

@@ -32,15 +32,15 @@ rule generate:
         " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 
-# The per-class images of a method become one augmentation set, in the format the classifier reads;
-# the toy CLIP's zero-shot labels give the method's generation fidelity.
+# The per-class manifests of a method become one augmentation set: a manifest whose pointers (shard, offset, size)
+# lead into the generated chunks, the images' one stored copy; CLIP's zero-shot labels give the method's generation
+# fidelity, computed 256 images at a time.
 rule collect_generated:
     input:
         unpack(lambda wc: clip_input()),
         blocks=lambda wc: generated_blocks(wc.method),
         classes=f"{DATA}/classes.json",
     output:
-        tar=f"{R}/augment/{{method}}/images.tar",
         manifest=f"{R}/augment/{{method}}/manifest.parquet",
         fidelity=f"{R}/augment/{{method}}/fidelity.json",
     wildcard_constraints:
@@ -51,7 +51,6 @@ rule collect_generated:
         f"{BENCH}/collect/{{method}}.tsv"
     params:
         clip=CLIP_MODEL,
-        tars=lambda wc: " ".join(shlex.quote(f) for f in generated_files(wc.method, "images.tar")),
         manifests=lambda wc: " ".join(shlex.quote(f) for f in generated_files(wc.method, "manifest.parquet")),
         version=STAGE_VERSIONS["collect"],  # a param: bumping it reruns every collect job
     resources:
@@ -59,6 +58,6 @@ rule collect_generated:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench collect --tars {params.tars} --manifests {params.manifests} --classes {input.classes:q}"
-        " --clip {params.clip:q} --out-tar {output.tar:q} --out-manifest {output.manifest:q}"
+        "python -m augbench collect --manifests {params.manifests} --classes {input.classes:q}"
+        " --clip {params.clip:q} --out-manifest {output.manifest:q}"
         " --out-fidelity {output.fidelity:q} --device {resources.device} > {log:q} 2>&1"
