@@ -68,3 +68,42 @@ def test_collect_streams_20k_generated_images_under_1_gb(tmp_path: Path) -> None
     joined = pointed_images(out / "manifest.parquet")
     first = pointed_images(manifests[3])
     assert len(joined) == 20_000 and all(joined[k] == v for k, v in first.items())
+
+
+def _decoded(folder: Path, n: int, n_classes: int, ranks: bool, seed: int) -> Path:
+    """A decoded folder as `augbench decode` writes it, of random 32 px images."""
+    folder.mkdir(parents=True)
+    images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 32, 32, 3))
+    rng = np.random.default_rng(seed)
+    for i in range(0, n, 5000):
+        images[i:i + 5000] = rng.integers(0, 256, (min(5000, n - i), 32, 32, 3), dtype=np.uint8)
+    images.flush()
+    labels = np.arange(n) % n_classes
+    np.save(folder / "labels.npy", labels)
+    np.save(folder / "ranks.npy", np.arange(n) // n_classes if ranks else np.full(n, -1))
+    (folder / "stats.json").write_text(json.dumps({"images": n, "decoded": n, "skipped": 0, "skipped_by_reason": {}}))
+    return folder
+
+
+def test_training_memory_does_not_grow_with_the_augmentation_set(tmp_path: Path) -> None:
+    classes = [f"c{i}" for i in range(10)]
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": classes, "names": {k: k for k in classes}}))
+    real = _decoded(tmp_path / "real", 100, 10, False, 0)
+    test = _decoded(tmp_path / "test", 200, 10, False, 1)
+    spec = json.dumps({"arch": "resnet10", "input_size": 32, "augment": "shift_flip", "epochs": 0, "min_steps": 30,
+                       "batch_size": 32, "checkpoint_every": 0})
+    anon = {}
+    for n in (10_000, 40_000):
+        aug = _decoded(tmp_path / f"aug{n}", n, 10, True, 2)
+        out = tmp_path / f"run{n}"
+        cmd = [sys.executable, "-m", "augbench", "train", "--real", str(real), "--root", ".", "--test", str(test),
+               "--classes", str(tmp_path / "classes.json"), "--aug-manifest", str(aug), "--n-aug", str(n // 10),
+               "--out-metrics", str(out / "metrics.json"), "--out-ckpt", str(out / "model.pt"), "--spec", spec]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["n_aug_images"] == n
+        anon[n] = metrics["memory_mb"]["anon_peak"]
+    print(f"\ntraining run's own (anonymous) memory: 10k augmentation images {anon[10_000]:.0f} MB, 40k {anon[40_000]:.0f} MB")
+    # the 30k more images are 92 MB decoded: held in the run's own memory they would be in this figure
+    assert anon[40_000] < 1.1 * anon[10_000]
