@@ -138,7 +138,7 @@ def read_pointed(manifest: pd.DataFrame, folder: str | Path) -> Iterator[tuple[i
     pos = np.arange(len(manifest))
     for shard, group in pd.DataFrame({"shard": manifest["shard"].to_numpy(), "offset": manifest["offset"].to_numpy(),
                                       "size": manifest["size"].to_numpy(), "pos": pos}).groupby("shard", sort=True):
-        path = Path(folder) / shard
+        path = Path(os.path.normpath(Path(folder) / shard))  # "..": resolved by name, the folder need not exist yet
         with open(path, "rb") as f:  # a missing shard is the OSError that names it
             for row in group.sort_values("offset").itertuples(index=False):
                 f.seek(int(row.offset))

@@ -158,7 +158,12 @@ def test_dead_links_placeholders_and_leaks_are_counted_and_every_class_reaches_n
     fetch(neighbors, tmp_path / "out2.tar", tmp_path / "manifest2.parquet", tmp_path / "stats2.json", N_AUG, SPEC, CLASSES,
           cache=tmp_path / "cache", download_spec=DL, model=str(clip), parts=parts, shard_size=7)
     assert srv.requests == []
-    assert pd.read_parquet(tmp_path / "manifest2.parquet").equals(manifest)
+    again = pd.read_parquet(tmp_path / "manifest2.parquet")
+    assert set(again["shard"]) == {"out2.tar"} and again.drop(columns="shard").equals(manifest.drop(columns="shard"))
+    # the pointers lead to the very images of the tar
+    from augbench.shards import iter_shard, pointed_images
+
+    assert pointed_images(tmp_path / "manifest2.parquet") == {s.key: s.image for s in iter_shard(tmp_path / "out2.tar")}
 
 
 def test_with_the_server_gone_the_job_fails_naming_the_classes(tmp_path: Path, server: tuple, clip: Path) -> None:

@@ -50,19 +50,27 @@ def _generated_set(root: Path, classes: list[str], per_class: int, chunk: int = 
     return manifests
 
 
-def test_collect_streams_20k_generated_images_under_1_gb(tmp_path: Path) -> None:
+def _collect(root: Path, per_class: int) -> tuple[float, Path, list[Path]]:
     classes = [f"c{i}" for i in range(10)]
-    (tmp_path / "classes.json").write_text(json.dumps({"classes": classes, "names": {k: k for k in classes}}))
-    manifests = _generated_set(tmp_path / "block", classes, per_class=2000)
-    out = tmp_path / "augment"
+    (root / "classes.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.json").write_text(json.dumps({"classes": classes, "names": {k: k for k in classes}}))
+    manifests = _generated_set(root / "block", classes, per_class=per_class)
+    out = root / "augment"
     cmd = [sys.executable, "-m", "augbench", "collect", "--manifests", *map(str, manifests), "--classes",
-           str(tmp_path / "classes.json"), "--clip", str(REPO / "models/toy/clip"), "--out-manifest",
+           str(root / "classes.json"), "--clip", str(REPO / "models/toy/clip"), "--out-manifest",
            str(out / "manifest.parquet"), "--out-fidelity", str(out / "fidelity.json"), "--device", "cpu"]
-    peak = _peak_rss_mb(cmd)
-    print(f"\ncollect over 20,000 images: peak RSS {peak:.0f} MB")
+    return _peak_rss_mb(cmd), out, manifests
+
+
+def test_collect_streams_20k_generated_images_in_flat_memory(tmp_path: Path) -> None:
+    small, _, _ = _collect(tmp_path / "small", per_class=20)
+    peak, out, manifests = _collect(tmp_path / "large", per_class=2000)
+    print(f"\ncollect peak RSS: 200 images {small:.0f} MB, 20,000 images {peak:.0f} MB")
     fidelity = json.loads((out / "fidelity.json").read_text())
     assert fidelity["images"] == 20_000 and 0 <= fidelity["generation_fidelity"] <= 1
-    assert peak < 1024, f"collect held {peak:.0f} MB"
+    # the floor is the libraries (import torch alone peaks at ~630 MB RSS with the CUDA build; with transformers and
+    # the CLIP ~1,000 MB); 100x the images (61 MB of PNG) may add only the manifest and one batch
+    assert peak - small < 100, f"collect grew by {peak - small:.0f} MB from 200 to 20,000 images"
     assert not list(out.glob("*.tar")), "the augmentation set is pointers, not a second copy"
     # the set's pointers (rebased to its own folder) read back the very bytes the chunks hold
     joined = pointed_images(out / "manifest.parquet")
