@@ -71,7 +71,7 @@ def test_caltech_config_plans_every_generated_method_over_dotted_folders(tmp_pat
     keys = [class_key(folder) for folder in sorted(ODD)]
     assert res.stdout.count(f"--keys {' '.join(keys)} ") == len(GENERATION_METHODS) + len(PERSONALIZED)
     for key in keys:  # the collect job reads each class's images from its block's folder
-        assert f"results/caltech256/generate/prompt_classname/block_0000/{key}/images.tar" in res.stdout
+        assert f"results/caltech256/generate/prompt_classname/block_0000/{key}/manifest.parquet" in res.stdout
     assert root.exists()
 
 

@@ -256,6 +256,20 @@ def augment_inputs(wildcards):
 DECODE_SIZE = config["train"].get("load_size") or config["train"]["input_size"]
 
 
+def block_mem_mb(wildcards, attempt):
+    """A personalize / generate block: the pipeline loaded once (Stable Diffusion's fp32 weights pass through host
+    memory on load: ~6 GB), one class's decoded images at a time, and the per-class copies of UNet and text encoder."""
+    side = config["generate"].get("resolution") or 512
+    images = 2 * max(1, config.get("real_per_class") or 130) * side * side * 3  # a class's images and mirrors, uint8
+    return int((8000 + images / 1e6) * attempt)
+
+
+def collect_mem_mb(wildcards, attempt):
+    """collect_generated: libraries and CLIP, the method's manifests (pointers) and 256 decoded images."""
+    rows = len(CLASS_KEYS) * max(N_AUG) * 300  # bytes per manifest row, generously
+    return int((4000 + rows / 1e6) * attempt)
+
+
 def train_mem_mb(wildcards, attempt):
     """A training run's own memory: libraries and the model (about 3 GB with CUDA), plus a few prefetched batches.
     The decoded images are memory-mapped (page cache, shared by every run on the node), so they are not counted."""

@@ -25,6 +25,7 @@ rule generate:
     resources:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
+        mem_mb=block_mem_mb,
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -55,6 +56,7 @@ rule collect_generated:
         version=STAGE_VERSIONS["collect"],  # a param: bumping it reruns every collect job
     resources:
         device=DEVICE,
+        mem_mb=collect_mem_mb,
     conda:
         "../../envs/torch.yaml"
     shell:

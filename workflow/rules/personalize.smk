@@ -25,6 +25,7 @@ rule personalize:
     resources:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
+        mem_mb=block_mem_mb,
     conda:
         "../../envs/torch.yaml"
     shell:
