@@ -19,3 +19,21 @@ def test_manifest_sha256_match_the_shipped_files_and_they_fit_the_budget() -> No
     assert sum(f.stat().st_size for f in files.values()) <= 40e6
     assert manifest["command"] == "make toy-models" and manifest["seconds"]["diffusion"] > 0
     assert manifest["quality"]["fidelity_learning_curve"], "the curve that chose the step count"
+
+
+def test_config_yaml_loads_the_shipped_models_and_they_load_as_the_real_ones_do() -> None:
+    import yaml
+
+    repo = TOY.parents[1]
+    cfg = yaml.safe_load((repo / "config.yaml").read_text())
+    assert (repo / cfg["clip"]["model"]).resolve() == (TOY / "clip").resolve()
+    assert (repo / cfg["diffusion"]["model"]).resolve() == (TOY / "diffusion").resolve()
+    manifest = json.loads((TOY / MANIFEST).read_text())
+    assert {k: v for k, v in manifest["world"].items() if k != "version"} == cfg["world"], "shipped for the default world"
+    from diffusers import StableDiffusionPipeline
+
+    from augbench.embed import Clip
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOY / "diffusion"), safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.dtype.is_floating_point and len(pipe.tokenizer) > 10
+    assert Clip(TOY / "clip").texts(["a photo of a circle."]).shape[0] == 1

@@ -145,12 +145,13 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert res.returncode == 0, res.stderr
     jobs = scheduled_jobs(res.stdout)
-    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "train": 4, "report": 1, "all": 1}, res.stdout
+    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "decode_augment": 2, "train": 4, "report": 1, "all": 1}, res.stdout
     # the search margin changes k: the search blocks too
     cfg["retrieve"] = {**cfg["retrieve"], "dedup_threshold": 0.995, "margin": 3}
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
-    assert jobs == {"search_block": 2, "retrieve": 2, "fetch_retrieved": 2, "train": 4, "report": 1, "all": 1}, jobs
+    assert jobs == {"search_block": 2, "retrieve": 2, "fetch_retrieved": 2, "decode_augment": 2, "train": 4, "report": 1,
+                    "all": 1}, jobs
     # how jobs are scheduled (tiles, threads, processes) is not content: nothing to do
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg["retrieve"].update(tile_rows=2048, threads=2)
@@ -170,17 +171,20 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     cfg["personalize"]["steps"] = 4
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
-    assert jobs == {"personalize": 3, "generate": 3, "collect_generated": 1, "train": 2, "report": 1, "all": 1}, jobs
+    # (one block of class_block classes per method: one personalize and one generate job for the three classes)
+    assert jobs == {"personalize": 1, "generate": 1, "collect_generated": 1, "decode_augment": 1, "judge_generated": 1,
+                    "train": 2, "report": 1, "all": 1}, jobs
 
     # a sampling setting reruns generation of every generated method; a report setting only the report
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg["generate"]["guidance_scale"] = 3.0
-    cfg["report"] = {"grid_images": 3}
+    cfg["report"] = {**cfg["report"], "grid_images": 3}
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
-    assert jobs == {"generate": 6, "collect_generated": 2, "train": 4, "report": 1, "all": 1}, jobs
+    assert jobs == {"generate": 2, "collect_generated": 2, "decode_augment": 2, "judge_generated": 2, "train": 4, "report": 1,
+                    "all": 1}, jobs
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
-    cfg["report"] = {"grid_images": 3}
+    cfg["report"] = {**cfg["report"], "grid_images": 3}
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
     assert jobs == {"report": 1, "all": 1}, jobs
@@ -196,10 +200,11 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     _content_keyed_caches(wf)
 
 
-def _members(tar: Path) -> dict[str, bytes]:
-    from augbench.shards import iter_shard
+def _members(path: Path) -> dict[str, bytes]:
+    """The images of a shard, or of a manifest with pointers, by key."""
+    from augbench.shards import iter_shard, pointed_images
 
-    return {s.key: s.image for s in iter_shard(tar)}
+    return pointed_images(path) if path.suffix == ".parquet" else {s.key: s.image for s in iter_shard(path)}
 
 
 def _content_keyed_caches(wf: Path) -> None:
@@ -209,7 +214,7 @@ def _content_keyed_caches(wf: Path) -> None:
     # a retrained CLIP under an unchanged diffusion spec: a new text encoder in the diffusion model, new images
     # (a cache keyed by the model's spec handed back the old model's images byte for byte)
     block = "results/tiny/generate/prompt_classname/block_0000"
-    gen = f"{block}/circle/images.tar"
+    gen = f"{block}/circle/manifest.parquet"
     old = _members(wf / gen)
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg["clip"]["train"]["steps"] = 21
