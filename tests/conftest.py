@@ -98,3 +98,21 @@ def build_tiny_sd(out: Path, classes: tuple[str, ...] = ("circle", "square", "tr
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Stable Diffusion pipeline folder (built once per test session)."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "pipeline")
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> tuple[Path, Path]:
+    """A training table with four images of class 0 ("circle") and two of class 1."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (label, name) in enumerate([(0, "circle")] * 4 + [(1, "square")] * 2):
+        path = Path("train") / name / f"{i:03d}.png"
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / path)
+        rows.append({"path": str(path), "label": label, "class": name})
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    return tmp_path / "train.parquet", tmp_path

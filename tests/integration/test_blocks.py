@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from augbench.generate import generate_block
 from augbench.personalize import PipelineSource, encode_latents, load_pipeline, personalize_block
@@ -17,19 +15,6 @@ from augbench.shards import pointed_images
 from augbench.specs import GenerateSpec, PersonalizeSpec
 
 CLASSES = [("circle", 0, "circle"), ("square", 1, "square")]
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> tuple[Path, Path]:
-    rng = np.random.default_rng(1)
-    rows = []
-    for i, (label, name) in enumerate([(0, "circle")] * 4 + [(1, "square")] * 3):
-        path = Path("train") / name / f"{i:03d}.png"
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / path)
-        rows.append({"path": str(path), "label": label, "class": name})
-    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
-    return tmp_path / "train.parquet", tmp_path
 
 
 def _files(folder: Path) -> dict[str, bytes]:

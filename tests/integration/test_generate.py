@@ -10,27 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from augbench.generate import generate
 from augbench.personalize import load_pipeline, personalize_block
 from augbench.shards import pointed_images
 from augbench.specs import GenerateSpec, PersonalizeSpec
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> tuple[Path, Path]:
-    """A training table with four images of class 0 ("circle") and two of class 1."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, (label, name) in enumerate([(0, "circle")] * 4 + [(1, "square")] * 2):
-        path = Path("train") / name / f"{i:03d}.png"
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / path)
-        rows.append({"path": str(path), "label": label, "class": name})
-    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
-    return tmp_path / "train.parquet", tmp_path
 
 
 def _images(folder: Path) -> dict[str, bytes]:
