@@ -4,7 +4,7 @@
 #   world/                                   toy world: target/{split}.parquet + images, pool/pool.parquet, classes.json
 #   pool/parts/{part}.parquet                url/caption table of one download job
 #   pool/shards/{part}.tar|.parquet|_stats.json   img2dataset webdataset shard, per-row status, failure counts
-#   clip/model/                              toy CLIP (transformers folder); real runs name a folder or hub id
+#   clip/model/                              toy CLIP trained in the workflow (clip.model: toy); else a folder or hub id
 #   embed/pool/img_emb/img_emb_{part}.npy + metadata/metadata_{part}.parquet    clip-retrieval's layout and naming
 #   embed/target/img_emb/{split}.npy + metadata/{split}.parquet
 #   retrieve/{mode}/queries.npy|.parquet     query vectors per mode (training images / class prompts)
@@ -12,10 +12,13 @@
 #   retrieve/{mode}/neighbors.parquet, stats.json   ranked candidates per class (n_aug x overfetch), with url/caption
 #   retrieve/url_cache/                      remote pools: img2dataset shards by url, shared by both modes (not an output)
 #   index/trained.index, parts/{ipart}.index, pool.index + pool.ivfdata, index_infos.json   the optional ANN index
-#   diffusion/model/                         toy latent diffusion model (StableDiffusionPipeline folder); real runs name SD
-#   personalize/{method}/{cls}/              learned_embeds.safetensors | cond.safetensors (+ LoRA weights or unet/)
-#   generate/{method}/{cls}/images.tar, manifest.parquet, cache/   generated images of one class (cache: by chunk)
-#   augment/{method}/images.tar, manifest.parquet (+ fetch_stats.json / fidelity.json)
+#   diffusion/model/                         toy LDM trained in the workflow (diffusion.model: toy); else a folder or hub id
+#   personalize/{method}/block_{b}/{cls}/    learned_embeds.safetensors | cond.safetensors (+ LoRA weights or unet/);
+#                                            links into personalize/{method}/cache/{cls}/<key>/
+#   generate/{method}/block_{b}/{cls}/       manifest.parquet (pointers) + chunks/ (links into generate/{method}/cache/)
+#   augment/{method}/manifest.parquet        pointers (shard, offset, size) + fidelity.json, judge.json; retrieval: images.tar
+#   decoded/{split}/, decoded/augment/{method}/   the classifier's decode cache (uint8 images.npy, memory-mapped)
+#   judge/metrics.json, model.pt             the judge classifier (report.judge)
 #   train/{method}/{n_aug}/{seed}/metrics.json, model.pt
 #   report/results.csv|md|html, cost.csv, accuracy_vs_naug.png, grids/{method}.png
 
