@@ -329,8 +329,14 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
     return metrics
 
 
-def judge(ckpt: Path, judge_metrics: Path, manifest: Path, classes: Path, out: Path) -> dict[str, object]:
+ALL_RANKS = 2**62  # an n_aug that keeps every image of a set
+
+
+def judge(ckpt: Path, judge_metrics: Path, images: Path, classes: Path, out: Path) -> dict[str, object]:
     """Score a method's generated images with the judge: a classifier trained on the target's own labelled images.
+
+    `images` is the set's decoded folder (the workflow: memory-mapped, scored 256 at a time, so a 512k-image set is
+    never held in memory) or its manifest (decoded here, for small sets and direct use).
 
     CLIP's zero-shot `generation_fidelity` is measured by the model family the generator was built on (the toy
     LDM's text encoder is the toy CLIP's text tower); the judge shares nothing with it, so where the two agree
@@ -345,15 +351,15 @@ def judge(ckpt: Path, judge_metrics: Path, manifest: Path, classes: Path, out: P
     device = pick_device()
     model.to(device)
     skips: Counter[str] = Counter()
-    ranks = pd.read_parquet(manifest, columns=["rank"])["rank"]
-    x, y = load_augment(manifest, int(ranks.max()) + 1 if len(ranks) else 0, spec.load_size or spec.input_size, skips)
-    scored = evaluate(model, x, y, len(keys), device, spec) if len(y) else {"top1": float("nan"), "per_class_top1": {}}
+    arr, rows, y = _source(Path(images), Path("."), spec.load_size or spec.input_size, ALL_RANKS, skips)
+    scored = (evaluate(model, Rows([(arr, rows)]), y, len(keys), device, spec) if len(y)
+              else {"top1": float("nan"), "per_class_top1": {}})
     result = {"judge_fidelity": scored["top1"], "per_class": {keys[c]: v for c, v in scored["per_class_top1"].items()},
               "images": len(y), "skipped": int(sum(skips.values())),
               "judge_test_top1": read_metrics(judge_metrics)["top1"]}
     write_json(out, result)
     write_meta(out, "judge", spec_dict(spec), started, judge=str(ckpt))
-    log.info("judge: %s: %.3f of %d images (judge test top-1 %.3f)", manifest, result["judge_fidelity"], len(y),
+    log.info("judge: %s: %.3f of %d images (judge test top-1 %.3f)", images, result["judge_fidelity"], len(y),
              result["judge_test_top1"])
     return result
 

@@ -250,7 +250,7 @@ def cmd_decode(a: argparse.Namespace) -> object:
 def cmd_judge(a: argparse.Namespace) -> object:
     from augbench.classify import judge
 
-    return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.manifest), Path(a.classes), Path(a.out))
+    return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.images), Path(a.classes), Path(a.out))
 
 
 def cmd_report(a: argparse.Namespace) -> object:
@@ -544,8 +544,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
                    help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
-    for name in ("ckpt", "judge-metrics", "manifest", "classes", "out"):
+    for name in ("ckpt", "judge-metrics", "classes", "out"):
         s.add_argument(f"--{name}", required=True)
+    s.add_argument("--images", required=True, help="the set's decoded folder (memory-mapped), or its manifest")
     s.set_defaults(fn=cmd_judge)
 
     s = sub.add_parser("report", help="aggregate metrics into results.csv / results.md")

@@ -51,7 +51,7 @@ def test_judge_on_the_test_split_reproduces_its_test_accuracy(tmp_path: Path) ->
     for shift in range(3):
         manifest, _ = _as_augmentation_set(world, tmp_path / f"set{shift}", shift, 3)
         out = tmp_path / f"set{shift}/judge.json"
-        _run(["judge", "--ckpt", str(judge / "model.pt"), "--judge-metrics", str(judge / "metrics.json"), "--manifest",
+        _run(["judge", "--ckpt", str(judge / "model.pt"), "--judge-metrics", str(judge / "metrics.json"), "--images",
               str(manifest), "--classes", str(world / "classes.json"), "--out", str(out)])
         scores.append(json.loads(out.read_text()))
     same = scores[0]
@@ -61,3 +61,9 @@ def test_judge_on_the_test_split_reproduces_its_test_accuracy(tmp_path: Path) ->
     assert same["per_class"] == {keys[int(c)]: v for c, v in metrics["per_class_top1"].items()}
     # every image is assigned to exactly one of the three classes: the three label shifts share it out
     assert sum(s["judge_fidelity"] for s in scores) == pytest.approx(1.0)
+    # the workflow's path: the set's decoded folder, memory-mapped, scores the same
+    _run(["decode", "--manifest", str(tmp_path / "set0/manifest.parquet"), "--size", "32", "--out", str(tmp_path / "decoded")])
+    _run(["judge", "--ckpt", str(judge / "model.pt"), "--judge-metrics", str(judge / "metrics.json"), "--images",
+          str(tmp_path / "decoded"), "--classes", str(world / "classes.json"), "--out", str(tmp_path / "decoded.json")])
+    decoded = json.loads((tmp_path / "decoded.json").read_text())
+    assert decoded["images"] == 36 and decoded["judge_fidelity"] == pytest.approx(same["judge_fidelity"])

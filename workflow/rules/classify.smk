@@ -102,7 +102,7 @@ rule judge_generated:
     input:
         ckpt=rules.train_judge.output.ckpt,
         judge_metrics=rules.train_judge.output.metrics,
-        manifest=f"{R}/augment/{{method}}/manifest.parquet",
+        images=f"{R}/decoded/augment/{{method}}",  # the decode cache the training runs read: memory-mapped
         classes=f"{DATA}/classes.json",
     output:
         f"{R}/augment/{{method}}/judge.json",
@@ -117,5 +117,5 @@ rule judge_generated:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m augbench judge --ckpt {input.ckpt:q} --judge-metrics {input.judge_metrics:q} --manifest {input.manifest:q}"
+        "python -m augbench judge --ckpt {input.ckpt:q} --judge-metrics {input.judge_metrics:q} --images {input.images:q}"
         " --classes {input.classes:q} --out {output:q} --device {resources.device} > {log:q} 2>&1"
