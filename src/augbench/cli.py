@@ -302,6 +302,13 @@ def _query_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tables", nargs="+", required=True, help="<mode>/queries.parquet files")
 
 
+def _job_args(s: argparse.ArgumentParser) -> None:
+    """Where and on how many threads a job runs: scheduling, never part of a spec."""
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+
+
 def _class_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--classes", required=True, help="classes.json: labels and display names")
     s.add_argument("--keys", nargs="+", required=True, help="the class keys of this block, processed in this order")
@@ -337,18 +344,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_download)
 
     s = sub.add_parser("pretrain-clip", help="train the toy world's tiny CLIP on pool shards")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     s.add_argument("--shards", nargs="+", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_pretrain_clip)
 
     s = sub.add_parser("pretrain-diffusion", help="train the toy world's tiny latent diffusion model on pool shards")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     s.add_argument("--shards", nargs="+", required=True)
     s.add_argument("--clip", required=True, help="CLIP folder or hub id whose text tower becomes the frozen text encoder")
     s.add_argument("--classes", help="classes.json: class names for the fidelity learning curve (spec eval_every)")
@@ -363,9 +366,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_ship_toy)
 
     s = sub.add_parser("personalize", help="personalise a diffusion model to each class of a block (one model load)")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
     s.add_argument("--table", required=True, help="training split table (path, label, class)")
     s.add_argument("--root", required=True, help="folder the table's paths are relative to")
@@ -378,9 +379,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_personalize)
 
     s = sub.add_parser("generate", help="generate each class of a block with one method (one model load; cached by chunk)")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
     s.add_argument("--table", required=True, help="training split table (img2img sources)")
     s.add_argument("--root", required=True)
@@ -392,9 +391,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("collect", help="join a method's per-class images and measure generation fidelity")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     s.add_argument("--manifests", nargs="+", required=True, help="the per-class manifests (pointers into their chunks)")
     s.add_argument("--classes", required=True)
     s.add_argument("--clip", required=True)
@@ -403,9 +400,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_collect)
 
     s = sub.add_parser("embed", help="CLIP-embed one pool shard or one target split")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--shard")
     src.add_argument("--split", help="split table (path, label, class)")
@@ -518,9 +513,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_query)
 
     s = sub.add_parser("train", help="train and evaluate the classifier for one (method, n_aug, seed)")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     for name in ("root", "test", "classes", "out-metrics", "out-ckpt"):
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--real", nargs="+", required=True, help="real splits: decoded folders or split tables")
@@ -541,9 +534,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_decode)
 
     s = sub.add_parser("judge", help="score a method's generated images with the judge classifier (independent of CLIP)")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+    _job_args(s)
     for name in ("ckpt", "judge-metrics", "classes", "out"):
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--images", required=True, help="the set's decoded folder (memory-mapped), or its manifest")
