@@ -32,8 +32,8 @@ N_AUG = 4
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
-    """/ok/X serves a file, /dead/X answers 404, /slow/X answers after the client's timeout, /placeholder/X an
-    HTTP-200 "image not available" picture; every request is recorded."""
+    """/ok/X serves a file, /dead/X answers 404, /slow/X does not answer until the test ends (the client times
+    out), /placeholder/X an HTTP-200 "image not available" picture; every request is recorded."""
 
     def do_GET(self) -> None:
         self.server.requests.append(self.path)  # type: ignore[attr-defined]
@@ -43,7 +43,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.send_error(404)
             return
         if kind == "slow":
-            time.sleep(3)
+            self.server.release.wait(60)  # type: ignore[attr-defined]
+            return
         if kind == "placeholder":
             self.path = "/placeholder.png"
         else:
@@ -61,11 +62,13 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, http.server.ThreadingHTT
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     srv.requests = []  # type: ignore[attr-defined]
     srv.delay = 0.0  # type: ignore[attr-defined]
+    srv.release = threading.Event()  # type: ignore[attr-defined]
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{srv.server_address[1]}", root, srv
     finally:
+        srv.release.set()  # type: ignore[attr-defined]
         srv.shutdown()
         srv.server_close()
 
@@ -129,7 +132,8 @@ def _world(tmp_path: Path, base: str, served: Path, clip: Path) -> tuple[Path, l
     return tmp_path / "neighbors.parquet", [part], kinds
 
 
-DL = DownloadSpec(timeout=1, retries=0, encode_format="png", encode_quality=9, image_size=32)
+# a good url answers in milliseconds, a slow one never: a timeout of 4 s holds on a loaded CI machine (1 s did not)
+DL = DownloadSpec(timeout=4, retries=0, encode_format="png", encode_quality=9, image_size=32)
 # the re-downloaded image has the embedded pixels (lossless PNG at the pool's size): cosine ~1; this toy CLIP puts a
 # placeholder at up to 0.93 from a shape, so the test's floor is 0.99 (ViT-L/14's default in the config is 0.85)
 SPEC = FetchSpec(min_cosine=0.99, min_yield=1.0)
