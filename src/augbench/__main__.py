@@ -1,6 +1,30 @@
 """`python -m augbench <stage>`: see augbench.cli."""
 
+import atexit
+import os
+import sys
+import threading
+
 from augbench.cli import main
 
+
+def leave(code: int) -> None:
+    """End a job without the interpreter's teardown, once everything it wrote is closed.
+
+    Python's own exit finalises every module and then runs the C++ static destructors of libtorch, which fault
+    in code pages no job touched: measured on the pinned CUDA build, `import torch` then a normal exit peaks at
+    ~130 MB more resident memory than the job itself ever used, and takes ~1 s. A job's outputs are already
+    written atomically and closed here, so: join any worker thread still running, run the atexit handlers
+    (logging's flush, multiprocessing's clean-up), flush the standard streams, and leave with the exit code.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # img2dataset spawns processes: the guard is required
-    raise SystemExit(main())
+    leave(main())
