@@ -77,6 +77,9 @@ def _source(path: Path, root: Path, size: int, n_aug: int | None, skips: Counter
     path = Path(path)
     if is_decoded(path):
         images, rows, labels, stats = open_decoded(path, n_aug)
+        if images.shape[1:3] != (size, size):  # decoded for another train.load_size: stale, not to be cropped silently
+            raise ValueError(f"{path}: decoded at {images.shape[1]}x{images.shape[2]} px, but this run loads {size} px "
+                             f"(train.load_size): decode it again (augbench decode, or the rules decode_split / decode_augment)")
         if stats["skipped"]:
             skips.update(stats["skipped_by_reason"] if n_aug is None else {"undecodable": stats["skipped"]})
         return images, rows, labels

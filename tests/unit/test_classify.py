@@ -1,9 +1,16 @@
-"""Classifier construction: the toy's resnet10 and the error for an unknown architecture."""
+"""Classifier construction: the toy's resnet10, the error for an unknown architecture, batch augmentation, and a
+decoded folder of another size refused by name."""
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from augbench.classify import augment_batch, build_model
 from augbench.specs import TrainSpec
@@ -45,3 +52,18 @@ def test_colour_invariance_permutes_inverts_and_greys_per_image_and_keeps_shape(
     assert len(kinds) >= 4, kinds  # several channel orders, inverted and grey variants: not one colour for the batch
     again = colour_invariance(x.clone(), torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def test_a_folder_decoded_for_another_load_size_is_refused_naming_it(tmp_path: Path) -> None:
+    from augbench.classify import _source
+    from augbench.decoded import decode_split
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (80 * i, 20, 200)).save(tmp_path / f"{i}.png")
+    pd.DataFrame({"path": [f"{i}.png" for i in range(3)], "label": [0, 1, 1]}).to_parquet(tmp_path / "train.parquet")
+    decode_split(tmp_path / "train.parquet", tmp_path, 16, tmp_path / "decoded")
+    images, rows, labels = _source(tmp_path / "decoded", tmp_path, 16, None, Counter())
+    assert images.shape == (3, 16, 16, 3) and list(rows) == [0, 1, 2] and list(labels) == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"decoded.*16x16 px.*loads 24 px"):
+        _source(tmp_path / "decoded", tmp_path, 24, None, Counter())
+    assert np.asarray(images).dtype == np.uint8
