@@ -14,12 +14,13 @@ def leave(code: int) -> None:
     Python's own exit finalises every module and then runs the C++ static destructors of libtorch, which fault
     in code pages no job touched: measured on the pinned CUDA build, `import torch` then a normal exit peaks at
     ~130 MB more resident memory than the job itself ever used, and takes ~1 s. A job's outputs are already
-    written atomically and closed here, so: join any worker thread still running, run the atexit handlers
+    written atomically and closed here, so: finish the threads as the interpreter would, run the atexit handlers
     (logging's flush, multiprocessing's clean-up), flush the standard streams, and leave with the exit code.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # the interpreter's own first exit step: threading's exit callbacks (they release the idle workers of a
+    # ThreadPoolExecutor nobody shut down; joining those threads directly would wait forever), then the join of
+    # every non-daemon thread
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
