@@ -8,7 +8,9 @@ manifests of a finished run and prints, per retrieval set, the background mix, t
 target's rotation range and the median |rotation|, beside the pool's own figures. No method reads any of this.
 
     PYTHONPATH=src python benchmarks/retrieval_nuisance.py                      # make demo's results/toy
-    PYTHONPATH=src python benchmarks/retrieval_nuisance.py --results results/x --config config.yaml x.yaml
+    PYTHONPATH=src python benchmarks/retrieval_nuisance.py --results results/x  # another toy run
+
+The world's spec is the one the run's world recorded (world/classes.json.meta.json), not re-read from configs.
 
 It prints figures and asserts nothing.
 """
@@ -16,6 +18,7 @@ It prints figures and asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from collections import Counter
@@ -23,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,19 +59,13 @@ class Recording(random.Random):
         return out
 
 
-def replay(spec: WorldSpec, index: int) -> tuple[str, float, np.ndarray]:
+def replay(spec: WorldSpec, kinds: tuple, index: int) -> tuple[str, float, np.ndarray]:
     """(background style, |rotation| in degrees, pixels) of pool image `index`, as the world drew them."""
     r = Recording(rng(spec.seed, "pool", index).getstate())
-    kinds = world_kinds(spec)
     kind = kinds[r.randrange(len(kinds))]
     image, _ = render(kind.key, r, spec.resolution, pool=True)  # at the world's resolution: draws' ranges depend on it
     assert r.background is not None and r.rotation is not None
     return r.background, abs(r.rotation), np.asarray(image)
-
-
-def nuisance(spec: WorldSpec, index: int) -> tuple[str, float]:
-    background, rotation, _ = replay(spec, index)
-    return background, rotation
 
 
 def summary(name: str, factors: list[tuple[str, float]]) -> str:
@@ -83,29 +79,27 @@ def summary(name: str, factors: list[tuple[str, float]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=REPO / "results/toy")
-    ap.add_argument("--config", type=Path, nargs="+", default=[REPO / "config.yaml"],
-                    help="the run's config files, in snakemake's order (the last one's world keys win)")
     ap.add_argument("--pool-sample", type=int, default=2000, help="pool images replayed for the pool's own figures")
+    ap.add_argument("--check", type=int, default=10, help="retrieved images per set compared with the world's files")
     args = ap.parse_args()
-    world: dict[str, object] = {}
-    for path in args.config:
-        world.update((yaml.safe_load(path.read_text()) or {}).get("world", {}))
-    spec = WorldSpec(**{k: v for k, v in world.items() if k in WorldSpec.__dataclass_fields__})
-    # the replay must draw the very images the world wrote: checked on the first retrieved images of the run
-    images = args.results / "world/pool/images"
+    recorded = json.loads((args.results / "world/classes.json.meta.json").read_text())["spec"]
+    spec = WorldSpec(**{k: v for k, v in recorded.items() if k in WorldSpec.__dataclass_fields__})
+    kinds = world_kinds(spec)
+    sample = np.random.default_rng(0).choice(spec.pool_size, min(args.pool_sample, spec.pool_size), replace=False)
+    print(summary("pool (random sample)", [replay(spec, kinds, int(i))[:2] for i in sample]))
     checked = 0
     for manifest in sorted(args.results.glob("augment/retrieval_*/manifest.parquet")):
-        for key in pd.read_parquet(manifest, columns=["key"])["key"][:10]:
-            stored = np.asarray(Image.open(images / f"{key}.png").convert("RGB"))
-            if not np.array_equal(replay(spec, int(key))[2], stored):
-                raise SystemExit(f"{images / f'{key}.png'}: the replay draws another image: is --config the run's config?")
-            checked += 1
+        factors = []
+        for n, key in enumerate(pd.read_parquet(manifest, columns=["key"])["key"]):
+            background, rotation, pixels = replay(spec, kinds, int(key))
+            if n < args.check:  # the replay must draw the very image the world wrote
+                stored = args.results / "world/pool/images" / f"{key}.png"
+                if not np.array_equal(pixels, np.asarray(Image.open(stored).convert("RGB"))):
+                    raise SystemExit(f"{stored}: the replay draws another image than the world wrote")
+                checked += 1
+            factors.append((background, rotation))
+        print(summary(manifest.parent.name, factors))
     print(f"replay checked on {checked} retrieved images: pixel-identical to the world's files")
-    sample = np.random.default_rng(0).choice(spec.pool_size, min(args.pool_sample, spec.pool_size), replace=False)
-    print(summary("pool (random sample)", [nuisance(spec, int(i)) for i in sample]))
-    for manifest in sorted(args.results.glob("augment/retrieval_*/manifest.parquet")):
-        table = pd.read_parquet(manifest, columns=["key"])
-        print(summary(manifest.parent.name, [nuisance(spec, int(k)) for k in table["key"]]))
 
 
 if __name__ == "__main__":
