@@ -94,6 +94,36 @@ def build_tiny_sd(out: Path, classes: tuple[str, ...] = ("circle", "square", "tr
     return out
 
 
+def build_tiny_clip(out: Path, words: tuple[str, ...] = ("circle", "square", "triangle", "dog", "cat")) -> Path:
+    """Build and save a tiny, randomly initialised `transformers.CLIPModel` with a ViT vision tower (the class
+    openai/clip-vit-large-patch14 uses), its `CLIPImageProcessor` (shorter side resized, centre crop) and a CLIP BPE
+    tokenizer trained in memory: a real-architecture CLIP folder as `from_pretrained` reads it, nothing from the toy model."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from augbench.toy.clip_train import train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([f"a photo of a {w}." for w in words] * 20 + ["itap of my ring", "a drawing of it"] * 10, 300)
+    tokenizer.model_max_length = 16
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
+              "patch_size": 8}
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny real-architecture CLIP folder (built once per test session)."""
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Stable Diffusion pipeline folder (built once per test session)."""

@@ -259,7 +259,7 @@ def cmd_report(a: argparse.Namespace) -> object:
     from augbench import report
 
     runs = [json.loads(r) for r in a.run]
-    retrieval = {m: {"manifest": Path(man), "stats": Path(st)} for m, man, st in a.retrieval or []}
+    retrieval = {m: {"manifest": Path(man), "stats": Path(st), "fetch_stats": Path(fst)} for m, man, st, fst in a.retrieval or []}
     truth = pd.read_parquet(a.truth) if a.truth else None
     fidelity = {m: Path(f) for m, f in a.fidelity or []}
     manifests = {m: Path(f) for m, f in a.augment or []}
@@ -272,8 +272,15 @@ def cmd_report(a: argparse.Namespace) -> object:
         if a.out_cost:
             with report.atomic_path(Path(a.out_cost)) as tmp:
                 report.stage_costs(bench, a.gpu).to_csv(tmp, index=False, float_format="%.6g")
+    notes = report.judge_note(judged)
+    if a.out_yield:
+        classes_all = json.loads(Path(a.classes).read_text())["classes"]
+        yields = report.yield_table(list(zip(table["method"], table["n_aug"], strict=True)), manifests, retrieval, classes_all)
+        with report.atomic_path(Path(a.out_yield)) as tmp:
+            yields.to_csv(tmp, index=False)
+        notes += report.yield_note(yields)
     report.write_report(table, Path(a.out_csv), Path(a.out_md), Path(a.out_html) if a.out_html else None,
-                        Path(a.out_method_cost) if a.out_method_cost else None, report.judge_note(judged))
+                        Path(a.out_method_cost) if a.out_method_cost else None, notes)
     if a.out_plot:
         report.plot_accuracy_vs_naug(table, Path(a.out_plot))
     if a.grid:
@@ -542,7 +549,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="aggregate metrics into results.csv / results.md")
     s.add_argument("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}')
-    s.add_argument("--retrieval", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "STATS"))
+    s.add_argument("--retrieval", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "MERGE_STATS", "FETCH_STATS"))
     s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
     s.add_argument("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)")
     s.add_argument("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class")
@@ -558,6 +565,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=".", help="folder the real table's paths are relative to")
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)
+    s.add_argument("--out-yield", help="yield.csv: every (method, n_aug, class) short of n_aug, with the reasons")
     s.add_argument("--out-html")
     s.add_argument("--out-plot")
     s.add_argument("--out-cost")

@@ -77,6 +77,11 @@ class Clip:
         if len(self.tokenizer) < 10:
             raise ValueError(f"{source}: tokenizer has only {len(self.tokenizer)} tokens; is the model folder complete?")
 
+    @property
+    def dim(self) -> int:
+        """The embedding width (CLIP's projection_dim): what an empty split's array still has."""
+        return int(self.model.config.projection_dim)
+
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised float32 image embeddings."""
@@ -110,7 +115,7 @@ def dhash(image: Image.Image, size: int = 8) -> int:
 
 
 def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Image.Image]], batch_size: int,
-                   source: str) -> tuple[np.ndarray, pd.DataFrame, Counter[str]]:
+                   source: str, columns: list[str]) -> tuple[np.ndarray, pd.DataFrame, Counter[str]]:
     """Embed (row, image) items in batches; undecodable images are skipped, logged and counted."""
     embs: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
@@ -140,8 +145,9 @@ def _embed_batches(clip: Clip, items: Iterable[tuple[dict[str, Any], bytes | Ima
         if len(batch) >= batch_size:
             flush()
     flush()
-    dim = embs[0].shape[1] if embs else 0
-    return (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)), pd.DataFrame(rows), skipped
+    if not embs:  # an empty split (val_per_class 0) or part: still the model's width, and the table's columns
+        return np.zeros((0, clip.dim), np.float32), pd.DataFrame(rows, columns=[*columns, "dhash"]), skipped
+    return np.concatenate(embs), pd.DataFrame(rows), skipped
 
 
 def _write(emb: np.ndarray, meta: pd.DataFrame, out_emb: Path, out_meta: Path, precision: str) -> None:
@@ -157,7 +163,7 @@ def embed_shard(shard: Path, model: str | Path, out_emb: Path, out_meta: Path, s
     clip = Clip(model)
     items = (({"image_path": s.key, "key": s.key, "url": s.record.get("url"), "caption": s.caption}, s.image)
              for s in iter_shard(shard))
-    emb, meta, skipped = _embed_batches(clip, items, spec.batch_size, str(shard))
+    emb, meta, skipped = _embed_batches(clip, items, spec.batch_size, str(shard), ["image_path", "key", "url", "caption"])
     _write(emb, meta, out_emb, out_meta, spec.precision)
     stats = {"embedded": len(meta), "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
     write_meta(out_emb, "embed", spec_dict(spec), started, model=str(model), stats=stats)
@@ -180,7 +186,7 @@ def embed_split(split_table: Path, root: Path, model: str | Path, out_emb: Path,
                 raise FileNotFoundError(f"{split_table}: image {path} listed but not readable: {exc}") from exc
             yield row, data
 
-    emb, meta, skipped = _embed_batches(clip, items(), spec.batch_size, str(split_table))
+    emb, meta, skipped = _embed_batches(clip, items(), spec.batch_size, str(split_table), list(table.columns))
     _write(emb, meta, out_emb, out_meta, spec.precision)
     stats = {"embedded": len(meta), "skipped": sum(skipped.values()), "skipped_by_reason": dict(sorted(skipped.items()))}
     write_meta(out_emb, "embed", spec_dict(spec), started, model=str(model), stats=stats)

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from augbench.copies import is_copy
 from augbench.download import cache_key, download_urls, downloaded, failure_reason, sample_url
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import write_json, write_meta, write_parquet
 from augbench.pool import PoolPart, gather
-from augbench.retrieve import is_copy
 from augbench.shards import Sample, iter_shard, with_pointers, write_shard
 from augbench.specs import DownloadSpec, FetchSpec, spec_dict
 
@@ -78,7 +79,8 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
             else:
                 by_url.setdefault(url, []).append(i)
         _check_downloads(table, by_url, where, verdict, images, spec, model, parts)
-    # the first n_aug good images per class, in rank order; an image already used (same url) is not used twice
+    _settle_conflicts(table, verdict, images)
+    # the first n_aug good images per class, in rank order; the same image twice in one class is used once
     used: set[tuple[Path, str]] = set()
     keep: list[int] = []
     reasons = {label: Counter() for label in range(len(class_names))}
@@ -102,21 +104,28 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
     classes = pd.Series(class_names, index=range(len(class_names)))  # every class, those without a candidate too
     achieved = achieved.reindex(classes.index, fill_value=0)
     floor = spec.min_yield * n_aug
-    n_cand = table.groupby("label").size().reindex(classes.index, fill_value=0)
+    for label, n in achieved.items():  # short of n_aug: every candidate was looked at; the count is the shortfall
+        if n < n_aug:
+            reasons[int(label)]["candidates_exhausted"] = int(n_aug - n)
     short = achieved[achieved < floor]
     counts = Counter(v for v in verdict.values())
     stats = {"n_aug": n_aug, "images": len(manifest), "achieved_min": int(achieved.min()) if len(achieved) else 0,
              "achieved_median": float(achieved.median()) if len(achieved) else 0.0,
              "candidates": len(table), "by_reason": dict(sorted(counts.items())), **dl_stats,
-             "per_class": {str(classes[label]): int(n) for label, n in achieved.items()}}
+             # copies of val/test images confirmed on the downloaded pixels, over every candidate (the merge's own are in
+             # retrieve/<mode>/stats.json): the report adds both
+             "leaked_removed": int(counts.get("leaked", 0)),
+             "leaked_per_class": {str(classes[int(label)]): int(n) for label, n in
+                                  table.loc[[i for i, v in verdict.items() if v == "leaked"], "label"].value_counts().items()},
+             "per_class": {str(classes[label]): int(n) for label, n in achieved.items()},
+             # why each class lost the candidates it looked at (every class, not only the short ones): the report's yield.csv
+             "per_class_reasons": {str(classes[label]): dict(sorted(reasons[int(label)].items())) for label in classes.index}}
     if len(short):
-        lines = [f"{classes[label]} ({int(n)}; {', '.join(f'{r} {c}' for r, c in reasons[int(label)].most_common(3)) or 'no failures'}"
-                 f"{'' if n_cand[label] >= n_aug * spec.min_yield * 1.0 else f', only {n_cand[label]} candidates'})"
-                 for label, n in short.head(10).items()]
         write_json(out_stats, stats)
         raise YieldError(f"fetch: {len(short)} class(es) below the yield floor {floor:g} of n_aug {n_aug} "
-                         f"(fetch.min_yield {spec.min_yield}): {'; '.join(lines)}"
-                         f"{' ...' if len(short) > 10 else ''}; failures over all candidates: {dict(counts.most_common(5))}")
+                         f"(fetch.min_yield {spec.min_yield}): "
+                         + "; ".join(f"{classes[label]} ({int(n)}: {_why(reasons[int(label)])})" for label, n in short.items())
+                         + f"; failures over all candidates: {dict(counts.most_common(5))}")
     _write_images(manifest, images, out_tar)
     cols = [c for c in ("class", "label", "rank", "key", "url", "caption", "score", "part", "row", "query") if c in manifest.columns]
     # pointers (shard, offset, size) into the tar: the classifier and the grids seek to the images they read
@@ -126,6 +135,28 @@ def fetch(neighbors: Path, out_tar: Path, out_manifest: Path, out_stats: Path, n
     log.info("fetch: %d images (per class min %d, median %.0f of n_aug %d) from %d candidates; %s",
              len(manifest), stats["achieved_min"], stats["achieved_median"], n_aug, len(table), stats["by_reason"])
     return stats
+
+
+def _why(reasons: Counter) -> str:
+    """A class's failure reasons, most frequent first."""
+    return ", ".join(f"{r} {c}" for r, c in reasons.most_common()) or "no failures"
+
+
+def _settle_conflicts(table: pd.DataFrame, verdict: dict[int, str], images: dict[int, tuple[Path, str]]) -> None:
+    """One image good for several classes goes to the class where it scores highest (ties: the lower label), the rule
+    the merge applies to pool items; every other class's row becomes `conflict` and that class backfills from its
+    next candidates. The merge has already settled (part, row); what is left is one url (one download) behind
+    several pool rows, which LAION and DataComp both have."""
+    owner: dict[tuple[Path, str], tuple[float, int]] = {}
+    for i, v in verdict.items():
+        if v == "ok":
+            score, label = float(table.at[i, "score"]), int(table.at[i, "label"])
+            best = owner.get(images[i])
+            if best is None or (score, -label) > (best[0], -best[1]):
+                owner[images[i]] = (score, label)
+    for i, v in verdict.items():
+        if v == "ok" and owner[images[i]][1] != int(table.at[i, "label"]):
+            verdict[i] = "conflict"
 
 
 def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], where: dict[str, Path], verdict: dict[int, str],
@@ -139,7 +170,7 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], where: d
         from augbench.embed import Clip
 
         clip = Clip(model)
-    eval_cache: dict[Path, np.ndarray] = {}
+    eval_cache: dict[Path, Image.Image] = {}
     for tar in sorted(set(where.values())):
         batch: list[tuple[list[int], Sample, object]] = []
         for s in iter_shard(tar):
@@ -162,7 +193,7 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], where: d
 
 def _judge(batch: list[tuple[list[int], Sample, object]], tar: Path, table: pd.DataFrame, verdict: dict[int, str],
            images: dict[int, tuple[Path, str]], spec: FetchSpec, clip: object | None, parts: list[PoolPart] | None,
-           eval_cache: dict[Path, np.ndarray]) -> None:
+           eval_cache: dict[Path, Image.Image]) -> None:
     """Verdicts for one batch of downloaded images: content_changed, leaked, or ok."""
     if not batch:
         return
@@ -175,14 +206,15 @@ def _judge(batch: list[tuple[list[int], Sample, object]], tar: Path, table: pd.D
     else:
         cos = np.ones(len(batch))
     has_suspects = "leak_suspects" in table.columns
-    for (ids, s, _), c in zip(batch, cos, strict=True):
+    for (ids, s, image), c in zip(batch, cos, strict=True):
         for i in ids:
             suspects = table.at[i, "leak_suspects"] if has_suspects else None
-            if spec.min_cosine is not None and c < spec.min_cosine:
-                verdict[i] = "content_changed"
-            elif suspects is not None and len(suspects) and is_copy(s.image, [Path(p) for p in suspects], spec.leak_pixel_mad,
-                                                                    eval_cache):
+            # a leak first: a copy of an eval image is counted as one even when its embedding also moved
+            if suspects is not None and len(suspects) and is_copy(image, [Path(p) for p in suspects], spec.leak_pixel_mad,
+                                                                   eval_cache):
                 verdict[i] = "leaked"
+            elif spec.min_cosine is not None and c < spec.min_cosine:
+                verdict[i] = "content_changed"
             else:
                 verdict[i] = "ok"
                 images[i] = (tar, s.key)

@@ -252,6 +252,68 @@ def achieved(manifest: Path, n_aug: int, n_classes: int) -> tuple[int, float]:
     return int(per_class.min()), float(per_class.median())
 
 
+def leaked_removed(files: dict[str, Path]) -> int:
+    """Copies of val/test images removed from a retrieval method: confirmed by the merge (local pixels) plus those
+    confirmed by fetch on the downloaded pixels (a precomputed pool's merge only nominates them)."""
+    merged = int(json.loads(Path(files["stats"]).read_text())["leaked_removed"])
+    fetched = json.loads(Path(files["fetch_stats"]).read_text()).get("leaked_removed", 0) if files.get("fetch_stats") else 0
+    return merged + int(fetched)
+
+
+YIELD_COLUMNS = ["method", "n_aug", "class", "achieved", "missing", "reasons", "leaked_merge", "leaked_fetch"]
+
+
+def yield_table(points: list[tuple[str, int]], manifests: dict[str, Path], retrieval: dict[str, dict[str, Path]],
+                classes: list[str]) -> pd.DataFrame:
+    """Every (method, n_aug, class) that trains on fewer than n_aug added images, with why.
+
+    The achieved count is read from the method's manifest (the images a run with that n_aug trains on); the reasons are
+    fetch's per-class counts (dead links by HTTP status, timeouts, content_changed, leaked, duplicate_image, conflict,
+    candidates_exhausted = the shortfall once every candidate was looked at) and the merge's per-class removals.
+    A generated method that falls short (it should not) is listed with the reason `not_generated`.
+    """
+    rows = []
+    for method, n_aug in points:
+        if method not in manifests or not n_aug:
+            continue
+        m = pd.read_parquet(manifests[method], columns=["label", "rank"])
+        got = m[m["rank"] < n_aug].groupby("label").size().reindex(range(len(classes)), fill_value=0)
+        fetch_stats, merge_stats = {}, {}
+        if method in retrieval:
+            if retrieval[method].get("fetch_stats"):
+                fetch_stats = json.loads(Path(retrieval[method]["fetch_stats"]).read_text())
+            merge_stats = json.loads(Path(retrieval[method]["stats"]).read_text()).get("per_class", {})
+        for label, n in got.items():
+            if n >= n_aug:
+                continue
+            cls = classes[int(label)]
+            why = dict(fetch_stats.get("per_class_reasons", {}).get(cls, {})) if method in retrieval else {"not_generated": n_aug - int(n)}
+            if method in retrieval:
+                why["candidates_exhausted"] = int(n_aug - n)  # at this n_aug (fetch's own count is at the largest)
+            rows.append({"method": method, "n_aug": int(n_aug), "class": cls, "achieved": int(n), "missing": int(n_aug - n),
+                         "reasons": "; ".join(f"{r} {c}" for r, c in sorted(why.items(), key=lambda rc: -rc[1])),
+                         "leaked_merge": int(merge_stats.get(cls, {}).get("leaked_removed", 0)),
+                         "leaked_fetch": int(fetch_stats.get("leaked_per_class", {}).get(cls, 0))})
+    return pd.DataFrame(rows, columns=YIELD_COLUMNS)
+
+
+def yield_note(yields: pd.DataFrame) -> list[str]:
+    """One line under the table per (method, n_aug) that fell short: how many classes, the lowest count, the top reasons."""
+    if yields.empty:
+        return ["Yield: every class of every method reached its n_aug (report/yield.csv is empty)."]
+    lines = []
+    for (method, n_aug), g in yields.groupby(["method", "n_aug"], sort=False):
+        reasons: dict[str, int] = {}
+        for text in g["reasons"]:
+            for part in filter(None, text.split("; ")):
+                r, c = part.rsplit(" ", 1)
+                reasons[r] = reasons.get(r, 0) + int(c)
+        top = ", ".join(f"{r} {c}" for r, c in sorted(reasons.items(), key=lambda rc: -rc[1])[:4])
+        lines.append(f"Yield: {method} n_aug {n_aug}: {len(g)} class(es) short (lowest {int(g['achieved'].min())}); {top} "
+                     f"(per class in yield.csv).")
+    return lines
+
+
 def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None,
                 fidelity: dict[str, Path] | None = None, manifests: dict[str, Path] | None = None,
                 n_classes: int | None = None, judged: dict[str, Path] | None = None) -> pd.DataFrame:
@@ -274,7 +336,7 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
                "judge_fidelity": float("nan"), **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
         if method in retrieval:
             files = retrieval[method]
-            row["leaked_removed"] = json.loads(Path(files["stats"]).read_text())["leaked_removed"]
+            row["leaked_removed"] = leaked_removed(files)
             if truth is not None:
                 row["retrieval_precision"] = retrieval_precision(files["manifest"], n_aug, truth)
         if fidelity and method in fidelity:

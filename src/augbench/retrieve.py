@@ -11,8 +11,8 @@ paper. Then, in this order:
   that leaks evaluation images is a wrong result. Copies are nominated by one FAISS search of the
   candidates against the val + test embeddings (cosine >= leak_threshold) and, where the pool
   carries difference hashes, one binary FAISS search (distance <= leak_hash_distance); a nominee
-  is confirmed by pixels (`_verify_leaks`) where the pool's images are local, and otherwise handed
-  to fetch, which confirms it on the downloaded pixels;
+  is confirmed by pixels (`copies.is_copy`, whatever the copy's crop, letterbox, mirror or JPEG quality) where the
+  pool's images are local, and otherwise handed to fetch, which confirms it on the downloaded pixels;
 * near-duplicates among a class's kept candidates (cosine >= dedup_threshold) -> once;
 * capped at `n_aug × overfetch` per class (fetch keeps the first `n_aug` that download).
 
@@ -35,8 +35,9 @@ import faiss
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from PIL import Image
 
-from augbench.imaging import decode
+from augbench.copies import is_copy
 from augbench.io import atomic_path, write_json, write_meta, write_parquet
 from augbench.pool import PoolPart, gather, read_rows
 from augbench.search import load_paired, merge_blocks
@@ -113,40 +114,8 @@ def _hamming_search(cand_hash: np.ndarray, eval_hash: np.ndarray, k: int) -> tup
     return index.search(np.ascontiguousarray(cand_hash.astype(">i8").view(np.uint8).reshape(-1, 8)), min(k, len(eval_hash)))
 
 
-def _pixels(data: bytes | Path, size: int = 32) -> np.ndarray:
-    return decode(data if isinstance(data, bytes) else str(data), size).astype(np.float32) / 255
-
-
-def pixel_distance(a: np.ndarray, b: np.ndarray, shift: int = 1) -> float:
-    """Mean absolute pixel difference, minimised over translations of up to `shift` pixels."""
-    best = float("inf")
-    h, w = a.shape[:2]
-    for dy in range(-shift, shift + 1):
-        for dx in range(-shift, shift + 1):
-            aa = a[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
-            bb = b[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-            best = min(best, float(np.abs(aa - bb).mean()))
-    return best
-
-
-def is_copy(image: bytes | Path, eval_paths: list[Path], max_mad: float, cache: dict[Path, np.ndarray] | None = None) -> bool:
-    """Whether an image's pixels match one of the nominated eval images (mean absolute difference <= max_mad).
-
-    Embeddings and hashes only nominate suspects: in a small embedding space different images of one
-    class reach cosine 0.99, and simple images share hashes.
-    """
-    cache = {} if cache is None else cache
-    a = _pixels(image)
-    for p in eval_paths:
-        if p not in cache:
-            cache[p] = _pixels(p)
-        if pixel_distance(a, cache[p]) <= max_mad:
-            return True
-    return False
-
-
 def _verify_leaks(suspects: dict[tuple[int, int], list[Path]], shards: list[Path], keys: dict[tuple[int, int], str],
-                  spec: RetrieveSpec, cache: dict[Path, np.ndarray]) -> set[tuple[int, int]]:
+                  spec: RetrieveSpec, cache: dict[Path, Image.Image]) -> set[tuple[int, int]]:
     """(part, row) of the suspects whose pixels (from the local pool shards, one per part) copy an eval image."""
     leaked: set[tuple[int, int]] = set()
     for part in sorted({p for p, _ in suspects}):
@@ -197,7 +166,7 @@ def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classe
         eval_index.add(np.ascontiguousarray(eval_emb))
     has_hash = bool(parts) and "dhash" in eval_meta.columns and all("dhash" in pq.ParquetFile(p.meta).schema_arrow.names for p in parts)
     local = bool(pool_shards)
-    pixel_cache: dict[Path, np.ndarray] = {}
+    pixel_cache: dict[Path, Image.Image] = {}
     per_class: dict[str, dict[str, int]] = {c: {"candidates": 0, "same_item_removed": 0, "cross_class_removed": 0,
                                                  "leaked_removed": 0, "leak_suspects": 0, "near_dup_removed": 0, "kept": 0}
                                              for c in classes}

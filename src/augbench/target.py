@@ -135,7 +135,7 @@ def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
     classes = [(class_key(folder), name) for folder, name in folders]
     root = Path(spec.root)
     splits: dict[str, list[dict[str, object]]] = {s: [] for s in ("train", "train_extra", "val", "test")}
-    empty = []
+    empty, short = [], []
     for label, ((key, _), (folder, _)) in enumerate(zip(classes, folders, strict=True)):
         files = _images(root / spec.train_dir / folder)
         if not files:
@@ -143,6 +143,13 @@ def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
             continue
         random.Random(item_seed(spec.seed, "target", key)).shuffle(files)
         n = spec.train_per_class if spec.train_per_class is not None else max(1, round((spec.train_fraction or 0) * len(files)))
+        # train, train_extra (real_x2, the judge) and val are cut from the folder: each must get all it asks for,
+        # and a test split drawn from the folder at least one image; a split short of it would be written silently
+        need = 2 * n + spec.val_per_class + ((spec.test_per_class or 1) if spec.test_dir is None else 0)
+        if len(files) < need:
+            short.append(f"{folder} has {len(files)} images, needs {need} ({n} train + {n} train_extra + {spec.val_per_class} val"
+                         f"{f' + {spec.test_per_class or 1} test' if spec.test_dir is None else ''})")
+            continue
         cuts = {"train": files[:n], "train_extra": files[n:2 * n], "val": files[2 * n:2 * n + spec.val_per_class]}
         rest = files[2 * n + spec.val_per_class:]
         if spec.test_dir is None:
@@ -154,6 +161,11 @@ def build_target(spec: TargetSpec, out: Path) -> dict[str, int]:
     if empty:
         raise ValueError(f"target.root {spec.root!r}: {len(empty)} class folder(s) missing or without images under "
                          f"{spec.train_dir}/, e.g. {empty[:5]}")
+    if short:
+        raise ValueError(f"target.root {spec.root!r}: {len(short)} class folder(s) under {spec.train_dir}/ have fewer images than "
+                         f"the splits ask for (target.train_per_class / train_fraction, val_per_class"
+                         f"{', test_per_class' if spec.test_dir is None else ''}): " + "; ".join(short[:20])
+                         + (f"; and {len(short) - 20} more" if len(short) > 20 else ""))
     counts = {}
     for split, rows in splits.items():
         write_parquet(out / f"target/{split}.parquet", pd.DataFrame(rows, columns=["path", "label", "class"]))

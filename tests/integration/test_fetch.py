@@ -224,3 +224,26 @@ def test_a_prompt_longer_than_the_text_tower_is_truncated_not_a_crash(clip: Path
     long = "a photo of a " + " ".join(["very"] * 200) + " large circle."
     emb = model.texts([long, "a photo of a circle."])
     assert emb.shape[0] == 2 and np.isfinite(emb).all()
+
+
+def test_a_url_good_for_two_classes_goes_to_the_higher_score_and_the_other_backfills(tmp_path: Path, server: tuple) -> None:
+    """Two pool rows with one url (LAION repeats urls) reach circle (label 0) at score 0.5 and square (label 1) at 0.9:
+    square keeps the image, as the merge's rule says (by score, not by label order), and circle takes its next
+    candidate, counting the `conflict`."""
+    base, served, _ = server
+    rows = []
+    for label, cls in enumerate(CLASSES[:2]):
+        for rank in range(3):
+            name = "shared.png" if rank == 0 else f"{cls}_{rank}.png"
+            Image.new("RGB", (32, 32), (40 * rank + 20 * label, 90, 200 - 30 * rank)).save(served / name)
+            score = (0.5 if label == 0 else 0.9) if rank == 0 else 0.4 - rank / 100
+            rows.append({"class": cls, "label": label, "rank": rank, "score": score,
+                         "query": cls, "part": 0, "part_name": "0", "row": len(rows), "key": f"k{len(rows)}",
+                         "url": f"{base}/ok/{name}", "caption": cls, "leak_suspects": []})
+    pd.DataFrame(rows).to_parquet(tmp_path / "neighbors.parquet")
+    stats = fetch(tmp_path / "neighbors.parquet", tmp_path / "out.tar", tmp_path / "m.parquet", tmp_path / "s.json", 2,
+                  FetchSpec(min_cosine=None, min_yield=1.0), CLASSES[:2], cache=tmp_path / "cache", download_spec=DL)
+    manifest = pd.read_parquet(tmp_path / "m.parquet")
+    by_class = manifest.groupby("class")["url"].apply(lambda u: sorted(x.rsplit("/", 1)[1] for x in u)).to_dict()
+    assert by_class == {"circle": ["circle_1.png", "circle_2.png"], "square": ["shared.png", "square_1.png"]}, by_class
+    assert stats["per_class_reasons"] == {"circle": {"conflict": 1}, "square": {}}

@@ -118,7 +118,12 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     assert retrieval["retrieval_precision"].between(0, 1).all()
     for r in retrieval.itertuples():
         mode = r.method.split("_")[1]
-        assert r.leaked_removed == json.loads((wf / f"results/tiny/retrieve/{mode}/stats.json").read_text())["leaked_removed"]
+        fetched = json.loads((wf / f"results/tiny/augment/{r.method}/fetch_stats.json").read_text())["leaked_removed"]
+        assert r.leaked_removed == json.loads((wf / f"results/tiny/retrieve/{mode}/stats.json").read_text())["leaked_removed"] + fetched
+    # every (method, n_aug, class) short of n_aug is a row of yield.csv, with the achieved count under n_aug
+    yields = pd.read_csv(wf / "results/tiny/report/yield.csv")
+    assert list(yields.columns) == ["method", "n_aug", "class", "achieved", "missing", "reasons", "leaked_merge", "leaked_fetch"]
+    assert (yields["achieved"] < yields["n_aug"]).all() and "Yield: " in (wf / "results/tiny/report/results.md").read_text()
     # exact search ran as one job per block of pool parts (parts_per_block 1, two parts), merged per mode
     assert sorted(p.name for p in (wf / "results/tiny/retrieve/search").glob("*.npz")) == ["00000.npz", "00001.npz"]
     for mode in ("image", "text"):

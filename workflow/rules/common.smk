@@ -365,6 +365,7 @@ def report_inputs():
         "metrics": runs,
         "manifests": [f"{R}/augment/{m}/manifest.parquet" for m in AUGMENTED],
         "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
+        "fetch_stats": [f"{R}/augment/{m}/fetch_stats.json" for m in retrieval],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "judged": [f"{R}/augment/{m}/judge.json" for m in GENERATED] if config["report"]["judge"] else [],
         "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
@@ -381,7 +382,7 @@ def report_args(wildcards, input, output):
     )
     manifest = dict(zip(AUGMENTED, input.manifests))
     retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
-    retr = " ".join(f"--retrieval {m} {manifest[m]} {st}" for m, st in zip(retrieval, input.stats))
+    retr = " ".join(f"--retrieval {m} {manifest[m]} {st} {fst}" for m, st, fst in zip(retrieval, input.stats, input.fetch_stats))
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
     fid += "".join(f" --judge {m} {f}" for m, f in zip(GENERATED, input.judged))

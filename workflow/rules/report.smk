@@ -8,6 +8,7 @@ rule report:
         csv=report(f"{R}/report/results.csv", caption="../report/results.rst", category="1. Results", labels={"file": "results.csv"}),
         html=report(f"{R}/report/results.html", caption="../report/results.rst", category="1. Results", labels={"file": "table"}),
         md=f"{R}/report/results.md",
+        yields=report(f"{R}/report/yield.csv", caption="../report/yield.rst", category="1. Results", labels={"file": "yield.csv"}),
         cost=report(f"{R}/report/cost.csv", caption="../report/cost.rst", category="3. Compute cost", labels={"file": "cost.csv"}),
         method_cost=report(f"{R}/report/cost_by_method.csv", caption="../report/cost.rst", category="3. Compute cost",
                            labels={"file": "cost_by_method.csv"}),
@@ -30,5 +31,5 @@ rule report:
         "../../envs/torch.yaml"
     shell:
         "python -m augbench report {params.args} {params.opts} --benchmarks {params.bench:q} --logs {params.logs:q} --classes {input.classes:q}"
-        " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q}"
+        " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q} --out-yield {output.yields:q}"
         " --out-html {output.html:q} --out-cost {output.cost:q} --out-method-cost {output.method_cost:q} --out-plot {output.plot:q} 2> {log:q}"
