@@ -124,6 +124,54 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
 
 
+def sd_layout(src: Path, out: Path, layout: str) -> Path:
+    """The tiny SD folder `src` rewritten in a layout users download:
+
+    - "current" (runwayml/stable-diffusion-v1-5 today): safetensors weights with an `fp16` variant beside the fp32 ones,
+      the pipeline's own `save_pretrained(variant="fp16")`;
+    - "v1-4" (CompVis/stable-diffusion-v1-4's older layout): `.bin` weights, and `safety_checker` / `feature_extractor`
+      entries in `model_index.json` with their folders (a tiny `StableDiffusionSafetyChecker`, a `CLIPImageProcessor`).
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    if layout == "current":
+        pipe.save_pretrained(out)
+        pipe.to(torch.float16).save_pretrained(out, variant="fp16")
+        return out
+    if layout != "v1-4":
+        raise ValueError(layout)
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
+              "patch_size": 8}
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                                   "num_attention_heads": 2}, vision_config=vision, projection_dim=16))
+    old = StableDiffusionPipeline(**{**pipe.components, "safety_checker": checker,
+                                     "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                             crop_size={"height": 32, "width": 32})},
+                                  requires_safety_checker=True)
+    old.save_pretrained(out, safe_serialization=False)
+    for f in out.rglob("model.safetensors"):  # transformers 5 writes safetensors whatever it is asked: the old name
+        bin_form(f)
+    return out
+
+
+def bin_form(weights: Path) -> Path:
+    """A transformers `model.safetensors` rewritten as the `pytorch_model.bin` older releases wrote (torch.save of the
+    state dict), the safetensors file removed: the layout of repositories saved before safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = weights.with_name("pytorch_model.bin")
+    torch.save(load_file(weights), out)
+    weights.unlink()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Stable Diffusion pipeline folder (built once per test session)."""

@@ -69,8 +69,9 @@ class Clip:
 
         self.device = device or pick_device()
         self.model = AutoModel.from_pretrained(str(source)).eval().to(self.device)
-        if precision == "fp16" and self.device.type == "cuda":
+        if precision == "fp16" and self.device.type == "cuda":  # a CPU has no fast fp16 matmul: fp32 there
             self.model = self.model.half()
+        self.dtype = next(self.model.parameters()).dtype
         self.processor = AutoImageProcessor.from_pretrained(str(source))
         # AutoTokenizer, not CLIPTokenizer: offline, the latter can return an empty tokenizer silently.
         self.tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -160,7 +161,7 @@ def _write(emb: np.ndarray, meta: pd.DataFrame, out_emb: Path, out_meta: Path, p
 def embed_shard(shard: Path, model: str | Path, out_emb: Path, out_meta: Path, spec: EmbedSpec) -> dict[str, int]:
     """Embed every image of one pool shard."""
     started = time.time()
-    clip = Clip(model)
+    clip = Clip(model, precision=spec.precision)  # fp16 on a GPU, as clip-retrieval runs ViT-L/14; fp32 on a CPU
     items = (({"image_path": s.key, "key": s.key, "url": s.record.get("url"), "caption": s.caption}, s.image)
              for s in iter_shard(shard))
     emb, meta, skipped = _embed_batches(clip, items, spec.batch_size, str(shard), ["image_path", "key", "url", "caption"])
@@ -175,7 +176,7 @@ def embed_split(split_table: Path, root: Path, model: str | Path, out_emb: Path,
     """Embed a target split given as a table of (path relative to `root`, label, class)."""
     started = time.time()
     table = pd.read_parquet(split_table)
-    clip = Clip(model)
+    clip = Clip(model, precision=spec.precision)  # fp16 on a GPU, as clip-retrieval runs ViT-L/14; fp32 on a CPU
 
     def items() -> Iterable[tuple[dict[str, Any], bytes]]:
         for row in table.to_dict("records"):
