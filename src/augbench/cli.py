@@ -172,16 +172,25 @@ def cmd_retrieve(a: argparse.Namespace) -> object:
 
 
 def cmd_fetch(a: argparse.Namespace) -> object:
-    from augbench.fetch import fetch
+    from augbench.fetch import CheckSettings, fetch
     from augbench.specs import DownloadSpec, FetchSpec, parse_spec
 
     dl = parse_spec(DownloadSpec, a.download_spec) if a.download_spec else None
     classes = json.loads(Path(a.classes).read_text())["classes"]
+    check = CheckSettings(a.device, a.precision, a.batch_size, Path(a.check_cache) if a.check_cache else None)
     return fetch(Path(a.neighbors), Path(a.out_tar), Path(a.out_manifest), Path(a.out_stats), a.n_aug, parse_spec(FetchSpec, a.spec),
                  classes,
                  shards=_paths(a.shards) or None, cache=Path(a.cache) if a.cache else None, download_spec=dl, model=a.model,
                  parts=_parts(a) if a.pool_emb else None, processes=a.threads, shard_size=a.shard_size,
-                 thread_count=a.thread_count)
+                 thread_count=a.thread_count, downloads=Path(a.downloads) if a.downloads else None, check=check)
+
+
+def cmd_download_retrieved(a: argparse.Namespace) -> object:
+    from augbench.fetch import download_candidates
+    from augbench.specs import DownloadSpec, parse_spec
+
+    return download_candidates(Path(a.neighbors), Path(a.out), Path(a.cache), parse_spec(DownloadSpec, a.download_spec), a.threads,
+                               a.shard_size, a.thread_count)
 
 
 def cmd_index_train(a: argparse.Namespace) -> object:
@@ -455,10 +464,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="remote pools: the url cache folder")
     s.add_argument("--download-spec", help="remote pools: img2dataset settings")
     s.add_argument("--model", help="remote pools: CLIP for the content check")
+    s.add_argument("--downloads", help="remote pools: the download-retrieved table (else fetch downloads first)")
+    s.add_argument("--check-cache", help="remote pools: folder of CLIP embeddings by the downloaded bytes' sha256")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None, help="where the content check runs CLIP")
+    s.add_argument("--precision", choices=("fp16", "fp32"), default="fp32", help="fp16: half-precision CLIP on a GPU")
+    s.add_argument("--batch-size", type=int, default=256, help="images per CLIP call of the content check")
     s.add_argument("--shard-size", type=int, default=10000)
     s.add_argument("--threads", type=int, default=1, help="img2dataset processes")
     s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
     s.set_defaults(fn=cmd_fetch)
+
+    s = sub.add_parser("download-retrieved", help="download a mode's candidate urls into the url cache (img2dataset, CPU)")
+    for name in ("neighbors", "cache", "download-spec", "out"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--shard-size", type=int, default=10000)
+    s.add_argument("--threads", type=int, default=1, help="img2dataset processes")
+    s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
+    s.set_defaults(fn=cmd_download_retrieved)
 
     s = sub.add_parser("index-train", help="train the ANN index's quantizer on a sample of the pool")
     _pool_args(s)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from augbench.device import pick_device
 from augbench.imaging import decode_many, to_float
@@ -121,19 +122,61 @@ def resolution_of(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def class_images(table: Path, root: Path, label: int, size: int) -> np.ndarray:
-    """The real training images of one class (uint8 NHWC at `size`), in table order."""
+def _class_paths(table: Path, root: Path, label: int) -> list[str]:
     df = pd.read_parquet(table)
     df = df[df["label"] == label]
     if df.empty:
         raise ValueError(f"{table}: no training images with label {label}")
-    arr, _ = decode_many(((i, str(root / p)) for i, p in enumerate(df["path"])), size, str(table))
+    return [str(root / p) for p in df["path"]]
+
+
+def class_images(table: Path, root: Path, label: int, size: int) -> np.ndarray:
+    """The real training images of one class (uint8 NHWC at `size`), in table order: the shorter side resized to
+    `size` and the central square cut out (torchvision's Resize + CenterCrop, what img2img starts from), never squashed."""
+    paths = _class_paths(table, root, label)
+    arr, _ = decode_many(enumerate(paths), size, str(table), fit="crop")
     return arr
+
+
+CROP_POSITIONS = (0.5, 0.0, 1.0)  # where along the longer side a training crop is cut: the centre first, then the ends
+
+
+def class_views(table: Path, root: Path, label: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training crops of one class's images for personalisation: (uint8 NHWC at `size`, image index of each crop).
+
+    Each image is resized on its shorter side to `size` (never squashed); a square image is one crop, any other gives
+    its central square and the squares at both ends of its longer side (CROP_POSITIONS), so a training step sees a
+    random crop as diffusers' DreamBooth / LoRA scripts do (Resize + RandomCrop), from crops encoded once.
+    Undecodable images are skipped (counted and logged by decode_many).
+    """
+    from augbench.imaging import UndecodableImage, open_rgb
+
+    views, owner = [], []
+    skips = 0
+    for i, path in enumerate(_class_paths(table, root, label)):
+        try:
+            img = open_rgb(path)
+        except UndecodableImage as exc:
+            skips += 1
+            log.warning("personalize: skipping undecodable image %s", exc)
+            continue
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        offsets = sorted({round(p * (max(nw, nh) - size)) for p in CROP_POSITIONS}, key=lambda o: abs(o - (max(nw, nh) - size) / 2))
+        for o in offsets:
+            box = (o, 0, o + size, size) if nw >= nh else (0, o, size, o + size)
+            views.append(np.asarray(img.crop(box), dtype=np.uint8))
+            owner.append(i)
+    if not views:
+        raise ValueError(f"{table}: no decodable training image with label {label} ({skips} skipped)")
+    return np.stack(views), np.asarray(owner, dtype=np.int64)
 
 
 @torch.no_grad()
 def encode_latents(pipe, images: np.ndarray, micro_batch: int = 16) -> torch.Tensor:
-    """Scaled VAE posterior means of the images and of their mirror images ([2n, c, h, w]: originals first).
+    """Scaled VAE posterior means of the images (or crops) and of their mirror images ([2n, c, h, w]: originals first).
 
     At most `micro_batch` images reach the VAE at once: SD's encoder at 512 px holds about 130 MiB of activations
     per image, so one call over a 260-image class and its mirrors would need tens of GiB.
@@ -216,10 +259,11 @@ def add_lora(unet, rank: int, seed: int) -> None:
 
 
 def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class_key: str, class_name: str,
-                          spec: PersonalizeSpec) -> Learned:
+                          spec: PersonalizeSpec, owner: np.ndarray | None = None) -> Learned:
     """Optimise what `spec.method` personalises, in place on `pipe`'s modules, for `spec.steps` steps.
 
-    `latents` holds the n images then their n mirror images; `assign[i]` is image i's vector.
+    `latents` holds the m crops then their m mirror images; `owner[j]` is the image crop j was cut from (default: one
+    crop per image) and `assign[i]` is image i's vector, so every crop of an image trains that image's vector.
     """
     method = spec.method
     m = registry_row(method)
@@ -234,7 +278,10 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     # train with the DDPM form of the model's schedule (as diffusers' training examples do): the saved pipeline's
     # sampling scheduler (PNDM for SD v1.4, DPM-Solver, ...) need not have add_noise / get_velocity
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    n = len(assign)
+    owner = np.arange(len(assign)) if owner is None else owner
+    if len(latents) != 2 * len(owner):
+        raise ValueError(f"personalize: {len(latents)} latents for {len(owner)} crops (expected crops and their mirrors)")
+    n = len(owner)
     g = torch.Generator().manual_seed(item_seed(spec.seed, "personalize", method, class_key))
     groups: list[dict] = []
     learned = Learned(assign=assign)
@@ -274,7 +321,7 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     opt = torch.optim.AdamW(groups)
     pipe.unet.train(dm)
     started, ema = time.time(), None
-    assign_t = torch.from_numpy(np.concatenate([assign, assign]))
+    assign_t = torch.from_numpy(np.concatenate([assign[owner], assign[owner]]))
     for step in range(spec.steps):
         idx = torch.randint(0, 2 * n, (spec.batch_size,), generator=g)
         z0 = latents[idx]
@@ -377,7 +424,8 @@ def personalize_class(source: PipelineSource, table: Path, root: Path, label: in
     pipe = source.fresh()
     _halve_frozen(pipe, m)
     size = spec.resolution or resolution_of(pipe)
-    images = class_images(table, root, label, size)
+    views, owner = class_views(table, root, label, size)
+    images = np.unique(owner)  # the images that decoded (assignments are per image; crops follow their image)
     emb = None
     if m.learns == "cond_clusters":
         if embeddings is None:
@@ -385,11 +433,12 @@ def personalize_class(source: PipelineSource, table: Path, root: Path, label: in
         meta = pd.read_parquet(embeddings[1])
         vecs = np.load(embeddings[0]).astype(np.float32)
         emb = vecs[(meta["label"] == label).to_numpy()]
-    assign = assignments(spec.method, len(images), spec.cluster_size, emb, item_seed(spec.seed, "clusters", class_key))
-    latents = encode_latents(pipe, images, spec.encode_batch)
-    log.info("personalize %s/%s: %d images at %dpx, %d vectors, device %s", spec.method, class_key, len(images), size,
-             int(assign.max()) + 1, pipe.device)
-    learned = train_personalization(pipe, latents, assign, class_key, class_name, spec)
+    n_images = int(owner.max()) + 1
+    assign = assignments(spec.method, n_images, spec.cluster_size, emb, item_seed(spec.seed, "clusters", class_key))
+    latents = encode_latents(pipe, views, spec.encode_batch)
+    log.info("personalize %s/%s: %d images (%d crops) at %dpx, %d vectors, device %s", spec.method, class_key, len(images),
+             len(views), size, int(assign.max()) + 1, pipe.device)
+    learned = train_personalization(pipe, latents, assign, class_key, class_name, spec, owner)
     save_personalization(pipe, learned, spec.method, spec, out)
     write_json(out / "ident.json", ident)
     stats = {"images": len(images), "vectors": int(assign.max()) + 1, "final_loss": learned.final_loss,

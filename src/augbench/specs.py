@@ -20,16 +20,20 @@ STAGE_VERSIONS: dict[str, int] = {
     "target": 1,
     "download": 2,  # 2: url cache keyed by (url or served file content, download settings)
     "pretrain_clip": 2,  # 2: one random shift per image
-    "embed": 1,
+    "embed": 2,  # 2: CLIP in embed.precision on a GPU (fp16), not fp32 whatever the setting
     "index": 1,
-    "retrieve": 2,  # 2: exact search over pool parts, derived k, cross-class resolution, over-fetch
+    "retrieve": 3,  # 2: exact search over pool parts, derived k, cross-class resolution, over-fetch; 3: leaks confirmed
+    # whatever the copy's geometry (copies.py)
     "search": 1,
-    "fetch": 3,  # 2: over-fetched candidates, content check, sharded resumable downloads; 3: manifest with pointers
+    "fetch": 4,  # 2: over-fetched candidates, content check, sharded resumable downloads; 3: manifest with pointers;
+    # 4: a url good for two classes goes to the higher score; leaks whatever the geometry; per-class reasons
     "train": 4,  # 3: one random shift per image; skipped images counted in the metrics; 4: reads pointers, decode cache
     "report": 1,
     "pretrain_diffusion": 3,  # 2: one random shift per image; 3: mirrored images encoded, not latents flipped
-    "personalize": 3,  # 2: LoRA initialised from a seeded generator; 3: class blocks, micro-batched VAE encoding
-    "generate": 2,  # 2: class blocks, one stored copy (chunks + pointers) at store_size / store_format
+    "personalize": 4,  # 2: LoRA initialised from a seeded generator; 3: class blocks, micro-batched VAE encoding;
+    # 4: crops of the shorter-side-resized images (centre and both ends), never squashed
+    "generate": 3,  # 2: class blocks, one stored copy (chunks + pointers) at store_size / store_format; 3: img2img
+    # starts from the centre crop, not a squashed image
     "collect": 2,  # 2: streams: a manifest of pointers, fidelity in batches of 256
 }
 

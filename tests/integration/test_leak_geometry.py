@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from photos import jpeg, photo
+from PIL import Image, ImageOps
 
 from augbench.fetch import fetch
 from augbench.pool import PoolPart
@@ -29,29 +30,6 @@ from augbench.target import TargetSpec, build_target
 
 CLASSES = ["heron", "kayak", "tram"]
 DIM = 16
-
-
-def photo(seed: int, cls: int, size: tuple[int, int]) -> Image.Image:
-    """A photo-like picture: a smooth colour field in the class's palette with a few shapes and sensor noise."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    hue = np.array([(0.8, 0.4, 0.3), (0.3, 0.6, 0.8), (0.5, 0.7, 0.3)][cls])
-    field = np.clip(hue + 0.35 * rng.normal(size=(3, 4, 3)), 0, 1)
-    img = Image.fromarray((field * 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        x0, y0 = rng.integers(0, w * 3 // 4), rng.integers(0, h * 3 // 4)
-        box = (x0, y0, x0 + rng.integers(w // 8, w // 3), y0 + rng.integers(h // 8, h // 3))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    a = np.asarray(img.filter(ImageFilter.GaussianBlur(1)), dtype=np.float32) + rng.normal(0, 6, (h, w, 3))
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-
-
-def jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def centre_crop(img: Image.Image, aspect: float | None = None, scale: float = 1.0) -> Image.Image:

@@ -437,8 +437,22 @@ def retrieve_inputs(wildcards):
 
 
 def fetch_inputs(wildcards):
-    """Local pools: the shards; remote pools: the CLIP (content check) and the pool's embeddings."""
-    inputs = {"neighbors": f"{R}/retrieve/{RETRIEVAL_MODES[wildcards.method]}/neighbors.parquet", "classes": f"{DATA}/classes.json"}
+    """Local pools: the shards; remote pools: the downloaded candidates, the CLIP (content check) and the pool's embeddings."""
+    mode = RETRIEVAL_MODES[wildcards.method]
+    inputs = {"neighbors": f"{R}/retrieve/{mode}/neighbors.parquet", "classes": f"{DATA}/classes.json"}
     if POOL_SHARDS:
         return {**inputs, "shards": POOL_SHARDS}
-    return {**inputs, **clip_input(), "pool_emb": POOL_EMB, "pool_meta": POOL_META}
+    return {**inputs, **clip_input(), "downloads": f"{R}/retrieve/{mode}/downloads.parquet", "pool_emb": POOL_EMB,
+            "pool_meta": POOL_META}
+
+
+# A remote pool's downloads are content-checked with CLIP (fetch.min_cosine); a local pool's pixels are the embedded ones.
+CONTENT_CHECK = not POOL_SHARDS and config["fetch"]["min_cosine"] is not None
+# Images per second of the content check, for its runtime request: CLIP ViT-L/14 in fp16 embeds ~300 images/s on one
+# A100 (clip-retrieval's figure); on a CPU about 2 (benchmarks/content_check.py measures this machine's rate).
+CHECK_IMAGES_PER_S = 300 if config["device"] != "cpu" else 2
+
+
+def retrieved_candidates():
+    """Ranked candidates of one query mode: classes x the largest n_aug x overfetch (what fetch downloads and checks)."""
+    return len(CLASSES) * max(N_AUG) * overfetch()

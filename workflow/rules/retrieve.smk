@@ -93,6 +93,35 @@ rule retrieve:
         " --out {output.neighbors:q} --out-stats {output.stats:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
+if not POOL_SHARDS:
+
+    # A remote pool's candidates are downloaded on a CPU node (img2dataset, no GPU), then checked where CLIP runs.
+    rule download_retrieved:
+        input:
+            neighbors=f"{R}/retrieve/{{mode}}/neighbors.parquet",
+        output:
+            f"{R}/retrieve/{{mode}}/downloads.parquet",
+        log:
+            f"{LOGS}/download_retrieved/{{mode}}.log",
+        benchmark:
+            f"{BENCH}/download_retrieved/{{mode}}.tsv"
+        params:
+            spec=stage_spec("download"),
+        threads: config["fetch"]["threads"]
+        resources:
+            url_shard_size=config["fetch"]["shard_size"],  # changes no result: a resource, not a compared param
+            i2d_threads=config["download"]["thread_count"],
+            # img2dataset's processes and their threads; ~300 urls/s per process on a web pool
+            mem_mb=lambda wc, attempt: int((1000 + 700 * config["fetch"]["threads"]) * attempt),
+            runtime=lambda wc, attempt: int(30 + retrieved_candidates() / (300 * config["fetch"]["threads"]) / 60) * attempt,
+        conda:
+            "../../envs/download.yaml"
+        shell:
+            "python -m augbench download-retrieved --neighbors {input.neighbors:q} --cache {R}/retrieve/url_cache"
+            " --download-spec {params.spec:q} --out {output:q} --threads {threads} --thread-count {resources.i2d_threads}"
+            " --shard-size {resources.url_shard_size} > {log:q} 2>&1"
+
+
 rule fetch_retrieved:
     input:
         unpack(fetch_inputs),
@@ -109,21 +138,23 @@ rule fetch_retrieved:
     params:
         spec=stage_spec("fetch"),
         n_aug=max(N_AUG),
-        # without local shards the retrieved urls are downloaded into a url cache shared by both modes
+        # a remote pool: the downloaded candidates, content-checked with CLIP (embeddings cached by the bytes' sha256)
         source=lambda wc, input: (
             f"--shards {' '.join(map(shlex.quote, input.shards))}" if POOL_SHARDS
-            else f"--cache {R}/retrieve/url_cache --download-spec {shlex.quote(stage_spec('download'))} --model {shlex.quote(CLIP_MODEL)}"
-            f" {pool_args()}"
+            else f"--downloads {shlex.quote(input.downloads)} --check-cache {R}/retrieve/check_cache --model {shlex.quote(CLIP_MODEL)}"
+            f" --precision {config['embed']['precision']} {pool_args()}"
         ),
-    threads: config["fetch"]["threads"]
+    threads: 1
     resources:
-        url_shard_size=config["fetch"]["shard_size"],  # changes no result: a resource, not a compared param
-        i2d_threads=config["download"]["thread_count"],
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: int(60 + len(CLASSES) * max(N_AUG) * overfetch() / 300 / 60) * attempt,
+        # the content check is CLIP over every downloaded candidate: the embed rules' placement, batch and precision
+        gpu=lambda wc: 1 if CONTENT_CHECK else 0,
+        device=lambda wc: DEVICE if CONTENT_CHECK else "cpu",
+        check_batch=config["embed"]["batch_size"],
+        mem_mb=lambda wc, attempt: (6000 if CONTENT_CHECK else 2000) * attempt,
+        runtime=lambda wc, attempt: int(30 + (retrieved_candidates() / CHECK_IMAGES_PER_S / 60 if CONTENT_CHECK else 10)) * attempt,
     conda:
-        "../../envs/download.yaml"
+        "../../envs/torch.yaml"
     shell:
         "python -m augbench fetch --neighbors {input.neighbors:q} --classes {input.classes:q} {params.source} --n-aug {params.n_aug}"
         " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
-        " --spec {params.spec:q} --threads {threads} --thread-count {resources.i2d_threads} --shard-size {resources.url_shard_size} > {log:q} 2>&1"
+        " --spec {params.spec:q} --device {resources.device} --batch-size {resources.check_batch} > {log:q} 2>&1"
