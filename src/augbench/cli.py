@@ -149,16 +149,20 @@ def cmd_queries(a: argparse.Namespace) -> object:
                         train=(Path(a.train_emb), Path(a.train_meta)), model=a.model)
 
 
+def _search_device(device: str | None) -> str:
+    """cpu or cuda for the faiss / matrix-product searches; torch is imported only where a GPU may be used."""
+    if device == "cpu":
+        return "cpu"
+    from augbench.device import pick_device
+
+    return pick_device(device).type
+
+
 def cmd_search(a: argparse.Namespace) -> object:
     from augbench.search import search_block
 
-    device = "cpu"
-    if a.device != "cpu":  # torch only where a GPU may be used: on the CPU path a search job never imports it
-        from augbench.device import pick_device
-
-        device = pick_device(a.device).type
     return search_block(_parts(a), a.first_part, _query_files(a), Path(a.out), json.loads(a.spec) | {"tile_rows": a.tile_rows},
-                        device=device)
+                        device=_search_device(a.device))
 
 
 def cmd_retrieve(a: argparse.Namespace) -> object:
@@ -168,7 +172,7 @@ def cmd_retrieve(a: argparse.Namespace) -> object:
     evals = list(zip(_paths(a.eval_emb), _paths(a.eval_meta), strict=True))
     return merge(_paths(a.blocks), Path(a.table), _parts(a), Path(a.classes), evals, Path(a.out), Path(a.out_stats),
                  parse_spec(RetrieveSpec, a.spec), pool_shards=_paths(a.pool_shards) or None,
-                 eval_root=Path(a.eval_root) if a.eval_root else None)
+                 eval_root=Path(a.eval_root) if a.eval_root else None, device=_search_device(a.device))
 
 
 def cmd_fetch(a: argparse.Namespace) -> object:
@@ -453,6 +457,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-meta", nargs="*", default=[])
     s.add_argument("--pool-shards", nargs="*", help="local pool shards, one per part (pixel confirmation of leak suspects)")
     s.add_argument("--eval-root", help="folder the eval tables' paths are relative to (pixel confirmation)")
+    _job_args(s)
     s.set_defaults(fn=cmd_retrieve)
 
     s = sub.add_parser("fetch", help="materialise retrieved images from local shards or by download (resumable)")

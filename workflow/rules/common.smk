@@ -453,6 +453,29 @@ CONTENT_CHECK = not POOL_SHARDS and config["fetch"]["min_cosine"] is not None
 CHECK_IMAGES_PER_S = 300 if config["device"] != "cpu" else 2
 
 
+def eval_rows():
+    """val + test images, for the merge's leak search: the toy world's counts, else val_per_class and ImageNet's 50 test
+    images per class (a test folder is not scanned at parse time)."""
+    if TOY_TARGET:
+        return len(CLASSES) * (config["world"]["val_per_class"] + config["world"]["test_per_class"])
+    t = config["target"]
+    return len(CLASSES) * (t["val_per_class"] + (t["test_per_class"] or 50))
+
+
+def merge_topk_mb():
+    """The merged top-k lists of one mode: a (score, part, row) triple of 16 bytes per query and neighbour; k is derived
+    so that a class's queries together hold n_aug x overfetch x margin neighbours (search.derive_k)."""
+    return len(CLASSES) * max(N_AUG) * overfetch() * config["retrieve"]["margin"] * 16 / 1e6
+
+
+def leak_search_minutes():
+    """The merge's leak search: the candidates a class can keep (n_aug x overfetch, plus a quarter) against val + test at
+    2 FLOP per multiply-add; a CPU core does ~90 GFLOP/s (faiss.knn measured here), a GPU ~50 TFLOP/s in fp16."""
+    flop = len(CLASSES) * (max(N_AUG) * overfetch() * 1.25 + 16) * eval_rows() * pool_dim() * 2
+    rate = 50e12 if config["retrieve"]["gpu"] else 90e9 * SEARCH_THREADS
+    return flop / rate / 60
+
+
 def retrieved_candidates():
     """Ranked candidates of one query mode: classes x the largest n_aug x overfetch (what fetch downloads and checks)."""
     return len(CLASSES) * max(N_AUG) * overfetch()

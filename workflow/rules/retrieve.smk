@@ -79,17 +79,21 @@ rule retrieve:
         pool=pool_args(),
         eval_root=lambda wildcards, input: Path(input.eval_tables[0]).parents[1],
         shards=lambda wildcards, input: f"--pool-shards {' '.join(map(shlex.quote, input.shards))}" if input.shards else "",
-    threads: 1
+    threads: SEARCH_THREADS
     resources:
-        # the merged top-k of one mode plus one chunk of candidates (retrieve.merge's chunk_rows) and their vectors
-        mem_mb=lambda wc, attempt: int((2000 + 65536 * pool_dim() * 8 / 1e6 + len(CLASSES) * max(N_AUG) * overfetch() * 0.01) * attempt),
-        runtime=lambda wc, attempt: 60 * attempt,
+        gpu=1 if config["retrieve"]["gpu"] else 0,
+        search_device=DEVICE if config["retrieve"]["gpu"] else "cpu",
+        # the merged top-k of one mode (each block's k x queries) plus one chunk of candidates (retrieve.merge's chunk_rows)
+        # with their vectors, and the val + test vectors
+        mem_mb=lambda wc, attempt: int((2000 + 65536 * pool_dim() * 8 / 1e6 + merge_topk_mb() + eval_rows() * pool_dim() * 4 / 1e6)
+                                       * attempt),
+        runtime=lambda wc, attempt: int(20 + leak_search_minutes()) * attempt,
     conda:
         "../../envs/faiss.yaml"
     shell:
         "python -m augbench retrieve --blocks {input.blocks:q} --table {input.table:q} {params.pool}"
         " --classes {input.classes:q} --eval-emb {input.eval_emb:q} --eval-meta {input.eval_meta:q}"
-        " {params.shards} --eval-root {params.eval_root:q}"
+        " {params.shards} --eval-root {params.eval_root:q} --threads {threads} --device {resources.search_device}"
         " --out {output.neighbors:q} --out-stats {output.stats:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
