@@ -4,7 +4,7 @@ Every place that treats methods differently (the rules that plan a method's jobs
 personalisation and generation code, the report's cost attribution) asks this table about a method's
 *properties*, never its name. Adding a method is one `Method(...)` row in `REGISTRY` plus, where its
 properties are new, the code for them; a row that combines existing properties needs nothing else
-(README, "Adding a method").
+(docs/methods.md, "Adding a method").
 """
 
 from __future__ import annotations

@@ -157,11 +157,17 @@ class _LeakScreen:
         self.done = np.zeros(len(chunk), bool)
         self.leaked = np.zeros(len(chunk), bool)
         self.suspect_paths: dict[int, list[Path]] = {}
+        self.seconds = 0.0
 
     def __call__(self, rows: np.ndarray) -> None:
         rows = rows[~self.done[rows]]
         if not len(rows):
             return
+        started = time.perf_counter()
+        self._screen(rows)
+        self.seconds += time.perf_counter() - started
+
+    def _screen(self, rows: np.ndarray) -> None:
         self.done[rows] = True
         sub, spec = self.chunk.iloc[rows], self.spec
         self.vec[rows] = gather(self.parts, sub["part"].to_numpy(), sub["row"].to_numpy())
@@ -237,7 +243,7 @@ def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classe
     # window only for a class whose filters removed too many (about a third of the candidates at ImageNet-10 % scale)
     window = leak_window(need)
     dim = pool_dim_of(parts)
-    screened_rows = 0
+    screened_rows, leak_seconds = 0, 0.0
     for labels in _chunks(sizes, chunk_rows):
         chunk = cand[cand["label"].isin(labels)].reset_index(drop=True)
         lab = chunk["label"].to_numpy()
@@ -274,6 +280,7 @@ def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classe
                 log.warning("merge: class %s: only %d of %d candidates after filtering (searched k per query %d)",
                             classes[label], len(keep), need, scores.shape[1])
         screened_rows += int(done.sum())
+        leak_seconds += screen.seconds
     table = pd.concat(kept_frames, ignore_index=True) if kept_frames else cand.head(0).assign(leak_suspects=[])
     meta = _chunk_meta(parts, table, ())
     table = table.assign(key=meta["key"].to_numpy(), url=meta["url"].to_numpy(), caption=meta["caption"].to_numpy())
@@ -289,6 +296,7 @@ def merge(blocks: list[Path], queries_table: Path, parts: list[PoolPart], classe
              **{r: sum(v[r] for v in per_class.values()) for r in
                 ("same_item_removed", "cross_class_removed", "leaked_removed", "leak_suspects", "near_dup_removed")}}
     write_json(out_stats, stats)
+    log.info("merge: leak search took %.2fs", leak_seconds)
     write_meta(out, "retrieve", spec_dict(spec), started, stats={k: v for k, v in stats.items() if k != "per_class"})
     log.info("merge: %s mode: kept %d (min per class %d of %d), cross-class %d, leaked %d, suspects for fetch %d, near-dup %d",
              spec.mode, stats["kept"], stats["kept_min"], need, stats["cross_class_removed"], stats["leaked_removed"],
