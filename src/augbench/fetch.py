@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from augbench.copies import is_copy
+from augbench.copies import is_copy, trim_borders
 from augbench.download import cache_key, download_urls, downloaded, failure_reason, sample_url
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_json, write_meta, write_parquet
@@ -197,6 +197,9 @@ def _settle_conflicts(table: pd.DataFrame, verdict: dict[int, str], images: dict
             verdict[i] = "conflict"
 
 
+CHECK_VIEW = "trimmed-1"  # what the content check embeds (the image inside img2dataset's letterbox): part of the cache key
+
+
 @dataclass(frozen=True)
 class CheckSettings:
     """Where and how the content check runs CLIP: scheduling, never part of the spec (the verdicts do not change).
@@ -284,7 +287,7 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], got: pd.
 
         clip = Clip(model, pick_device(check.device), check.precision)
         if check.cache is not None:
-            cached = EmbeddingCache(check.cache, model, f"{clip.device.type}:{clip.dtype}")
+            cached = EmbeddingCache(check.cache, model, f"{clip.device.type}:{clip.dtype}:{CHECK_VIEW}")
     has_suspects = "leak_suspects" in table.columns
     eval_cache: dict[Path, Image.Image] = {}
     counts = Counter()
@@ -314,7 +317,9 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], got: pd.
                     vectors[sha] = None
                     continue
                 if clip is not None and known is False:
-                    batch.append((sha, decoded[url]))
+                    # the pool's producer embedded the photo itself; img2dataset stored it letterboxed (resize_mode
+                    # border, white bars) or centre-cropped: embed what is inside the bars, as the producer saw it
+                    batch.append((sha, trim_borders(decoded[url])))
                     if len(batch) >= check.batch_size:
                         _embed(clip, batch, vectors, cached, counts)
         _embed(clip, batch, vectors, cached, counts)

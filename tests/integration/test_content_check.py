@@ -120,3 +120,33 @@ def test_the_fetch_job_takes_the_check_device_batch_and_cache_and_never_imports_
     assert res.returncode == 0, res.stderr[-3000:]
     assert "content check: 23 embedded, 0 from the cache" in res.stderr, res.stderr[-2000:]
     assert len(list((tmp_path / "cc").rglob("part-*.npy"))) == 1
+
+
+@pytest.mark.parametrize("resize_mode", ["border", "center_crop"])
+def test_good_images_stored_by_img2dataset_are_not_content_changed(tmp_path: Path, tiny_clip: Path, resize_mode: str,
+                                                                   recording_server: tuple[str, Path, list[str]]) -> None:
+    """The pool's vectors were computed on the photos themselves with the CLIP processor's own resize (clip-retrieval's
+    way); img2dataset stores the downloads letterboxed at 64 px (white bars) or centre-cropped. Embedding the stored image
+    as it is put a letterboxed photo at cosine ~0.90 with its own stored vector (below two different photos of a class,
+    0.99, with this untrained CLIP); the check embeds what is inside the bars, and no good image is content_changed."""
+    from augbench.specs import DownloadSpec
+
+    base, served, _ = recording_server
+    originals, cands = [], []
+    for i in range(12):
+        img = photo(200 + i, i % 2, (96, 64) if i % 2 else (64, 96))
+        (served / f"{i}.jpg").write_bytes(jpeg(img, 95))
+        originals.append(img)
+        cands.append({"class": CLASSES[i % 2], "label": i % 2, "rank": i // 2, "score": 1 - i / 100, "query": "q", "part": 0,
+                      "part_name": "0", "row": i, "key": f"k{i}", "url": f"{base}/{i}.jpg", "caption": "a photo", "leak_suspects": []})
+    pd.DataFrame(cands).to_parquet(tmp_path / "neighbors.parquet")
+    (tmp_path / "pool/img_emb").mkdir(parents=True)
+    (tmp_path / "pool/metadata").mkdir(parents=True)
+    np.save(tmp_path / "pool/img_emb/img_emb_0.npy", embed.Clip(tiny_clip).images(originals).astype(np.float16))
+    pd.DataFrame({"url": [c["url"] for c in cands], "caption": "a photo"}).to_parquet(tmp_path / "pool/metadata/metadata_0.parquet")
+    part = PoolPart("0", tmp_path / "pool/img_emb/img_emb_0.npy", tmp_path / "pool/metadata/metadata_0.parquet")
+    dl = DownloadSpec(image_size=64, resize_mode=resize_mode, timeout=5, retries=0, encode_format="jpg", encode_quality=95)
+    stats = fetch(tmp_path / "neighbors.parquet", tmp_path / "o.tar", tmp_path / "o.parquet", tmp_path / "o.json", 6,
+                  FetchSpec(min_cosine=0.95, min_yield=0.0), CLASSES, cache=tmp_path / "cache", download_spec=dl, model=tiny_clip,
+                  parts=[part], check=CheckSettings("cpu", "fp32", 8, None))
+    assert stats["by_reason"] == {"ok": 12}, stats["by_reason"]

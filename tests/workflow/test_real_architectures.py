@@ -93,13 +93,18 @@ def test_every_method_row_runs_on_the_real_classes_in_both_hub_layouts(
     assert np.load(out / "embed/target/img_emb/val.npy").shape == (0, 24)
     assert not (out / "world").exists() and not (out / "clip/model").exists() and not (out / "diffusion/model").exists()
 
-    # the same rows from the v1-4 layout: only what depends on the diffusion model runs again
+    # the v1-4 layout through the rows that load the pipeline in each way (prompt, img2img, pseudo-word + LoRA, vectors +
+    # full UNet): only what depends on the diffusion model runs again
     cfg["diffusion"] = {"model": str(old)}
+    cfg["methods"] = ["real", "retrieval_image", "img2img", "textual_inversion_dm", "cond_vectors_dm"]
+    cfg["personalize"] = {**cfg.get("personalize", {}), "dm_finetune": "full"}
     (wf / "real.yaml").write_text(yaml.safe_dump(cfg))
     dry = scheduled_jobs(_smk(wf, "-n", "--configfile", "real.yaml", env=forbid).stdout)
-    assert "fetch_retrieved" not in dry and "embed_pool" not in dry and dry["personalize"] >= 5 and dry["generate"] >= 7, dry
+    assert "fetch_retrieved" not in dry and "embed_pool" not in dry and dry["personalize"] == 2 and dry["generate"] == 3, dry
     res = _smk(wf, "--cores", "2", "--configfile", "real.yaml", timeout=1500, env=forbid)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    second = _check_rows(out, methods)
-    retrieval = first["method"].str.startswith(("real", "retrieval"))
-    assert first.loc[retrieval, "top1_mean"].tolist() == second.loc[retrieval, "top1_mean"].tolist(), "not re-run"
+    second = _check_rows(out, cfg["methods"])
+    assert (out / "personalize/cond_vectors_dm/block_0000/heron/unet").is_dir(), "a full UNet copy from the .bin layout"
+    kept = first.set_index(["method", "n_aug"]).loc[[("real", 0), ("retrieval_image", N_AUG)], "top1_mean"].tolist()
+    assert second.set_index(["method", "n_aug"]).loc[[("real", 0), ("retrieval_image", N_AUG)], "top1_mean"].tolist() == kept, \
+        "the rows that do not use the diffusion model were not re-run"
