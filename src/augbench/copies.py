@@ -42,11 +42,14 @@ def pixel_distance(a: np.ndarray, b: np.ndarray, shift: int = 1) -> float:
     return best
 
 
-def trim_borders(img: Image.Image, tol: float = 0.06, most: float = 0.45) -> Image.Image:
+def trim_borders(img: Image.Image, tol: float = 0.06, most: float = 0.45, letterbox_only: bool = False) -> Image.Image:
     """The image without uniform border rows and columns (a letterbox or pillarbox of any colour).
 
     A row or column is border when it is within `tol` of the corner colour (mean absolute difference over its pixels,
     in [0, 1]); at most `most` of each dimension is trimmed from each side, so a plain image is never trimmed away.
+    `letterbox_only`: trim only bars as img2dataset's border mode pads them: white (or black), on two opposite sides and
+    centred (within 2 px and 2 %), so that a photo on a plain background (uniform on all four sides) or with uniform
+    coloured bands keeps them.
     """
     a = np.asarray(img, dtype=np.float32) / 255
     h, w = a.shape[:2]
@@ -66,6 +69,13 @@ def trim_borders(img: Image.Image, tol: float = 0.06, most: float = 0.45) -> Ima
     left, right = run(col_off, int(w * most)), run(col_off[::-1], int(w * most))
     if top + bottom + left + right == 0:
         return img
+    if letterbox_only:
+        if min(float(np.abs(corner - 1).max()), float(np.abs(corner).max())) > 0.1:  # bars are white (img2dataset) or black
+            return img
+        rows, cols = top + bottom > 0, left + right > 0
+        centred = (abs(top - bottom) <= max(2, 0.02 * h)) if rows else (abs(left - right) <= max(2, 0.02 * w))
+        if rows == cols or not centred:
+            return img
     return img.crop((left, top, w - right, h - bottom))
 
 

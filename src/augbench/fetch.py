@@ -197,7 +197,7 @@ def _settle_conflicts(table: pd.DataFrame, verdict: dict[int, str], images: dict
             verdict[i] = "conflict"
 
 
-CHECK_VIEW = "trimmed-1"  # what the content check embeds (the image inside img2dataset's letterbox): part of the cache key
+CHECK_VIEW = "letterbox-trimmed-1"  # what the content check embeds (the image inside img2dataset's letterbox): part of the cache key
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ def _check_downloads(table: pd.DataFrame, by_url: dict[str, list[int]], got: pd.
                 if clip is not None and known is False:
                     # the pool's producer embedded the photo itself; img2dataset stored it letterboxed (resize_mode
                     # border, white bars) or centre-cropped: embed what is inside the bars, as the producer saw it
-                    batch.append((sha, trim_borders(decoded[url])))
+                    batch.append((sha, trim_borders(decoded[url], letterbox_only=True)))
                     if len(batch) >= check.batch_size:
                         _embed(clip, batch, vectors, cached, counts)
         _embed(clip, batch, vectors, cached, counts)
