@@ -7,11 +7,19 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test lint install clean-results toy-models
+.PHONY: demo test lint install clean-results toy-models prereqs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# What the two commands need before they start, checked first and named in one line: python3 >= 3.11 with venv, and
+# (for a new .venv) about 8 GB of free disk for the pinned CUDA build of torch.
+prereqs:
+	@command -v python3 >/dev/null || { echo "make: python3 (3.11 or newer) is not installed"; exit 1; }
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: python3 is $$(python3 -V 2>&1 | cut -d' ' -f2); augbench needs 3.11 or newer"; exit 1; }
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || { echo "make: python3 has no venv/ensurepip module (Debian: apt-get install python3-venv)"; exit 1; }
+	@test -x $(PY) || [ $$(df -Pk . | awk 'NR==2 {print $$4}') -gt 8000000 ] || { echo "make: .venv needs about 8 GB of free disk (the CUDA build of torch is 5.5 GB); $$(df -Ph . | awk 'NR==2 {print $$4}') free here"; exit 1; }
+
+$(STAMP): pyproject.toml | prereqs
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
@@ -36,7 +44,7 @@ test: $(STAMP)
 	$(PY) -m pytest -ra tests
 
 lint: $(STAMP)
-	ruff check src tests
+	ruff check src tests benchmarks scripts
 	snakemake --lint
 
 clean-results:
