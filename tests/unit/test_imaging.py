@@ -48,17 +48,29 @@ def test_a_missing_or_unreadable_file_is_an_error_naming_it_not_a_skip(tmp_path:
     missing = tmp_path / "moved" / "a.png"
     with pytest.raises(FileNotFoundError, match=r"a\.png"):
         decode_many([(0, str(missing))], 8, "test split")
-    locked = tmp_path / "locked.png"
+    import os
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())  # outside pytest's root-only tmp tree, traversable by anyone: only the file is locked
+    folder.chmod(0o755)
+    locked = folder / "locked.png"
     locked.write_bytes(oddities()["grey.png"][0])
     locked.chmod(0)
-    try:
-        import os
 
-        if os.geteuid() != 0:  # root reads anything
-            with pytest.raises(PermissionError, match=r"locked\.png"):
-                decode_many([(0, str(locked))], 8, "test split")
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:  # root reads anything: read as nobody for the duration of the check
+            os.setegid(65534)
+            os.seteuid(65534)
+        with pytest.raises(PermissionError, match=r"locked\.png"):
+            decode_many([(0, str(locked))], 8, "test split")
     finally:
+        if as_root:
+            os.seteuid(0)
+            os.setegid(0)
         locked.chmod(0o644)
+        locked.unlink()
+        folder.rmdir()
 
 
 def test_decode_many_counts_skips_by_reason(tmp_path: Path) -> None:
