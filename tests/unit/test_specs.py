@@ -93,6 +93,9 @@ def test_schema_and_spec_defaults_agree(path: tuple[str, ...]) -> None:
     # every setting of the spec is a config key (a spec field no config can set is a hidden constant)
     missing = [k for k in content if k not in props]
     assert not missing, f"{cls.__name__} fields with no config key in {'.'.join(path)}: {missing}"
+    # the section was found and compared: a lookup that matched nothing would check nothing and pass
+    assert props, f"no schema section {'.'.join(path)}"
+    assert checked or not any("default" in prop for prop in props.values()), (cls.__name__, "no default compared")
 
 
 def test_specs_hold_no_thread_or_process_counts() -> None:
