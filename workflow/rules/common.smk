@@ -476,6 +476,15 @@ def leak_search_minutes():
     return flop / rate / 60
 
 
+def fetch_source(wildcards, input):
+    """fetch's image source: the local pool's shards, or a remote pool's downloads with the content check's model, cache
+    and precision (its embeddings cached by the downloaded bytes' sha256, shared by both modes)."""
+    if POOL_SHARDS:
+        return f"--shards {' '.join(map(shlex.quote, input.shards))}"
+    return (f"--downloads {shlex.quote(input.downloads)} --check-cache {R}/retrieve/check_cache --model {shlex.quote(CLIP_MODEL)}"
+            f" --precision {config['embed']['precision']} {pool_args()}")
+
+
 def retrieved_candidates():
     """Ranked candidates of one query mode: classes x the largest n_aug x overfetch (what fetch downloads and checks)."""
     return len(CLASSES) * max(N_AUG) * overfetch()

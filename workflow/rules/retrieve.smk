@@ -126,39 +126,72 @@ if not POOL_SHARDS:
             " --shard-size {resources.url_shard_size} > {log:q} 2>&1"
 
 
-rule fetch_retrieved:
-    input:
-        unpack(fetch_inputs),
-    output:
-        tar=f"{R}/augment/{{method}}/images.tar",
-        manifest=f"{R}/augment/{{method}}/manifest.parquet",
-        stats=f"{R}/augment/{{method}}/fetch_stats.json",
-    wildcard_constraints:
-        method="|".join(RETRIEVAL_MODES),
-    log:
-        f"{LOGS}/fetch/{{method}}.log",
-    benchmark:
-        f"{BENCH}/fetch/{{method}}.tsv"
-    params:
-        spec=stage_spec("fetch"),
-        n_aug=max(N_AUG),
-        # a remote pool: the downloaded candidates, content-checked with CLIP (embeddings cached by the bytes' sha256)
-        source=lambda wc, input: (
-            f"--shards {' '.join(map(shlex.quote, input.shards))}" if POOL_SHARDS
-            else f"--downloads {shlex.quote(input.downloads)} --check-cache {R}/retrieve/check_cache --model {shlex.quote(CLIP_MODEL)}"
-            f" --precision {config['embed']['precision']} {pool_args()}"
-        ),
-    threads: 1
-    resources:
-        # the content check is CLIP over every downloaded candidate: the embed rules' placement, batch and precision
-        gpu=lambda wc: 1 if CONTENT_CHECK else 0,
-        device=lambda wc: DEVICE if CONTENT_CHECK else "cpu",
-        check_batch=config["embed"]["batch_size"],
-        mem_mb=lambda wc, attempt: (6000 if CONTENT_CHECK else 2000) * attempt,
-        runtime=lambda wc, attempt: int(30 + (retrieved_candidates() / CHECK_IMAGES_PER_S / 60 if CONTENT_CHECK else 10)) * attempt,
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        "python -m augbench fetch --neighbors {input.neighbors:q} --classes {input.classes:q} {params.source} --n-aug {params.n_aug}"
-        " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
-        " --spec {params.spec:q} --device {resources.device} --batch-size {resources.check_batch} > {log:q} 2>&1"
+# fetch_retrieved (a local pool: the images are read from its shards, a CPU job) or check_retrieved (a remote pool with
+# the content check: CLIP over every download, a GPU job on the embed rules' device, batch and precision). One of the
+# two exists; they differ in where they run, so that a profile routes each by its name.
+FETCH_SHELL = (
+    "python -m augbench fetch --neighbors {input.neighbors:q} --classes {input.classes:q} {params.source} --n-aug {params.n_aug}"
+    " --out-tar {output.tar:q} --out-manifest {output.manifest:q} --out-stats {output.stats:q}"
+    " --spec {params.spec:q} --device {resources.device} --batch-size {resources.check_batch} > {log:q} 2>&1"
+)
+
+if CONTENT_CHECK:
+
+    rule check_retrieved:
+        input:
+            unpack(fetch_inputs),
+        output:
+            tar=f"{R}/augment/{{method}}/images.tar",
+            manifest=f"{R}/augment/{{method}}/manifest.parquet",
+            stats=f"{R}/augment/{{method}}/fetch_stats.json",
+        wildcard_constraints:
+            method="|".join(RETRIEVAL_MODES),
+        log:
+            f"{LOGS}/fetch/{{method}}.log",
+        benchmark:
+            f"{BENCH}/fetch/{{method}}.tsv"
+        params:
+            spec=stage_spec("fetch"),
+            n_aug=max(N_AUG),
+            source=fetch_source,
+        threads: 1
+        resources:
+            gpu=1,
+            device=DEVICE,
+            check_batch=config["embed"]["batch_size"],
+            mem_mb=lambda wc, attempt: 6000 * attempt,
+            runtime=lambda wc, attempt: int(30 + retrieved_candidates() / CHECK_IMAGES_PER_S / 60) * attempt,
+        conda:
+            "../../envs/torch.yaml"
+        shell:
+            FETCH_SHELL
+
+else:
+
+    rule fetch_retrieved:
+        input:
+            unpack(fetch_inputs),
+        output:
+            tar=f"{R}/augment/{{method}}/images.tar",
+            manifest=f"{R}/augment/{{method}}/manifest.parquet",
+            stats=f"{R}/augment/{{method}}/fetch_stats.json",
+        wildcard_constraints:
+            method="|".join(RETRIEVAL_MODES),
+        log:
+            f"{LOGS}/fetch/{{method}}.log",
+        benchmark:
+            f"{BENCH}/fetch/{{method}}.tsv"
+        params:
+            spec=stage_spec("fetch"),
+            n_aug=max(N_AUG),
+            source=fetch_source,
+        threads: 1
+        resources:
+            device="cpu",
+            check_batch=config["embed"]["batch_size"],
+            mem_mb=lambda wc, attempt: 2000 * attempt,
+            runtime=lambda wc, attempt: 40 * attempt,
+        conda:
+            "../../envs/torch.yaml"
+        shell:
+            FETCH_SHELL
