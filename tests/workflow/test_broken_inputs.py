@@ -30,7 +30,7 @@ def test_broken_and_unusual_files_are_decoded_or_counted_through_the_report(
     r = random.Random(0)
     for kind in KINDS:
         (data / "train" / kind).mkdir(parents=True)
-        for i in range(12):
+        for i in range(12):  # 3 train + 3 train_extra + 4 val + 2 test (the target refuses a class short of its splits)
             render(kind, r, 32, pool=False)[0].save(data / "train" / kind / f"{kind}_{i:02d}.png")
     for name, (payload, _) in odd.items():
         (data / "train" / "circle" / f"odd_{name}").write_bytes(payload)
@@ -48,10 +48,10 @@ def test_broken_and_unusual_files_are_decoded_or_counted_through_the_report(
 
     wf = _copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
-    cfg.update({"dataset": "odd", "methods": ["real", "retrieval_image", "textual_inversion"], "n_aug": [4], "real_per_class": 4,
+    cfg.update({"dataset": "odd", "methods": ["real", "retrieval_image", "textual_inversion"], "n_aug": [4], "real_per_class": 3,
                 "sweep_methods": None,
                 "target": {"source": "imagefolder", "root": str(data), "train_dir": "train", "test_dir": None,
-                           "class_list": "folders", "train_fraction": None, "train_per_class": 6, "val_per_class": 4,
+                           "class_list": "folders", "train_fraction": None, "train_per_class": 3, "val_per_class": 4,
                            "test_per_class": None},
                 "pool": {"urls": str(tmp_path / "urls.parquet"), "parts": 2},
                 "fetch": {"min_yield": 0.0}})
