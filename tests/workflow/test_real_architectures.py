@@ -96,7 +96,8 @@ def test_every_method_row_runs_on_the_real_classes_in_both_hub_layouts(
     # the v1-4 layout through the rows that load the pipeline in each way (prompt, img2img, pseudo-word + LoRA, vectors +
     # full UNet): only what depends on the diffusion model runs again
     cfg["diffusion"] = {"model": str(old)}
-    cfg["methods"] = ["real", "retrieval_image", "img2img", "textual_inversion_dm", "cond_vectors_dm"]
+    # (both retrieval modes stay: a search block serves every mode of the run, so dropping one would search again)
+    cfg["methods"] = ["real", "retrieval_image", "retrieval_text", "img2img", "textual_inversion_dm", "cond_vectors_dm"]
     cfg["personalize"] = {**cfg.get("personalize", {}), "dm_finetune": "full"}
     (wf / "real.yaml").write_text(yaml.safe_dump(cfg))
     dry = scheduled_jobs(_smk(wf, "-n", "--configfile", "real.yaml", env=forbid).stdout)
