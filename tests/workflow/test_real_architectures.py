@@ -93,8 +93,8 @@ def test_every_method_row_runs_on_the_real_classes_in_both_hub_layouts(
     assert np.load(out / "embed/target/img_emb/val.npy").shape == (0, 24)
     assert not (out / "world").exists() and not (out / "clip/model").exists() and not (out / "diffusion/model").exists()
 
-    # the v1-4 layout through the rows that load the pipeline in each way (prompt, img2img, pseudo-word + LoRA, vectors +
-    # full UNet): only what depends on the diffusion model runs again
+    # the v1-4 layout through img2img and both personalised-denoiser rows with the full UNet fine-tuned (the first run
+    # used LoRA): only what depends on the diffusion model runs again
     cfg["diffusion"] = {"model": str(old)}
     # (both retrieval modes stay: a search block serves every mode of the run, so dropping one would search again)
     cfg["methods"] = ["real", "retrieval_image", "retrieval_text", "img2img", "textual_inversion_dm", "cond_vectors_dm"]
