@@ -26,6 +26,15 @@ CLASSES = ["heron", "kayak"]
 N = 12  # candidates per class
 
 
+def _pool(tmp: Path, clip: Path, images: list, urls: list[str]) -> PoolPart:
+    """A one-part clip-retrieval pool: the producer's embedding of each image (the CLIP processor's own resize)."""
+    (tmp / "pool/img_emb").mkdir(parents=True)
+    (tmp / "pool/metadata").mkdir(parents=True)
+    np.save(tmp / "pool/img_emb/img_emb_0.npy", embed.Clip(clip).images(images).astype(np.float16))
+    pd.DataFrame({"url": urls, "caption": "a photo"}).to_parquet(tmp / "pool/metadata/metadata_0.parquet")
+    return PoolPart("0", tmp / "pool/img_emb/img_emb_0.npy", tmp / "pool/metadata/metadata_0.parquet")
+
+
 def _downloads(tmp: Path, clip: Path) -> tuple[Path, Path, PoolPart, list[str]]:
     """A tar of downloaded JPEGs (one is a truncated file, one changed since the pool was embedded), the downloads table,
     ranked candidates of two classes, and a pool part holding the embedding each url had when the pool was embedded."""
@@ -48,11 +57,7 @@ def _downloads(tmp: Path, clip: Path) -> tuple[Path, Path, PoolPart, list[str]]:
     write_shard(tmp / "cache.tar", samples)
     pd.DataFrame(rows).to_parquet(tmp / "downloads.parquet")
     pd.DataFrame(cands).to_parquet(tmp / "neighbors.parquet")
-    (tmp / "pool/img_emb").mkdir(parents=True)
-    (tmp / "pool/metadata").mkdir(parents=True)
-    np.save(tmp / "pool/img_emb/img_emb_0.npy", embed.Clip(clip).images(stored_images).astype(np.float16))
-    pd.DataFrame({"url": [r["url"] for r in rows], "caption": "a photo"}).to_parquet(tmp / "pool/metadata/metadata_0.parquet")
-    part = PoolPart("0", tmp / "pool/img_emb/img_emb_0.npy", tmp / "pool/metadata/metadata_0.parquet")
+    part = _pool(tmp, clip, stored_images, [r["url"] for r in rows])
     return tmp / "downloads.parquet", tmp / "neighbors.parquet", part, [r["url"] for r in rows]
 
 
@@ -140,11 +145,7 @@ def test_good_images_stored_by_img2dataset_are_not_content_changed(tmp_path: Pat
         cands.append({"class": CLASSES[i % 2], "label": i % 2, "rank": i // 2, "score": 1 - i / 100, "query": "q", "part": 0,
                       "part_name": "0", "row": i, "key": f"k{i}", "url": f"{base}/{i}.jpg", "caption": "a photo", "leak_suspects": []})
     pd.DataFrame(cands).to_parquet(tmp_path / "neighbors.parquet")
-    (tmp_path / "pool/img_emb").mkdir(parents=True)
-    (tmp_path / "pool/metadata").mkdir(parents=True)
-    np.save(tmp_path / "pool/img_emb/img_emb_0.npy", embed.Clip(tiny_clip).images(originals).astype(np.float16))
-    pd.DataFrame({"url": [c["url"] for c in cands], "caption": "a photo"}).to_parquet(tmp_path / "pool/metadata/metadata_0.parquet")
-    part = PoolPart("0", tmp_path / "pool/img_emb/img_emb_0.npy", tmp_path / "pool/metadata/metadata_0.parquet")
+    part = _pool(tmp_path, tiny_clip, originals, [c["url"] for c in cands])
     dl = DownloadSpec(image_size=64, resize_mode=resize_mode, timeout=5, retries=0, encode_format="jpg", encode_quality=95)
     stats = fetch(tmp_path / "neighbors.parquet", tmp_path / "o.tar", tmp_path / "o.parquet", tmp_path / "o.json", 6,
                   FetchSpec(min_cosine=0.95, min_yield=0.0), CLASSES, cache=tmp_path / "cache", download_spec=dl, model=tiny_clip,
