@@ -100,6 +100,84 @@ class PipelineSource:
         return pipe
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The one dtype personalisation holds and runs its frozen modules in: bf16 on a GPU that has it, else fp16 (the
+    loss is then scaled), fp32 on the CPU (where half precision is slow and runs stay bit-exact)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class TrainingSource:
+    """What a personalisation process holds, once: the pipeline as loaded (fp32, in host memory, never on the GPU) and
+    each frozen module on the device in the compute dtype; per class, only what the method trains is its own.
+
+    - VAE: frozen in every method, shared.
+    - Text encoder: shared and frozen, except for textual inversion, whose class gets its own copy (in the compute dtype,
+      with the token-embedding matrix in fp32: the pseudo-word's row trains) and its own tokenizer.
+    - UNet: shared and frozen; LoRA adapters (fp32) are added for a class and removed after it (`release`), so no
+      class sees another's; a full fine-tune gets its own fp32 copy.
+
+    So a Stable Diffusion v1 process holds 0.9 B frozen parameters once in bf16 (~1.9 GB) instead of an fp32 pipeline
+    (~4 GB) and a per-class fp32 copy of UNet and text encoder, and no step casts frozen weights from one half
+    precision to the other. On the CPU in fp32 the shared modules are the loaded ones themselves.
+    """
+
+    def __init__(self, model: str | Path, device: torch.device | None = None, compute: torch.dtype | None = None) -> None:
+        self.model, self.device = model, device or torch.device("cpu")
+        self.compute = compute or compute_dtype(self.device)
+        self._host = None
+        self._frozen: dict[str, torch.nn.Module] = {}
+        self.loads = 0
+
+    def host(self):  # -> StableDiffusionPipeline
+        """The pipeline as loaded, fp32 on the CPU: the pristine source of every copy."""
+        if self._host is None:
+            self._host = load_pipeline(self.model, torch.device("cpu"), torch.float32)
+            self._host.vae.requires_grad_(False)
+            self._host.text_encoder.requires_grad_(False)
+            self._host.unet.requires_grad_(False)
+            self.loads += 1
+        return self._host
+
+    def _placed(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        """A copy of a host module on the device in `dtype` (the module itself where that changes nothing)."""
+        if self.device.type == "cpu" and dtype == torch.float32:
+            return module
+        return copy.deepcopy(module).to(self.device, dtype)
+
+    def frozen(self, name: str) -> torch.nn.Module:
+        """Module `name` of the pipeline on the device in the compute dtype, made once and shared by every class."""
+        if name not in self._frozen:
+            self._frozen[name] = self._placed(getattr(self.host(), name), self.compute).eval()
+        return self._frozen[name]
+
+    def pipeline(self, method: str, dm_finetune: str = "lora"):  # -> StableDiffusionPipeline
+        """A pipeline for one class of `method`: the shared frozen modules and the class's own trainable ones."""
+        from diffusers import StableDiffusionPipeline
+
+        m, host = registry_row(method), self.host()
+        if m.learns == "pseudo_word":  # the class's own vocabulary: a copy of the encoder and tokenizer
+            text_encoder = copy.deepcopy(host.text_encoder).to(self.device, self.compute)
+            tokenizer = copy.deepcopy(host.tokenizer)
+        else:
+            text_encoder, tokenizer = self.frozen("text_encoder"), host.tokenizer
+        if m.finetune_unet and dm_finetune == "full":
+            unet = copy.deepcopy(host.unet).to(self.device, torch.float32)
+        else:
+            unet = self.frozen("unet")
+        pipe = StableDiffusionPipeline(vae=self.frozen("vae"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=host.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def release(self, pipe) -> None:
+        """Give back what a class added to the shared modules: its LoRA adapters on the shared UNet."""
+        if getattr(pipe.unet, "peft_config", None):
+            pipe.unet.delete_adapters(list(pipe.unet.peft_config))
+
+
 def link_tree_file(src: Path, dst: Path) -> None:
     """`dst` as a hard link to `src` (a copy across filesystems): an output that costs no bytes."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +348,7 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     if not m.personalized:
         raise ValueError(f"personalize: method {method!r} learns nothing per class")
     dm = m.finetune_unet
+    compute = pipe.vae.dtype  # the VAE is frozen in every method: it is held in the compute dtype
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.unet.requires_grad_(False)
@@ -290,15 +369,19 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
         if pipe.tokenizer.add_tokens([token]) != 1:
             raise ValueError(f"textual_inversion: token {token!r} already exists in the tokenizer")
         pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-        emb = pipe.text_encoder.get_input_embeddings()
+        emb = pipe.text_encoder.get_input_embeddings().float()  # trainable: fp32, whatever the encoder's dtype
         tid = pipe.tokenizer.convert_tokens_to_ids(token)
         init = pipe.tokenizer(class_name, add_special_tokens=False).input_ids
         with torch.no_grad():
             emb.weight[tid] = emb.weight[init].mean(0)
-        frozen = emb.weight.detach().clone()
-        keep = torch.ones(len(frozen), dtype=torch.bool)
-        keep[tid] = False
+        # only the pseudo-word's row may move: the other rows' gradients are zeroed, so AdamW (no weight decay here)
+        # leaves them exactly as they were, without a second copy of the matrix to restore them from
+        row = torch.zeros(len(emb.weight), 1, device=emb.weight.device)
+        row[tid] = 1
         emb.weight.requires_grad_(True)
+        emb.weight.register_hook(lambda grad: grad * row)
+        if compute != torch.float32:  # the rest of the encoder runs in the compute dtype: so do the looked-up rows
+            emb.register_forward_hook(lambda _module, _args, out: out.to(compute))
         groups.append({"params": [emb.weight], "lr": spec.lr, "weight_decay": 0.0})
         learned.token = token
         # templates whose tokens would be cut before the pseudo-word would train nothing
@@ -313,12 +396,16 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     if dm:
         if spec.dm_finetune == "lora":
             add_lora(pipe.unet, spec.lora_rank, item_seed(spec.seed, "lora", method, class_key))
+            for p in pipe.unet.parameters():  # the adapters train in fp32 beside the frozen half-precision layers
+                if p.requires_grad:
+                    p.data = p.data.float()
         elif spec.dm_finetune == "full":
             pipe.unet.requires_grad_(True)
         else:
             raise ValueError(f"personalize: dm_finetune must be 'full' or 'lora', got {spec.dm_finetune!r}")
         groups.append({"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": spec.dm_lr, "weight_decay": 1e-2})
     opt = torch.optim.AdamW(groups)
+    scaler = torch.amp.GradScaler(pipe.device.type, enabled=compute == torch.float16)  # fp16 needs its loss scaled
     pipe.unet.train(dm)
     started, ema = time.time(), None
     assign_t = torch.from_numpy(np.concatenate([assign[owner], assign[owner]]))
@@ -330,24 +417,22 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
             prompts = [templates[int(j)].format(learned.token) for j in picks]
             ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
                                  return_tensors="pt").input_ids
-            with _autocast(pipe.device):
+            with _autocast(pipe.device, compute):
                 c = pipe.text_encoder(ids.to(pipe.device))[0]
         else:
             c = learned.cond[assign_t[idx]]
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         eps = torch.randn(z0.shape, generator=g).to(z0)
         zt = sched.add_noise(z0, eps, t.to(z0.device))
-        with _autocast(pipe.device):
-            pred = pipe.unet(zt, t.to(z0.device), encoder_hidden_states=c.to(pipe.unet.dtype)).sample
+        with _autocast(pipe.device, compute):
+            pred = pipe.unet(zt, t.to(z0.device), encoder_hidden_states=c.to(compute)).sample
         # the model's own objective: SD 1.x predicts the noise, SD 2.x (768 px) the velocity
         target = eps if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, eps, t.to(z0.device))
         loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if learned.token is not None:
-            with torch.no_grad():  # only the pseudo-word's row may move
-                emb.weight[keep] = frozen[keep]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % 50 == 0 or step == spec.steps - 1:
             log.info("personalize %s/%s: step %d/%d loss %.4f (%.0fs)", method, class_key, step, spec.steps, ema, time.time() - started)
@@ -384,21 +469,10 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
                                                   if dm else None, "final_loss": learned.final_loss})
 
 
-def _autocast(device: torch.device):  # -> context manager
-    """bfloat16 autocast for the forward passes on a GPU; nothing on the CPU (runs there stay bit-exact)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def _halve_frozen(pipe, m) -> None:
-    """On a GPU, the parts a method does not train go to half precision (the VAE, and the UNet or text encoder
-    where they stay frozen): SD's frozen UNet is 1.7 GB instead of 3.4 GB."""
-    if pipe.device.type != "cuda":
-        return
-    pipe.vae.half()
-    if not m.finetune_unet:
-        pipe.unet.half()
-    if m.learns != "pseudo_word":
-        pipe.text_encoder.half()
+def _autocast(device: torch.device, compute: torch.dtype):  # -> context manager
+    """Autocast to the compute dtype the frozen modules are held in (their weights are not cast again: only the small
+    fp32 trainable tensors are); nothing in fp32 (CPU runs stay bit-exact)."""
+    return nullcontext() if compute == torch.float32 else torch.autocast(device.type, dtype=compute)
 
 
 def cache_ident(spec: PersonalizeSpec, model: str | Path, class_key: str, table: Path,
@@ -411,7 +485,7 @@ def cache_ident(spec: PersonalizeSpec, model: str | Path, class_key: str, table:
     return ident
 
 
-def personalize_class(source: PipelineSource, table: Path, root: Path, label: int, class_key: str, class_name: str,
+def personalize_class(source: TrainingSource, table: Path, root: Path, label: int, class_key: str, class_name: str,
                       cache: Path, spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None) -> tuple[Path, dict]:
     """One class's personalisation folder, from the cache (`cache/<key>/`, keyed by content) or made now."""
     ident = cache_ident(spec, source.model, class_key, table, embeddings)
@@ -421,8 +495,17 @@ def personalize_class(source: PipelineSource, table: Path, root: Path, label: in
         return out, {"cached": True}
     started = time.time()
     m = registry_row(spec.method)
-    pipe = source.fresh()
-    _halve_frozen(pipe, m)
+    pipe = source.pipeline(spec.method, spec.dm_finetune)
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)  # each class's own peak
+    try:
+        return out, _personalize(pipe, m, table, root, label, class_key, class_name, spec, embeddings, out, ident, started)
+    finally:
+        source.release(pipe)
+
+
+def _personalize(pipe, m, table: Path, root: Path, label: int, class_key: str, class_name: str, spec: PersonalizeSpec,
+                 embeddings: tuple[Path, Path] | None, out: Path, ident: dict, started: float) -> dict:
     size = spec.resolution or resolution_of(pipe)
     views, owner = class_views(table, root, label, size)
     images = np.unique(owner)  # the images that decoded (assignments are per image; crops follow their image)
@@ -444,8 +527,8 @@ def personalize_class(source: PipelineSource, table: Path, root: Path, label: in
     stats = {"images": len(images), "vectors": int(assign.max()) + 1, "final_loss": learned.final_loss,
              "seconds": round(time.time() - started, 1)}
     if pipe.device.type == "cuda":
-        stats["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    return out, stats
+        stats["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated(pipe.device) / 2**20)
+    return stats
 
 
 def personalize_block(model: str | Path, table: Path, root: Path, classes: list[tuple[str, int, str]], out: Path,
@@ -454,7 +537,7 @@ def personalize_block(model: str | Path, table: Path, root: Path, classes: list[
     folder `out/<class key>/` (links to the per-class cache under `cache/<class key>/`, so a killed block keeps the
     classes it finished)."""
     started = time.time()
-    source = PipelineSource(model, pick_device())
+    source = TrainingSource(model, pick_device())
     per_class = {}
     with atomic_dir(out) as tmp:
         for key, label, name in classes:
