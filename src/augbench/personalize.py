@@ -178,6 +178,55 @@ class TrainingSource:
             pipe.unet.delete_adapters(list(pipe.unet.peft_config))
 
 
+#: Activation memory of one training image's UNet forward and backward at 512 px in a half compute dtype (MB), by
+#: method kind: measured on the CPU (bf16) with a randomly initialised pipeline of Stable Diffusion 1.5's shapes by
+#: `benchmarks/personalize_memory.py`, and scaled by the pixel count at other sizes. An estimate until the GPU check
+#: (scripts/gpu_smoke.py) measures a process on a GPU.
+ACTIVATION_MB_512 = {"pseudo_word": 0.0, "cond_vectors": 0.0, "lora": 0.0}
+CUDA_CONTEXT_MB = 600  # what a process holds on a GPU before its first tensor (CUDA context, cuBLAS / cuDNN workspaces)
+
+
+def memory_estimate(host, method: str, spec: PersonalizeSpec, compute_bytes: int = 2, vectors: int = 1,
+                    resolution: int | None = None) -> dict[str, float]:
+    """Estimated peak device memory (MB) of one personalisation process of `method` on pipeline `host`, from its
+    parameter counts: frozen modules once in the compute dtype; what trains in fp32 with its gradient and AdamW's two
+    moments (16 bytes per parameter); `vectors` conditioning sequences; activations (ACTIVATION_MB_512) per image of
+    the batch; the CUDA context. `per_gpu(...)` turns it into the number of processes one GPU can hold."""
+    m = registry_row(method)
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    full = m.finetune_unet and spec.dm_finetune == "full"
+    unet, text, vae = count(host.unet), count(host.text_encoder), count(host.vae)
+    frozen = vae + text + (0 if full else unet)
+    trainable = unet if full else 0
+    if m.learns == "pseudo_word":
+        emb = host.text_encoder.get_input_embeddings().weight
+        frozen -= emb.numel()
+        trainable += emb.numel() + emb.shape[1]  # the token matrix in fp32 (one row more), gradient for every row
+    else:
+        trainable += vectors * host.tokenizer.model_max_length * host.text_encoder.config.hidden_size
+    if m.finetune_unet and not full:
+        for name, module in host.unet.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in LORA_TARGETS):
+                trainable += spec.lora_rank * (module.in_features + module.out_features)
+    side = resolution or spec.resolution or resolution_of(host)
+    kind = "lora" if m.finetune_unet else ("pseudo_word" if m.learns == "pseudo_word" else "cond_vectors")
+    activations = ACTIVATION_MB_512[kind] * spec.batch_size * (side / 512) ** 2
+    mb = 2**20
+    parts = {"frozen_mb": frozen * compute_bytes / mb, "trainable_mb": trainable * 16 / mb, "activations_mb": activations,
+             "context_mb": CUDA_CONTEXT_MB}
+    parts["total_mb"] = sum(parts.values())
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
+def per_gpu(gpu_mb: float, process_mb: float, headroom: float = 0.9) -> int:
+    """How many personalisation processes one GPU of `gpu_mb` holds side by side (`headroom`: the share of the card
+    planned on, for fragmentation and the allocator's cache)."""
+    return max(0, int(gpu_mb * headroom // process_mb))
+
+
 def link_tree_file(src: Path, dst: Path) -> None:
     """`dst` as a hard link to `src` (a copy across filesystems): an output that costs no bytes."""
     dst.parent.mkdir(parents=True, exist_ok=True)

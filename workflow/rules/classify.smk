@@ -17,7 +17,7 @@ rule decode_split:
     resources:
         mem_mb=2000,  # one image at a time into the memory-mapped file
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench decode --table {input.table:q} --root {params.root:q} --size {params.size} --out {output:q} > {log:q} 2>&1"
 
@@ -36,7 +36,7 @@ rule decode_augment:
     resources:
         mem_mb=2000,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench decode --manifest {input.manifest:q} --size {params.size} --out {output:q} > {log:q} 2>&1"
 
@@ -63,7 +63,7 @@ rule train:
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
         mem_mb=train_mem_mb,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench train --real {input.real:q} --root . --test {input.test:q}"
         " --classes {input.classes:q} {params.aug} --n-aug {wildcards.n_aug} --seed {wildcards.seed}"
@@ -91,7 +91,7 @@ rule train_judge:
         gpu=1,
         device=DEVICE,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench train --real {input.real:q} --root . --test {input.test:q}"
         " --classes {input.classes:q} --seed 0 --out-metrics {output.metrics:q} --out-ckpt {output.ckpt:q}"
@@ -115,7 +115,7 @@ rule judge_generated:
     resources:
         device=DEVICE,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench judge --ckpt {input.ckpt:q} --judge-metrics {input.judge_metrics:q} --images {input.images:q}"
         " --classes {input.classes:q} --out {output:q} --device {resources.device} > {log:q} 2>&1"

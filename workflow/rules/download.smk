@@ -13,7 +13,7 @@ if not PRECOMPUTED:
             mem_mb=lambda wc, attempt: 3000 * attempt,  # the url list is streamed in batches of 1M rows
             runtime=lambda wc, attempt: 60 * attempt,
         conda:
-            "../../envs/download.yaml"
+            "../../envs/augbench.yaml"
         shell:
             "python -m augbench parts --pool {input.pool:q} --out {output.parts:q} > {log:q} 2>&1"
 
@@ -42,7 +42,7 @@ if not PRECOMPUTED:
             mem_mb=lambda wc, attempt: 4000 * attempt,
             runtime=lambda wc, attempt: 240 * attempt,
         conda:
-            "../../envs/download.yaml"
+            "../../envs/augbench.yaml"
         shell:
             "python -m augbench download --urls {input.urls:q} --out-tar {output.tar:q}"
             " --out-status {output.status:q} --out-stats {output.stats:q} --cache {params.cache:q}"

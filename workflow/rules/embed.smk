@@ -22,7 +22,7 @@ if not PRECOMPUTED:
             mem_mb=lambda wc, attempt: 6000 * attempt,
             runtime=lambda wc, attempt: 120 * attempt,
         conda:
-            "../../envs/torch.yaml"
+            "../../envs/augbench.yaml"
         shell:
             "python -m augbench embed --shard {input.shard:q} --model {params.model:q}"
             " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
@@ -49,7 +49,7 @@ rule embed_target:
         mem_mb=lambda wc, attempt: 6000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench embed --split {input.split:q} --root {params.root:q} --model {params.model:q}"
         " --out-emb {output.emb:q} --out-meta {output.meta:q} --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

@@ -27,7 +27,7 @@ rule generate:
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
         mem_mb=block_mem_mb,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
         " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
@@ -58,7 +58,7 @@ rule collect_generated:
         device=DEVICE,
         mem_mb=collect_mem_mb,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench collect --manifests {params.manifests} --classes {input.classes:q}"
         " --clip {params.clip:q} --out-manifest {output.manifest:q}"

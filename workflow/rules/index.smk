@@ -22,7 +22,7 @@ rule index_train:
         mem_mb=lambda wc, attempt: int((1500 + config["index"]["train_size"] * pool_dim() * 4 * 3 / 1e6) * attempt),
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench index-train {params.pool} --out {output:q} --spec {params.spec:q} --threads {threads} > {log:q} 2>&1"
 
@@ -45,7 +45,7 @@ rule index_add:
         mem_mb=lambda wc, attempt: int((1500 + 131072 * pool_dim() * 6 / 1e6) * attempt),
         runtime=lambda wc, attempt: 60 * attempt,
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench index-add {params.pool} --trained {input.trained:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
@@ -64,7 +64,7 @@ rule index_merge:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench index-merge --trained {input.trained:q} --parts {input.parts:q} --out-index {output.index:q}"
         " --out-ivfdata {output.ivfdata:q} > {log:q} 2>&1"
@@ -89,7 +89,7 @@ rule index_recall:
         mem_mb=search_mem_mb,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench index-recall --index {input.index:q} {params.pool} --queries {input.queries:q}"
         " --out {output:q} --spec {params.spec:q} --threads {threads} > {log:q} 2>&1"
@@ -118,7 +118,7 @@ rule index_search:
         mem_mb=search_mem_mb,
         runtime=lambda wc, attempt: 120 * attempt,
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench index-search --index {input.index:q} {params.pool} --modes {wildcards.mode} --queries {input.queries:q}"
         " --tables {input.tables:q} --nprobe {params.nprobe} --refine {params.refine} --out {output:q} --spec {params.spec:q} --threads {threads} > {log:q} 2>&1"

@@ -16,6 +16,6 @@ rule fetch_model:
         repo=lambda wc: wc.repo.replace("--", "/", 1),
         out=lambda wc, output: Path(output[0]).parent,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench fetch-model --repo {params.repo:q} --revision {wildcards.revision:q} --out {params.out:q} > {log:q} 2>&1"

@@ -27,7 +27,7 @@ rule personalize:
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
         mem_mb=block_mem_mb,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench personalize --model {params.model:q} --table {input.table:q} --root {params.root:q}"
         " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

@@ -15,7 +15,7 @@ rule pretrain_clip:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench pretrain-clip --shards {input.shards:q} --out {output.model:q}"
         " --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
@@ -43,7 +43,7 @@ rule pretrain_diffusion:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench pretrain-diffusion --shards {input.shards:q} --clip {params.clip:q} --classes {input.classes:q} --out {output.model:q}"
         " --spec {params.spec:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"

@@ -28,7 +28,7 @@ rule report:
         logs=LOGS,
         root=lambda wildcards, input: Path(input.classes).parent,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench report {params.args} {params.opts} --benchmarks {params.bench:q} --logs {params.logs:q} --classes {input.classes:q}"
         " --real-table {input.real:q} --root {params.root:q} --out-csv {output.csv:q} --out-md {output.md:q} --out-yield {output.yields:q}"

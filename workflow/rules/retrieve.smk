@@ -24,7 +24,7 @@ rule queries:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench queries --mode {wildcards.mode} --classes {input.classes:q} --train-emb {input.train_emb:q}"
         " --train-meta {input.train_meta:q} --model {params.model:q} --prompts {params.prompts} --out-vectors {output.vectors:q}"
@@ -58,7 +58,7 @@ rule search_block:
         # a CPU scans ~180 GFLOP/s per 2 cores: queries x rows x dim x 2 FLOP per block, with room to spare
         runtime=lambda wc, attempt: int(30 + 60 * attempt * PARTS_PER_BLOCK),
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench search {params.pool} --modes {params.modes} --queries {input.queries:q} --tables {input.tables:q}"
         " --tile-rows {resources.tile_rows} --device {resources.search_device} --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
@@ -89,7 +89,7 @@ rule retrieve:
                                        * attempt),
         runtime=lambda wc, attempt: int(20 + leak_search_minutes()) * attempt,
     conda:
-        "../../envs/faiss.yaml"
+        "../../envs/augbench.yaml"
     shell:
         "python -m augbench retrieve --blocks {input.blocks:q} --table {input.table:q} {params.pool}"
         " --classes {input.classes:q} --eval-emb {input.eval_emb:q} --eval-meta {input.eval_meta:q}"
@@ -119,7 +119,7 @@ if not POOL_SHARDS:
             mem_mb=lambda wc, attempt: int((1000 + 700 * config["fetch"]["threads"]) * attempt),
             runtime=lambda wc, attempt: int(30 + retrieved_candidates() / (300 * config["fetch"]["threads"]) / 60) * attempt,
         conda:
-            "../../envs/download.yaml"
+            "../../envs/augbench.yaml"
         shell:
             "python -m augbench download-retrieved --neighbors {input.neighbors:q} --cache {R}/retrieve/url_cache"
             " --download-spec {params.spec:q} --out {output:q} --threads {threads} --thread-count {resources.i2d_threads}"
@@ -162,7 +162,7 @@ if CONTENT_CHECK:
             mem_mb=lambda wc, attempt: 6000 * attempt,
             runtime=lambda wc, attempt: int(30 + retrieved_candidates() / CHECK_IMAGES_PER_S / 60) * attempt,
         conda:
-            "../../envs/torch.yaml"
+            "../../envs/augbench.yaml"
         shell:
             FETCH_SHELL
 
@@ -192,6 +192,6 @@ else:
             mem_mb=lambda wc, attempt: 2000 * attempt,
             runtime=lambda wc, attempt: 40 * attempt,
         conda:
-            "../../envs/torch.yaml"
+            "../../envs/augbench.yaml"
         shell:
             FETCH_SHELL

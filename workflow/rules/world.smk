@@ -14,7 +14,7 @@ if TOY_TARGET:
             spec=stage_spec("world"),
             out=lambda wildcards, output: Path(output.classes).parent,
         conda:
-            "../../envs/torch.yaml"
+            "../../envs/augbench.yaml"
         shell:
             "python -m augbench world --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
 
@@ -32,6 +32,6 @@ else:
             spec=stage_spec("target"),
             out=lambda wildcards, output: Path(output.classes).parent,
         conda:
-            "../../envs/torch.yaml"
+            "../../envs/augbench.yaml"
         shell:
             "python -m augbench target --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
