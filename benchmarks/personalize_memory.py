@@ -33,7 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from augbench.personalize import TrainingSource, encode_latents, memory_estimate, per_gpu, train_personalization  # noqa: E402
+from augbench.personalize import (  # noqa: E402
+    TrainingSource,
+    encode_latents,
+    memory_estimate,
+    param_counts,
+    per_gpu,
+    train_personalization,
+)
 from augbench.specs import PersonalizeSpec  # noqa: E402
 
 KINDS = {"pseudo_word": ("textual_inversion", "lora"), "cond_vectors": ("cond_vectors", "lora"),
@@ -114,7 +121,7 @@ def one(kind: str, device: str, dtype: torch.dtype, sides: list[int]) -> dict:
     b = (a1 - a0) / (s1 - s0)
     at_512 = a1 + b * (512**2 - s1)
     spec = PersonalizeSpec(method=method, steps=1, batch_size=1, dm_finetune=finetune, resolution=512)
-    estimate = memory_estimate(source.host(), method, spec, compute_bytes=2 if dtype != torch.float32 else 4,
+    estimate = memory_estimate(param_counts(source.host()), method, spec, compute_bytes=2 if dtype != torch.float32 else 4,
                                vectors=2 if kind == "cond_vectors" else 1)
     return {"kind": kind, "method": method, "rows": rows, "activations_512_mb": round(at_512), "estimate": estimate}
 

@@ -242,6 +242,16 @@ def cmd_query(a: argparse.Namespace) -> object:
                  a.nprobe, a.refine)
 
 
+def cmd_plan(a: argparse.Namespace) -> object:
+    from augbench.plan import run
+
+    code, table = run(_paths(a.configfile), Path(a.profile), Path(a.site), Path(a.directory) if a.directory else None)
+    print(table)
+    if code:
+        raise ValueError(f"the plan does not fit the site {a.site}: see the errors above")
+    return "fits"
+
+
 def cmd_train(a: argparse.Namespace) -> object:
     from augbench.classify import train
     from augbench.specs import TrainSpec, parse_spec
@@ -545,6 +555,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--nprobe", type=int, default=16)
     s.add_argument("--refine", type=int, default=10)
     s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("plan", help="per rule: jobs, GPUs, CPUs, memory, runtime; totals; checked against a site's limits")
+    s.add_argument("configfile", nargs="+", help="config files, as for snakemake --configfile")
+    s.add_argument("--profile", required=True, help="the Snakemake profile folder (profiles/slurm)")
+    s.add_argument("--site", required=True, help="each partition's limits (profiles/slurm/site.yaml)")
+    s.add_argument("--directory", help="the run's working directory (snakemake --directory)")
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("train", help="train and evaluate the classifier for one (method, n_aug, seed)")
     _job_args(s)

@@ -182,41 +182,53 @@ class TrainingSource:
 #: method kind: measured on the CPU (bf16) with a randomly initialised pipeline of Stable Diffusion 1.5's shapes by
 #: `benchmarks/personalize_memory.py`, and scaled by the pixel count at other sizes. An estimate until the GPU check
 #: (scripts/gpu_smoke.py) measures a process on a GPU.
-ACTIVATION_MB_512 = {"pseudo_word": 0.0, "cond_vectors": 0.0, "lora": 0.0}
+ACTIVATION_MB_512 = {"pseudo_word": 723.0, "cond_vectors": 704.0, "lora": 855.0}  # from 64 and 128 px (2026-12-03)
 CUDA_CONTEXT_MB = 600  # what a process holds on a GPU before its first tensor (CUDA context, cuBLAS / cuDNN workspaces)
 
 
-def memory_estimate(host, method: str, spec: PersonalizeSpec, compute_bytes: int = 2, vectors: int = 1,
-                    resolution: int | None = None) -> dict[str, float]:
-    """Estimated peak device memory (MB) of one personalisation process of `method` on pipeline `host`, from its
-    parameter counts: frozen modules once in the compute dtype; what trains in fp32 with its gradient and AdamW's two
-    moments (16 bytes per parameter); `vectors` conditioning sequences; activations (ACTIVATION_MB_512) per image of
-    the batch; the CUDA context. `per_gpu(...)` turns it into the number of processes one GPU can hold."""
-    m = registry_row(method)
+#: Stable Diffusion v1's parameter counts (UNet2DConditionModel with cross_attention_dim 768, the CLIP ViT-L/14 text
+#: tower, AutoencoderKL at four levels), as `param_counts` reads them; tests/unit/test_plan.py recounts them from the
+#: classes on the meta device.
+SD1_PARAMS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863, "token_rows": 49_408, "hidden": 768,
+              "seq": 77, "lora_per_rank": 199_296}  # rank 4: 797,184, the known SD LoRA size
 
+
+def param_counts(pipe) -> dict[str, int]:
+    """What `memory_estimate` needs of a pipeline: parameters per module, the token matrix, the conditioning sequence's
+    shape, and LoRA parameters per unit of rank on LORA_TARGETS."""
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    rows, hidden = pipe.text_encoder.get_input_embeddings().weight.shape
+    lora = sum(m.in_features + m.out_features for n, m in pipe.unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in LORA_TARGETS))
+    return {"unet": count(pipe.unet), "text_encoder": count(pipe.text_encoder), "vae": count(pipe.vae), "token_rows": rows,
+            "hidden": hidden, "seq": pipe.tokenizer.model_max_length, "lora_per_rank": lora}
+
+
+def memory_estimate(counts: dict[str, int], method: str, spec: PersonalizeSpec, compute_bytes: int = 2, vectors: int = 1,
+                    resolution: int = 512) -> dict[str, float]:
+    """Estimated peak device memory (MB) of one personalisation process of `method` (as TrainingSource holds it), from
+    parameter counts (`param_counts`, or SD1_PARAMS): frozen modules once in the compute dtype; what trains in fp32
+    with its gradient and AdamW's two moments (16 bytes per parameter); `vectors` conditioning sequences; activations
+    (ACTIVATION_MB_512, per image of the batch, scaled by pixels); the CUDA context. `per_gpu` turns it into the number
+    of processes one GPU holds."""
+    m = registry_row(method)
     full = m.finetune_unet and spec.dm_finetune == "full"
-    unet, text, vae = count(host.unet), count(host.text_encoder), count(host.vae)
-    frozen = vae + text + (0 if full else unet)
-    trainable = unet if full else 0
+    frozen = counts["vae"] + counts["text_encoder"] + (0 if full else counts["unet"])
+    trainable = counts["unet"] if full else 0
     if m.learns == "pseudo_word":
-        emb = host.text_encoder.get_input_embeddings().weight
-        frozen -= emb.numel()
-        trainable += emb.numel() + emb.shape[1]  # the token matrix in fp32 (one row more), gradient for every row
+        frozen -= counts["token_rows"] * counts["hidden"]
+        trainable += (counts["token_rows"] + 1) * counts["hidden"]  # the token matrix in fp32, one row more
     else:
-        trainable += vectors * host.tokenizer.model_max_length * host.text_encoder.config.hidden_size
+        trainable += vectors * counts["seq"] * counts["hidden"]
     if m.finetune_unet and not full:
-        for name, module in host.unet.named_modules():
-            if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in LORA_TARGETS):
-                trainable += spec.lora_rank * (module.in_features + module.out_features)
-    side = resolution or spec.resolution or resolution_of(host)
+        trainable += spec.lora_rank * counts["lora_per_rank"]
     kind = "lora" if m.finetune_unet else ("pseudo_word" if m.learns == "pseudo_word" else "cond_vectors")
-    activations = ACTIVATION_MB_512[kind] * spec.batch_size * (side / 512) ** 2
+    side = spec.resolution or resolution
     mb = 2**20
-    parts = {"frozen_mb": frozen * compute_bytes / mb, "trainable_mb": trainable * 16 / mb, "activations_mb": activations,
-             "context_mb": CUDA_CONTEXT_MB}
+    parts = {"frozen_mb": frozen * compute_bytes / mb, "trainable_mb": trainable * 16 / mb,
+             "activations_mb": ACTIVATION_MB_512[kind] * spec.batch_size * (side / 512) ** 2, "context_mb": CUDA_CONTEXT_MB}
     parts["total_mb"] = sum(parts.values())
     return {k: round(v, 1) for k, v in parts.items()}
 

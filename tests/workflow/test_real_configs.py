@@ -85,11 +85,12 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     generated = [m for m in METHODS if m.startswith(("prompt_", "img2img", "textual_", "cond_"))]
     personalised = [m for m in generated if m.startswith(("textual_", "cond_"))]
     augmented = [m for m in METHODS if m not in ("real", "real_x2")]
-    # one job per method and block of 50 classes (class_block), not per class: the model is loaded once per block
-    assert jobs["generate"] == 20 * len(generated) and jobs["personalize"] == 20 * len(personalised)
+    # one job per method and block of 25 classes (class_block), not per class: the model is loaded once per block
+    assert jobs["generate"] == 40 * len(generated) and jobs["personalize"] == 40 * len(personalised)
     assert jobs["train"] == 3 * (2 + 4 * len(augmented))  # 3 seeds; baselines once, the rest at 4 n_aug values
-    assert jobs["target"] == 1 and jobs["retrieve"] == 2 and jobs["embed_target"] == 3 and jobs["queries"] == 2
-    assert jobs["search_block"] == 1  # 3 parts, 8 parts per block
+    assert jobs["target"] == 1 and jobs["retrieve_gpu"] == 2 and jobs["embed_target"] == 3 and jobs["queries"] == 2
+    # retrieve.gpu: the search and the merge run on GPUs under names the profile routes to the GPU partition
+    assert jobs["search_block_gpu"] == 1 and "search_block" not in jobs and "retrieve" not in jobs  # 3 parts, 8 a block
     # a remote pool: the candidates are downloaded on a CPU node, then content-checked where CLIP runs
     assert jobs["download_retrieved"] == 2 and jobs["check_retrieved"] == 2 and "fetch_retrieved" not in jobs
     assert "download" not in jobs and "embed_pool" not in jobs and "pretrain_clip" not in jobs, "precomputed pool: nothing re-embedded"
@@ -97,7 +98,7 @@ def test_imagenet10_dag_for_every_method_seed_and_n_aug_builds_within_a_minute(t
     assert jobs["fetch_model"] == 2
     assert "resources/hub/openai--clip-vit-large-patch14/main" in res.stdout and "CompVis--stable-diffusion-v1-4" in res.stdout
     resources = _resources_by_rule(res.stdout)
-    for rule in ("embed_target", "queries", "search_block", "retrieve", "download_retrieved", "check_retrieved"):
+    for rule in ("embed_target", "queries", "search_block_gpu", "retrieve_gpu", "download_retrieved", "check_retrieved"):
         assert "mem_mb=" in resources[rule] and "runtime=" in resources[rule], (rule, resources.get(rule))
     assert "gpu=1" in resources["check_retrieved"] and "gpu=" not in resources["download_retrieved"], resources
     assert "--precision fp16" in res.stdout and "--check-cache" in res.stdout

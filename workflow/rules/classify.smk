@@ -62,6 +62,7 @@ rule train:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
         mem_mb=train_mem_mb,
+        runtime=train_runtime,  # minutes, from the work and the GPU rates in augbench.plan
     conda:
         "../../envs/augbench.yaml"
     shell:
@@ -113,6 +114,7 @@ rule judge_generated:
     benchmark:
         f"{BENCH}/judge/{{method}}.tsv"
     resources:
+        gpu=1,  # the judge (a ResNet-50 on ImageNet) classifies every generated image: a GPU job like collect_generated
         device=DEVICE,
     conda:
         "../../envs/augbench.yaml"

@@ -13,6 +13,7 @@ from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONA
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
+from augbench.plan import generate_minutes, personalize_minutes, train_minutes  # noqa: E402
 from augbench.pool import list_parts, part_shape  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
 
@@ -171,6 +172,7 @@ CLASS_LABEL = {k: i for i, (k, _) in enumerate(CLASSES)}
 CLASS_NAME = dict(CLASSES)
 # Personalisation and generation run one process per (method, block of classes): the model is loaded once per
 # block, not once per class (13,000 loads of Stable Diffusion for ImageNet's per-class jobs).
+GPU_SEARCH = bool(config["retrieve"]["gpu"])  # search and merge on a GPU: rules search_block_gpu, retrieve_gpu
 CLASS_BLOCKS = [CLASS_KEYS[i:i + config["class_block"]] for i in range(0, len(CLASS_KEYS), config["class_block"])]
 
 
@@ -262,6 +264,23 @@ def block_mem_mb(wildcards, attempt):
     side = config["generate"].get("resolution") or 512
     images = 2 * max(1, config.get("real_per_class") or 130) * side * side * 3  # a class's images and mirrors, uint8
     return int((8000 + images / 1e6) * attempt)
+
+
+def personalize_runtime(wildcards, attempt):
+    """Minutes a personalize block asks for: its classes x steps at the GPU rate of its method kind, the GPU shared
+    `gpu_share` ways, with margin (augbench.plan, where the rates and their sources live)."""
+    return personalize_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)])) * attempt
+
+
+def generate_runtime(wildcards, attempt):
+    """Minutes a generate block asks for: its classes x the largest n_aug at the GPU rate (augbench.plan)."""
+    return generate_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)]), max(N_AUG)) * attempt
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes a training run asks for: (real + added images) x epochs at the GPU rate (augbench.plan)."""
+    real = len(CLASS_KEYS) * (config.get("real_per_class") or 130) * len(REGISTRY[wildcards.method].real_splits)
+    return train_minutes(config, real + len(CLASS_KEYS) * int(wildcards.n_aug)) * attempt
 
 
 def collect_mem_mb(wildcards, attempt):

@@ -26,6 +26,7 @@ rule generate:
         gpu=1,
         device=DEVICE,  # where the job may run (config `device`): placement, not a compared param
         mem_mb=block_mem_mb,
+        runtime=generate_runtime,  # minutes, from the work and the GPU rates in augbench.plan
     conda:
         "../../envs/augbench.yaml"
     shell:

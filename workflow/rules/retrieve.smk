@@ -31,7 +31,10 @@ rule queries:
         " --out-table {output.table:q} > {log:q} 2>&1"
 
 
-rule search_block:
+# With retrieve.gpu the search and merge jobs ask for a GPU and are named search_block_gpu / retrieve_gpu, so that a
+# profile routes them to the GPU partition by name (profiles/slurm does), as it routes every other GPU rule.
+rule:
+    name: "search_block_gpu" if GPU_SEARCH else "search_block"
     input:
         unpack(block_parts),
         queries=expand(f"{R}/retrieve/{{mode}}/queries.npy", mode=MODES),
@@ -51,9 +54,9 @@ rule search_block:
     threads: SEARCH_THREADS
     # tile size and device change no result: resources, which Snakemake does not compare, not params, which it does
     resources:
-        gpu=1 if config["retrieve"]["gpu"] else 0,
+        gpu=1 if GPU_SEARCH else 0,
         tile_rows=config["retrieve"]["tile_rows"],
-        search_device=DEVICE if config["retrieve"]["gpu"] else "cpu",
+        search_device=DEVICE if GPU_SEARCH else "cpu",
         mem_mb=search_mem_mb,
         # a CPU scans ~180 GFLOP/s per 2 cores: queries x rows x dim x 2 FLOP per block, with room to spare
         runtime=lambda wc, attempt: int(30 + 60 * attempt * PARTS_PER_BLOCK),
@@ -64,7 +67,8 @@ rule search_block:
         " --tile-rows {resources.tile_rows} --device {resources.search_device} --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
-rule retrieve:
+rule:
+    name: "retrieve_gpu" if GPU_SEARCH else "retrieve"
     input:
         unpack(retrieve_inputs),
     output:
@@ -81,8 +85,8 @@ rule retrieve:
         shards=lambda wildcards, input: f"--pool-shards {' '.join(map(shlex.quote, input.shards))}" if input.shards else "",
     threads: SEARCH_THREADS
     resources:
-        gpu=1 if config["retrieve"]["gpu"] else 0,
-        search_device=DEVICE if config["retrieve"]["gpu"] else "cpu",
+        gpu=1 if GPU_SEARCH else 0,
+        search_device=DEVICE if GPU_SEARCH else "cpu",
         # the merged top-k of one mode (each block's k x queries) plus one chunk of candidates (retrieve.merge's chunk_rows)
         # with their vectors, and the val + test vectors
         mem_mb=lambda wc, attempt: int((2000 + 65536 * pool_dim() * 8 / 1e6 + merge_topk_mb() + eval_rows() * pool_dim() * 4 / 1e6)
