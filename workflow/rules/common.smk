@@ -429,6 +429,19 @@ def search_mem_mb(wildcards, attempt):
     return int((1500e6 + tile + n_queries * dim * 4 * 2 + n_queries * 2048 * 16) / 1e6 * attempt)
 
 
+def search_minutes(wildcards):
+    """One search block: queries x the block's rows x dim x 2 FLOP (a GPU ~50 TFLOP/s in fp16, a CPU core ~90 GFLOP/s,
+    faiss.knn measured here) plus one read of the block's fp16 rows at ~0.5 GB/s. Rows: the parts' headers for a
+    precomputed pool, else 1M per part (a LAION part)."""
+    b = int(wildcards.block)
+    parts = _parts[b * PARTS_PER_BLOCK:(b + 1) * PARTS_PER_BLOCK] if PRECOMPUTED else [None] * PARTS_PER_BLOCK
+    rows = sum(part_shape(p)[0] if p is not None else 1_000_000 for p in parts)
+    dim = pool_dim()
+    n_queries = (len(CLASSES) * 200 if "image" in MODES else 0) + len(CLASSES) * len(config["retrieve"]["prompts"])
+    rate = 50e12 if GPU_SEARCH else 90e9 * SEARCH_THREADS
+    return (n_queries * rows * dim * 2 / rate + rows * dim * 2 / 0.5e9) / 60
+
+
 def block_parts(wildcards):
     """The pool files of one search block."""
     b = int(wildcards.block)
@@ -491,7 +504,7 @@ def leak_search_minutes():
     """The merge's leak search: the candidates a class can keep (n_aug x overfetch, plus a quarter) against val + test at
     2 FLOP per multiply-add; a CPU core does ~90 GFLOP/s (faiss.knn measured here), a GPU ~50 TFLOP/s in fp16."""
     flop = len(CLASSES) * (max(N_AUG) * overfetch() * 1.25 + 16) * eval_rows() * pool_dim() * 2
-    rate = 50e12 if config["retrieve"]["gpu"] else 90e9 * SEARCH_THREADS
+    rate = 50e12 if GPU_SEARCH else 90e9 * SEARCH_THREADS
     return flop / rate / 60
 
 

@@ -58,8 +58,8 @@ rule:
         tile_rows=config["retrieve"]["tile_rows"],
         search_device=DEVICE if GPU_SEARCH else "cpu",
         mem_mb=search_mem_mb,
-        # a CPU scans ~180 GFLOP/s per 2 cores: queries x rows x dim x 2 FLOP per block, with room to spare
-        runtime=lambda wc, attempt: int(30 + 60 * attempt * PARTS_PER_BLOCK),
+        # the block's FLOP at the device's rate and one read of its rows (search_minutes), with margin
+        runtime=lambda wc, attempt: int(20 + 1.5 * search_minutes(wc)) * attempt,
     conda:
         "../../envs/augbench.yaml"
     shell:
