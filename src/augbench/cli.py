@@ -291,10 +291,11 @@ def cmd_report(a: argparse.Namespace) -> object:
     table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes, judged)
     if a.benchmarks:
         bench = report.read_benchmarks(Path(a.benchmarks), Path(a.logs) if a.logs else None)
-        table = report.add_cost(table, bench, a.gpu)
+        stages = report.GPU_STAGES | set(a.gpu_stages or [])
+        table = report.add_cost(table, bench, a.gpu, stages)
         if a.out_cost:
             with report.atomic_path(Path(a.out_cost)) as tmp:
-                report.stage_costs(bench, a.gpu).to_csv(tmp, index=False, float_format="%.6g")
+                report.stage_costs(bench, a.gpu, stages).to_csv(tmp, index=False, float_format="%.6g")
     notes = report.judge_note(judged)
     if a.out_yield:
         classes_all = json.loads(Path(a.classes).read_text())["classes"]
@@ -601,6 +602,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")
     s.add_argument("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line")
     s.add_argument("--gpu", action="store_true", help="GPU rules ran on GPUs (their wall time is GPU time)")
+    s.add_argument("--gpu-stages", nargs="*", help="stages this config ran on a GPU beyond report.GPU_STAGES (search, ...)")
     s.add_argument("--grid", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "OUT_PNG"))
     s.add_argument("--grid-classes", type=int, default=4)
     s.add_argument("--grid-images", type=int, default=6)
@@ -646,7 +648,9 @@ def main(argv: list[str] | None = None) -> int:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)
     started = time.time()
-    log.info("augbench %s %s", args.command, " ".join(sys.argv[2:] if argv is None else argv[1:]))
+    # the Slurm allocation a job ran in: the report counts a group allocation's GPU time once, split among its jobs
+    alloc = f" [slurm job {os.environ['SLURM_JOB_ID']}]" if os.environ.get("SLURM_JOB_ID") else ""
+    log.info("augbench %s %s%s", args.command, " ".join(sys.argv[2:] if argv is None else argv[1:]), alloc)
     try:
         result = args.fn(args)
     except (ValueError, OSError) as exc:  # bad input, a missing or unreadable file: one line that names it

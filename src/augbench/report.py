@@ -36,7 +36,9 @@ COLUMNS = ["method", "n_aug", "n_aug_min", "n_aug_median", "seeds", "top1_mean",
            "leaked_removed", "generation_fidelity", "judge_fidelity", "skipped_train", "skipped_aug", "skipped_test"]
 
 
-# Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU.
+# Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU in every run; the workflow
+# passes the others where its config puts them on a GPU (search and retrieve with retrieve.gpu, fetch's content check
+# for a remote pool, the judge): report --gpu-stages.
 GPU_STAGES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect", "train"}
 SHARED_BY_FAMILY = {
     "baseline": ("world", "target"),
@@ -47,6 +49,29 @@ SHARED_BY_FAMILY = {
 
 
 CPU_LINE = re.compile(r"augbench \S+ done in [0-9.]+s \(cpu ([0-9.]+)s\)")
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", re.M)
+ALLOCATION = re.compile(r" \[slurm job (\d+)\]$", re.M)  # on a command's first log line (augbench.cli.main)
+
+
+def logged_span(log_file: Path) -> tuple[float, float, str | None] | None:
+    """(start, end, Slurm allocation) of an augbench command, from its log's first and last time stamps and the
+    allocation id on its first line (None where the log is missing or has no time stamp)."""
+    import datetime as dt
+
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return None
+    stamps = STAMP.findall(text)
+    if not stamps:
+        return None
+
+    def epoch(stamp: tuple[str, str]) -> float:
+        return dt.datetime.strptime(stamp[0], "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.UTC).timestamp() + int(stamp[1]) / 1000
+
+    first_line = text.split("\n", 1)[0]
+    alloc = ALLOCATION.search(first_line)
+    return epoch(stamps[0]), epoch(stamps[-1]), alloc.group(1) if alloc else None
 
 
 def logged_cpu(log_file: Path) -> float | None:
@@ -83,44 +108,86 @@ def read_benchmarks(folder: Path, logs: Path | None = None) -> pd.DataFrame:
         own = logged_cpu(logs / rel.with_suffix(".log")) if logs is not None else None
         if own is not None:
             cpu = own
-        rows.append({"stage": stage, "key": key, "wall_s": wall, "cpu_s": cpu})
-    return pd.DataFrame(rows, columns=["stage", "key", "wall_s", "cpu_s"])
+        span = logged_span(logs / rel.with_suffix(".log")) if logs is not None else None
+        start, end, alloc = span if span else (np.nan, np.nan, None)
+        rows.append({"stage": stage, "key": key, "wall_s": wall, "cpu_s": cpu, "start": start, "end": end, "alloc": alloc})
+    return pd.DataFrame(rows, columns=["stage", "key", "wall_s", "cpu_s", "start", "end", "alloc"])
+
+
+def gpu_seconds(bench: pd.DataFrame, gpu_stages: set[str]) -> pd.Series:
+    """Each job's GPU-seconds: its wall time on a GPU stage; jobs that shared one Slurm allocation (a group job: block
+    chains on one GPU) split the allocation's span (first start to last end) in proportion to their wall time, so the
+    allocation is counted once, not once per member."""
+    on_gpu = bench["stage"].isin(gpu_stages)
+    out = pd.Series(np.where(on_gpu, bench["wall_s"], 0.0), index=bench.index, dtype=float)
+    shared = bench[on_gpu & bench["alloc"].notna()]
+    for _, members in shared.groupby("alloc"):
+        if len(members) < 2 or members["start"].isna().any():
+            continue
+        span = float(members["end"].max() - members["start"].min())
+        out[members.index] = span * members["wall_s"] / members["wall_s"].sum()
+    return out
 
 
 def _family(method: str) -> str:
     return REGISTRY[method].family
 
 
-def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool) -> dict[str, float]:
-    """CPU- and GPU-hours of one table row: its shared stages once, its own stages, one training run.
-
-    Shared stages are those the method's images depend on (pool, CLIP, index for retrieval; pool,
-    CLIP, diffusion pre-training for generation), each counted once, not per class; the method's
-    own stages are all its per-class and per-method jobs; training is the mean over seeds of the
-    runs at this n_aug (seeds are repeats for the error bar, not part of a method's price).
-    """
-    own = bench["stage"].isin(SHARED_BY_FAMILY[_family(method)])
+def _own_rows(bench: pd.DataFrame, method: str) -> pd.Series:
+    """The jobs that served this method alone: its blocks, its fetch, its mode's merge and downloads."""
+    own = pd.Series(False, index=bench.index)
     if method in RETRIEVAL_MODES:
-        own |= (bench["stage"] == "retrieve") & (bench["key"] == RETRIEVAL_MODES[method])
+        mode = RETRIEVAL_MODES[method]
+        own |= bench["stage"].isin(["retrieve", "download_retrieved", "queries"]) & (bench["key"] == mode)
         own |= (bench["stage"] == "fetch") & (bench["key"] == method)
     elif method not in BASELINES:
         own |= bench["stage"].isin(["personalize", "generate"]) & bench["key"].str.startswith(f"{method}/")
         own |= (bench["stage"] == "collect") & (bench["key"] == method)
-        if REGISTRY[method].learns == "cond_clusters":  # clusters come from the CLIP embeddings of the training images
-            own |= (bench["stage"] == "embed_target") | (bench["stage"] == "pretrain_clip")
-    runs = bench[(bench["stage"] == "train") & bench["key"].str.startswith(f"{method}/{n_aug}/")]
-    rows = bench[own]
-    on_gpu = rows["stage"].isin(GPU_STAGES)
-    cpu = rows["cpu_s"].sum() + (runs["cpu_s"].mean() if len(runs) else 0.0)
-    gpu_s = (rows.loc[on_gpu, "wall_s"].sum() + (runs["wall_s"].mean() if len(runs) else 0.0)) if gpu else 0.0
+    return own
+
+
+def _shared_stages(method: str) -> set[str]:
+    """Stages whose jobs serve every method of a family (each such job's cost is divided among the rows it served)."""
+    stages = set(SHARED_BY_FAMILY[_family(method)])
+    if method in RETRIEVAL_MODES:
+        stages -= {"queries"}  # one queries job per mode: the method's own
+    if method not in BASELINES and method not in RETRIEVAL_MODES and REGISTRY[method].learns == "cond_clusters":
+        stages |= {"embed_target", "pretrain_clip"}  # clusters come from the CLIP embeddings of the training images
+    return stages
+
+
+def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool, methods: list[str] | None = None,
+                gpu_stages: set[str] | None = None) -> dict[str, float]:
+    """CPU- and GPU-hours of one table row: its own jobs, its share of the jobs it shares, one training run.
+
+    A job serves units (method, class): a block job's classes are all its method's, so the method takes all of it; a
+    shared job (the pool, the CLIP embeddings, a search block serving both retrieval modes) is divided among the table's
+    `methods` that use it. GPU-seconds are each job's own (`gpu_seconds`: a group allocation counted once). Training is
+    the mean over seeds of the runs at this n_aug (seeds are repeats for the error bar, not part of a method's price).
+    """
+    methods = methods or [method]
+    gpu_s_all = gpu_seconds(bench, gpu_stages or GPU_STAGES) if gpu else pd.Series(0.0, index=bench.index)
+    own = _own_rows(bench, method)
+    cpu = bench.loc[own, "cpu_s"].sum()
+    gpu_s = gpu_s_all[own].sum()
+    for stage in _shared_stages(method):
+        users = sum(stage in _shared_stages(m) for m in methods) or 1
+        rows = bench["stage"] == stage
+        cpu += bench.loc[rows, "cpu_s"].sum() / users
+        gpu_s += gpu_s_all[rows].sum() / users
+    runs = (bench["stage"] == "train") & bench["key"].str.startswith(f"{method}/{n_aug}/")
+    if runs.any():
+        cpu += bench.loc[runs, "cpu_s"].mean()
+        gpu_s += gpu_s_all[runs].mean()
     return {"cpu_hours": cpu / 3600, "gpu_hours": gpu_s / 3600}
 
 
-def add_cost(table: pd.DataFrame, bench: pd.DataFrame, gpu: bool) -> pd.DataFrame:
+def add_cost(table: pd.DataFrame, bench: pd.DataFrame, gpu: bool, gpu_stages: set[str] | None = None) -> pd.DataFrame:
     """Add cpu_hours, gpu_hours, cost_hours (GPU-hours when GPU rules ran on GPUs, else CPU-hours) and
     gain_per_hour: top-1 points gained over `real` per hour of that cost."""
     table = table.copy()
-    costs = [method_cost(bench, r.method, int(r.n_aug), gpu) for r in table.itertuples(index=False)]
+    methods = list(dict.fromkeys(table["method"]))
+    costs = [method_cost(bench, r.method, int(r.n_aug), gpu, methods, gpu_stages) for r in table.itertuples(index=False)]
     table["cpu_hours"] = [c["cpu_hours"] for c in costs]
     table["gpu_hours"] = [c["gpu_hours"] for c in costs]
     table["cost_hours"] = table["gpu_hours"] if gpu else table["cpu_hours"]
@@ -130,11 +197,12 @@ def add_cost(table: pd.DataFrame, bench: pd.DataFrame, gpu: bool) -> pd.DataFram
     return table
 
 
-def stage_costs(bench: pd.DataFrame, gpu: bool) -> pd.DataFrame:
-    """Hours per stage over the whole run (each job once): where the compute went."""
+def stage_costs(bench: pd.DataFrame, gpu: bool, gpu_stages: set[str] | None = None) -> pd.DataFrame:
+    """Hours per stage over the whole run (each job once, a group allocation once): where the compute went."""
+    bench = bench.assign(gpu_s=gpu_seconds(bench, gpu_stages or GPU_STAGES) if gpu else 0.0)
     g = bench.groupby("stage")
-    out = pd.DataFrame({"jobs": g.size(), "cpu_hours": g["cpu_s"].sum() / 3600, "wall_hours": g["wall_s"].sum() / 3600})
-    out["gpu_hours"] = np.where(out.index.isin(GPU_STAGES) & gpu, out["wall_hours"], 0.0)
+    out = pd.DataFrame({"jobs": g.size(), "cpu_hours": g["cpu_s"].sum() / 3600, "wall_hours": g["wall_s"].sum() / 3600,
+                        "gpu_hours": g["gpu_s"].sum() / 3600})
     return out.reset_index().sort_values("cpu_hours", ascending=False)
 
 

@@ -413,7 +413,10 @@ def report_args(wildcards, input, output):
 def report_opts():
     """The report settings, a plain param (recorded by Snakemake: changing one reruns the report)."""
     rep = config["report"]
-    return f"--grid-classes {rep['grid_classes']} --grid-images {rep['grid_images']}" + (" --gpu" if rep["gpu"] else "")
+    # stages this config runs on a GPU beyond the ones that always do: their GPU-seconds count toward their rows' cost
+    extra = (["search", "retrieve"] if GPU_SEARCH else []) + ([] if POOL_SHARDS else ["fetch"]) + ["judge"]
+    gpu = f" --gpu --gpu-stages {' '.join(extra)}" if rep["gpu"] else ""
+    return f"--grid-classes {rep['grid_classes']} --grid-images {rep['grid_images']}{gpu}"
 
 
 # Retrieval: query modes, search blocks, the merge's and fetch's inputs.
