@@ -299,6 +299,9 @@ class TrainSpec:
     deterministic: bool = False
     checkpoint_every: int = 200
     min_steps: int = 200
+    # rows shuffled together: a training set larger than this is read in contiguous blocks shuffled within a buffer of
+    # this size (augbench.classify.epoch_order); a smaller one in a plain random order
+    shuffle_buffer_mb: int = 2048
     version: int = STAGE_VERSIONS["train"]
 
     def __post_init__(self) -> None:

@@ -67,3 +67,27 @@ def test_a_folder_decoded_for_another_load_size_is_refused_naming_it(tmp_path: P
     with pytest.raises(ValueError, match=r"decoded.*16x16 px.*loads 24 px"):
         _source(tmp_path / "decoded", tmp_path, 24, None, Counter())
     assert np.asarray(images).dtype == np.uint8
+
+
+def test_a_set_larger_than_its_buffer_is_read_in_shuffled_blocks() -> None:
+    """Blocks of contiguous rows, shuffled within a buffer: every row once per epoch, a few blocks per batch, and the
+    order a pure function of (seed, epoch); a set that fits the buffer keeps the uniform random order."""
+    import torch
+
+    from augbench.classify import batch_indices, epoch_order
+    from augbench.specs import item_seed
+
+    n, block, buffer = 10_000, 50, 1_000
+    order = epoch_order(3, 0, n, block, buffer)
+    assert sorted(order.tolist()) == list(range(n))
+    for w in range(0, n, buffer):  # each buffer's worth of positions draws from buffer / block blocks
+        assert len(set((order[w:w + buffer] // block).tolist())) <= buffer // block
+    batch = batch_indices(3, 7, n, 100, block, buffer)
+    assert len(set((batch // block).tolist())) <= buffer // block
+    assert torch.equal(epoch_order.__wrapped__(3, 0, n, block, buffer), order)  # not the cache's doing
+    assert not torch.equal(epoch_order(3, 1, n, block, buffer), order) and not torch.equal(epoch_order(4, 0, n, block, buffer), order)
+    # a uniform order would spread a batch over ~100 blocks; and rows of one block are not kept in file order
+    assert len(set((torch.randperm(n)[:100] // block).tolist())) > 60
+    assert not torch.equal(order[:block].sort().values, order[:block])
+    small = epoch_order(3, 0, 500, block, buffer)  # fits its buffer: exactly the plain permutation of before
+    assert torch.equal(small, torch.randperm(500, generator=torch.Generator().manual_seed(item_seed(3, "train", "perm", 0))))

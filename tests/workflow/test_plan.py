@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import yaml
 from conftest import REPO
 from test_real_configs import _fake_imagenet, _fake_laion
 
+from augbench.cli import main
 from augbench.plan import _config, check, dry_run, gpus, load_site, parse_dry_run
 
 PROFILE = REPO / "profiles" / "slurm"
@@ -41,34 +40,49 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def planned(imagenet: tuple[list[Path], Path]):
+def dry_text(imagenet: tuple[list[Path], Path]) -> str:
+    """Snakemake's dry run of the ImageNet-10 % config with profiles/slurm as shipped (one per module: ~30 s)."""
     configs, root = imagenet
     old = dict(os.environ)
     os.environ.update(_env())
     try:
-        text = dry_run(configs, PROFILE, root / "wd")
+        return dry_run(configs, PROFILE, root / "wd")
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+@pytest.fixture(scope="module")
+def planned(imagenet: tuple[list[Path], Path], dry_text: str):
+    configs, _ = imagenet
     config = _config(configs)
     config["_classes"] = 1000
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
-    return parse_dry_run(text), config, profile
+    return parse_dry_run(dry_text), config, profile
 
 
-def test_imagenet10_fits_the_shipped_profile_and_a_24h_site(imagenet: tuple[list[Path], Path]) -> None:
+def _plan_command(configs: list[Path], root: Path, site: Path, dry_text: str, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """`augbench plan` through the CLI's main (its exit code and printed table), on the module's dry run."""
+    import augbench.plan
+
+    monkeypatch.setattr(augbench.plan, "dry_run", lambda *args, **kwargs: dry_text)
+    code = main(["plan", *map(str, configs), "--profile", str(PROFILE), "--site", str(site), "--directory", str(root / "wd")])
+    return code, capsys.readouterr().out
+
+
+def test_imagenet10_fits_the_shipped_profile_and_a_24h_site(imagenet: tuple[list[Path], Path], dry_text: str,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
     configs, root = imagenet
-    res = subprocess.run([sys.executable, "-m", "augbench", "plan", *map(str, configs), "--profile", str(PROFILE),
-                          "--site", str(SITE), "--directory", str(root / "wd")], capture_output=True, text=True,
-                         env=_env(), cwd=REPO, timeout=300, check=False)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    table = res.stdout
+    code, table = _plan_command(configs, root, SITE, dry_text, monkeypatch, capsys)
+    assert code == 0, table
     assert "GPU-hours requested" in table and "decode cache" in table and "error:" not in table
     assert "measured: one H200" in table and "estimate:" in table  # each rate says where it comes from
     assert "fits this site: gpu_share <= " in table and "class_block <= " in table
     # every rule that asks for a GPU is in the GPU partition by the profile alone (no line to uncomment)
-    head = table.split("\n\n")[0]  # the per-rule table, before the groups, totals and rates
-    rows = {line.split()[0]: line.split() for line in head.splitlines() if line.split() and line.split()[0] in GPU_RULES}
+    rows = {line.split()[0]: line.split() for line in table.split("\n\n")[0].splitlines()
+            if line.split() and line.split()[0] in GPU_RULES}
     assert set(rows) == GPU_RULES, sorted(rows)
     assert all(r[2] == "gpu" and int(r[3]) >= 1 for r in rows.values()), rows
 
@@ -107,14 +121,12 @@ def test_each_way_of_not_fitting_is_named(planned) -> None:
     assert all(gpus(j) >= 1 for j in plan.jobs if j.rule in GPU_RULES)
 
 
-def test_the_command_exits_non_zero_naming_the_rule(imagenet: tuple[list[Path], Path], tmp_path: Path) -> None:
+def test_the_command_exits_non_zero_naming_the_rule(imagenet: tuple[list[Path], Path], dry_text: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     configs, root = imagenet
     site = yaml.safe_load(SITE.read_text())
     site["partitions"]["gpu"]["max_runtime_min"] = 120
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(site))
-    res = subprocess.run([sys.executable, "-m", "augbench", "plan", *map(str, configs), "--profile", str(PROFILE),
-                          "--site", str(tmp_path / "site.yaml"), "--directory", str(root / "wd")], capture_output=True,
-                         text=True, env=_env(), cwd=REPO, timeout=300, check=False)
-    assert res.returncode != 0
-    assert "error: rule personalize: runtime" in res.stdout and "error: rule train: runtime" in res.stdout, res.stdout[-2000:]
-    assert "does not fit the site" in res.stderr
+    code, table = _plan_command(configs, root, tmp_path / "site.yaml", dry_text, monkeypatch, capsys)
+    assert code != 0
+    assert "error: rule personalize: runtime" in table and "error: rule train: runtime" in table, table[-2000:]
