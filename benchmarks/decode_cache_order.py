@@ -3,8 +3,8 @@
 A training set larger than memory (ImageNet-10 % with 512 added images a class is ~1 TB at 256 px) cannot stay in the
 page cache, so each epoch reads it from storage again. This benchmark writes a decoded folder as `augbench decode` does
 (`images.npy`, N x S x S x 3 uint8, memory-mapped by training) and runs `augbench.classify.prefetch` over it (the
-loader of `augbench train`, no model) for one epoch in two orders, each starting cold: the file's pages are dropped
-with posix_fadvise(DONTNEED) before every pass, and each pass runs in a child process inside a memory cgroup of
+loader of `augbench train`, no model) for the first `--steps` steps of an epoch in two orders, each starting cold:
+the file's pages are dropped with posix_fadvise(DONTNEED) before every pass, and each pass runs in a child process inside a memory cgroup of
 `--memory-mb` (page cache included), so the set is larger than the memory the loader may keep of it, as on a cluster
 node reading a 1 TB cache (without a writable cgroup the pass runs unconfined and says so).
   * random: a uniform permutation per epoch (what training did before: `epoch_order` with a buffer as large as the set);
@@ -64,12 +64,12 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def one_epoch(folder: Path, batch: int, order: tuple[int, int | None], seed: int) -> tuple[float, int]:
-    """images/s and major page faults of one cold epoch through the training loader."""
+def one_epoch(folder: Path, batch: int, order: tuple[int, int | None], seed: int, steps: int) -> tuple[float, int]:
+    """images/s and major page faults of the first `steps` steps of a cold epoch through the training loader."""
     drop_cache(folder / "images.npy")
     images, rows, labels, _ = open_decoded(folder)
     data = Rows([(images, rows)])
-    steps = len(labels) // batch
+    steps = min(steps, len(labels) // batch)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     started = time.perf_counter()
     for _ in prefetch(data, labels, seed, 0, steps, batch, pin=False, order=order):
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=80_000)
     ap.add_argument("--side", type=int, default=128)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=40, help="steps of each cold epoch measured (a whole epoch: a large number)")
     ap.add_argument("--buffer-mb", type=int, default=256, help="shuffle buffer of the blocks arm")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dir", default=str(REPO / "benchmarks" / "_decode_cache_order"), help="on the storage to measure")
@@ -107,7 +108,7 @@ def main() -> None:
     folder = Path(a.dir)
     if a.one:
         block_rows, buffer_rows, seed = map(int, a.one)
-        print(json.dumps(one_epoch(folder, a.batch, (block_rows, buffer_rows or None), seed)))
+        print(json.dumps(one_epoch(folder, a.batch, (block_rows, buffer_rows or None), seed, a.steps)))
         return
     row = a.side * a.side * 3
     group, join = confined(a.memory_mb)
@@ -118,14 +119,14 @@ def main() -> None:
         got: dict[str, list[tuple[float, int]]] = {k: [] for k in arms}
         for r in range(a.repeats):
             for name, (block_rows, buffer_rows) in arms.items():
-                cmd = [sys.executable, __file__, "--dir", str(folder), "--batch", str(a.batch),
+                cmd = [sys.executable, __file__, "--dir", str(folder), "--batch", str(a.batch), "--steps", str(a.steps),
                        "--one", str(block_rows), str(buffer_rows), str(r)]
                 enter = (lambda: (group / join).write_text(str(os.getpid()))) if group else None
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=enter)
                 got[name].append(tuple(json.loads(res.stdout.strip().splitlines()[-1])))
         size = a.images * row / 2**30
         where = f"each pass in a {a.memory_mb} MB memory cgroup" if group else "no memory cgroup (unconfined: the set fits)"
-        print(f"decode cache {a.images} x {a.side}px ({size:.2f} GiB) on {folder}, batch {a.batch}, cold epochs "
+        print(f"decode cache {a.images} x {a.side}px ({size:.2f} GiB) on {folder}, batch {a.batch}, {a.steps} steps of cold epochs "
               f"(page cache dropped), {where}, {a.repeats} interleaved repeats; blocks of {block} rows (8 MiB) in a "
               f"{a.buffer_mb} MB buffer; read_ahead_kb {_readahead(folder)}")
         for name, runs in got.items():
