@@ -41,7 +41,7 @@ toy-models: $(STAMP)
 		--world results/toy/world --out models/toy --command "make toy-models"
 
 test: $(STAMP)
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=30 tests
 
 lint: $(STAMP)
 	ruff check src tests benchmarks scripts
