@@ -245,10 +245,11 @@ def cmd_query(a: argparse.Namespace) -> object:
 def cmd_plan(a: argparse.Namespace) -> object:
     from augbench.plan import run
 
-    code, table = run(_paths(a.configfile), Path(a.profile), Path(a.site), Path(a.directory) if a.directory else None)
+    site = Path(a.site) if a.site else Path(a.profile) / "site.yaml"
+    code, table = run(_paths(a.configfile), Path(a.profile), site, Path(a.directory) if a.directory else None)
     print(table)
     if code:
-        raise ValueError(f"the plan does not fit the site {a.site}: see the errors above")
+        raise ValueError(f"the plan does not fit the site {site}: see the errors above")
     return "fits"
 
 
@@ -560,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="per rule: jobs, GPUs, CPUs, memory, runtime; totals; checked against a site's limits")
     s.add_argument("configfile", nargs="+", help="config files, as for snakemake --configfile")
     s.add_argument("--profile", required=True, help="the Snakemake profile folder (profiles/slurm)")
-    s.add_argument("--site", required=True, help="each partition's limits (profiles/slurm/site.yaml)")
+    s.add_argument("--site", help="each partition's limits (default: site.yaml in the profile folder)")
     s.add_argument("--directory", help="the run's working directory (snakemake --directory)")
     s.set_defaults(fn=cmd_plan)
 
