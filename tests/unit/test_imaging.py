@@ -96,3 +96,21 @@ def test_the_oversized_header_is_refused_without_allocating_it(tmp_path: Path) -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     reason, grew_mb = out.stdout.split()
     assert reason == "too_large" and int(grew_mb) < 50, out.stdout
+
+
+def test_float_greyscale_is_scaled_by_its_range_and_an_animation_gives_its_first_frame() -> None:
+    import io
+
+    from PIL import Image
+
+    ramp = Image.fromarray(np.tile(np.linspace(0.0, 1000.0, 16, dtype=np.float32), (4, 1)), "F")  # a float TIFF
+    buf = io.BytesIO()
+    ramp.save(buf, "TIFF")
+    got = np.asarray(open_rgb(buf.getvalue()))
+    assert got.shape == (4, 16, 3) and got[0, 0, 0] == 0 and got[0, -1, 0] == 255  # 0..1000 onto 0..255, not clipped
+    assert (np.diff(got[0, :, 0].astype(int)) >= 0).all() and 110 < got[0, 8, 0] < 160  # 533 of 1000: mid-grey, not 255
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    first = np.asarray(open_rgb(buf.getvalue()))
+    assert first[..., 0].min() > 200 and first[..., 1].max() < 50  # red: the first frame, not the last
