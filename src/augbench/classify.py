@@ -23,7 +23,7 @@ from torch import nn
 from augbench.decoded import Rows, is_decoded, open_decoded
 from augbench.device import pick_device
 from augbench.imaging import center_crop, colour_invariance, decode_many, random_resized_crop, shift_flip, to_float
-from augbench.io import atomic_path, content_id, write_json, write_meta
+from augbench.io import content_id, save_torch, write_json, write_meta
 from augbench.shards import read_pointed
 from augbench.specs import TrainSpec, canonical_json, item_seed, parse_spec, spec_dict
 
@@ -349,9 +349,8 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
             anon_peak = max(anon_peak, rss_anon_mb())
             log.info("train: step %d/%d loss %.4f lr %.3f (%.0fs)", step, total, loss_ema, lr, time.time() - started)
         if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < total:
-            with atomic_path(resume) as tmp:
-                torch.save({"identity": identity, "step": step + 1, "loss_ema": loss_ema, "model": model.state_dict(),
-                            "optimizer": opt.state_dict()}, tmp)
+            save_torch(resume, {"identity": identity, "step": step + 1, "loss_ema": loss_ema, "model": model.state_dict(),
+                                "optimizer": opt.state_dict()})
     metrics = evaluate(model, x_test, y_test, n_classes, device, spec)
     metrics.update({"n_real": n_real, "n_aug_images": int(len(y) - n_real), "n_aug_per_class": n_aug, "seed": seed,
                     "steps": total, "resumed_from_step": start, "final_loss": loss_ema,
@@ -360,8 +359,7 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
                     "train_seconds": round(time.time() - started, 1),
                     # the process's own (anonymous) memory: decoded images are memory-mapped, so it does not grow with them
                     "memory_mb": {"anon_peak": round(max(anon_peak, rss_anon_mb()), 1), "rss_peak": round(peak_rss_mb(), 1)}})
-    with atomic_path(out_ckpt) as tmp:
-        torch.save({"model": model.state_dict(), "spec": spec_dict(spec), "seed": seed, "n_aug": n_aug}, tmp)
+    save_torch(out_ckpt, {"model": model.state_dict(), "spec": spec_dict(spec), "seed": seed, "n_aug": n_aug})
     write_json(out_metrics, metrics)
     write_meta(out_metrics, "train", spec_dict(spec), started, seed=seed, n_aug=n_aug, device=str(device),
                inputs={"real": [str(p) for p in real], "augment": [str(a) for a in augment]})

@@ -77,6 +77,18 @@ def write_parquet(path: str | os.PathLike[str], frame: Any) -> None:
         frame.to_parquet(tmp, index=False)
 
 
+def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
+    """`torch.save` atomically, with bytes that depend only on `obj`.
+
+    Given a path, torch names the records inside its zip after the file, here the random temporary name, so two runs
+    of the same job wrote different bytes for the same weights; given an open file it names them `archive/`.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that change results, for the sidecar."""
     out = {"python": platform.python_version()}

@@ -176,7 +176,7 @@ def _rule_of(job: dict[str, str]) -> str:
 
 
 def test_tiny_workflow_runs_every_job_through_slurm(slurm: None, tmp_path: Path) -> None:
-    wf = _workflow(tmp_path / "slurm")
+    wf = _workflow(tmp_path / "slurm", n_aug=[5])  # every rule, each job kind once per method: one n_aug is enough
     profile = _test_profile(tmp_path)
     before = {j["JobId"] for j in _slurm_jobs()}
     planned = scheduled_jobs(_snakemake(wf, "-n", "--configfile", "run.yaml").stdout)
@@ -205,9 +205,10 @@ def test_tiny_workflow_runs_every_job_through_slurm(slurm: None, tmp_path: Path)
     assert {r: submitted.get(r, 0) for r in ungrouped} == ungrouped, (planned, submitted)
     assert planned["personalize"] == planned["generate"] == 3
 
-    # deterministic stages equal a local run's outputs
-    local = _workflow(tmp_path / "local")
-    res_local = _snakemake(local, "--cores", "2", "--configfile", "run.yaml")
+    # deterministic stages equal a local run's outputs (the local run makes only those)
+    local = _workflow(tmp_path / "local", n_aug=[5])
+    blocks = [f"results/tiny/generate/textual_inversion/block_{b:04d}" for b in range(3)]
+    res_local = _snakemake(local, *blocks, "--cores", "2", "--configfile", "run.yaml")
     assert res_local.returncode == 0, res_local.stderr[-3000:]
     for rel in ("world/classes.json", "world/target/train.parquet", "generate/textual_inversion/block_0000/circle/chunks/00000.tar",
                 "generate/textual_inversion/block_0001/square/manifest.parquet",
