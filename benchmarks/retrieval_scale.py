@@ -6,7 +6,9 @@ metadata/metadata_N.parquet, parts of 250k rows); the queries are 1,000 classes 
 runs the same `python -m augbench ...` commands the rules run, each as its own process, and prints its
 peak RSS (the process's own maximum resident set, from wait4) and wall time; then the exact search's
 throughput as a ratio to one `faiss.knn` call over the same 1M rows held in RAM, its recall against
-brute force, and the ANN path's recall@10 on the real queries with its time per query.
+brute force, and the ANN path's recall@10 on the real queries with its time per query. Last, the search block's cost
+per pool row at two block sizes (`--block-parts`, parts per block; the same first parts of the pool, the two sizes run
+interleaved `--block-repeats` times): what choosing `retrieve.parts_per_block` costs in time and memory.
 
     PYTHONPATH=src python benchmarks/retrieval_scale.py --work /tmp/augbench-bench            # 1M and 4M rows
     PYTHONPATH=src python benchmarks/retrieval_scale.py --work /tmp/b --sizes 250000 500000    # a quick look
@@ -231,6 +233,34 @@ def ann_path(root: Path, work: Path, out: Path, n_parts: int, args: argparse.Nam
     return json.loads((out / "index_infos.json").read_text())
 
 
+def block_sizes(work: Path, args: argparse.Namespace, rows: list[dict]) -> dict[str, dict[str, float]]:
+    """One search block of each size in `--block-parts` over the pool's first parts, interleaved: wall seconds per
+    million pool rows (median of the repeats) and peak RSS, so the block size is chosen from a measurement."""
+    small, large = args.block_parts
+    root = work / f"pool_blocks_{large}"
+    link_subset(work / "pool_full", root, large)
+    spec = json.dumps({"n_aug": args.n_aug, "overfetch": args.overfetch, "margin": args.margin, "version": 1})
+    times: dict[int, list[float]] = {small: [], large: []}
+    peaks: dict[int, float] = {}
+    print(f"search block cost per pool row, blocks of {small} and {large} parts of {args.part_rows} rows:", flush=True)
+    for rep in range(args.block_repeats):
+        for parts in (small, large):
+            row = run([sys.executable, "-m", "augbench", "search", *pool_args(root, 0, parts), "--modes", "image", "text",
+                       "--queries", str(work / "image/queries.npy"), str(work / "text/queries.npy"),
+                       "--tables", str(work / "image/queries.parquet"), str(work / "text/queries.parquet"),
+                       "--tile-rows", str(args.tile_rows), "--out", str(work / f"block_{parts}_{rep}.npz"), "--spec", spec],
+                      f"block of {parts} parts (repeat {rep})", rows, args.threads)
+            times[parts].append(row["wall_s"] / (parts * args.part_rows) * 1e6)
+            peaks[parts] = max(peaks.get(parts, 0.0), row["peak_rss_mb"])
+    out = {str(p): {"s_per_million_rows": float(np.median(t)), "spread": float(max(t) - min(t)), "peak_rss_mb": peaks[p]}
+           for p, t in times.items()}
+    ratio = out[str(large)]["s_per_million_rows"] / out[str(small)]["s_per_million_rows"]
+    print(f"  {small} part(s): {out[str(small)]['s_per_million_rows']:.1f} s per 1M rows, peak {peaks[small]:.0f} MB;  "
+          f"{large} parts: {out[str(large)]['s_per_million_rows']:.1f} s per 1M rows, peak {peaks[large]:.0f} MB;  "
+          f"cost per row ratio {ratio:.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/augbench-retrieval-scale"))
@@ -251,6 +281,8 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=100_000)
     p.add_argument("--ann-queries", type=int, default=1000)
     p.add_argument("--no-ann", action="store_true")
+    p.add_argument("--block-parts", type=int, nargs=2, default=[1, 4], help="two search-block sizes, in parts, to compare")
+    p.add_argument("--block-repeats", type=int, default=2)
     p.add_argument("--merge-only", action="store_true", help="re-run only the merge jobs on the search blocks of an earlier run")
     args = p.parse_args()
     sys.path.insert(0, str(REPO / "src"))
@@ -284,6 +316,8 @@ def main() -> None:
             infos = ann_path(root, work, work / f"ann_{tag}", parts, args, rows, tag)
             summary[f"{tag}_ann_recall_at_10"] = infos["recall_at_10"]
             summary[f"{tag}_ann_ms_per_query"] = infos["ms_per_query"]
+    if not args.merge_only:
+        summary["search_block_sizes"] = block_sizes(work, args, rows)
     table = pd.DataFrame(rows)
     print("\nper job (peak RSS of the process itself, wall time):")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))

@@ -1,13 +1,16 @@
-"""The classifier's decode-cache loader against torchvision's reference loader, same model and batch.
+"""The classifier's decode-cache loader against torchvision's reference loader: same files, same geometry, same model.
 
-A folder tree of JPEG images (ImageFolder layout, `--side` px, like resized ImageNet) is read two ways:
-  * reference: `torchvision.datasets.ImageFolder` + `DataLoader` (`--workers` processes) with the reference
-    transforms RandomResizedCrop(input) + RandomHorizontalFlip + ToTensor + Normalize;
-  * augbench: the workflow's `augbench decode` job once (Resize + CenterCrop to load_size into a uint8 file, timed
-    separately), then `augbench.classify`'s path: a memory map, batches gathered by the prefetch thread, and the
-    batched RandomResizedCrop + flip (`augment_batch`) and normalisation.
-Each arm trains the same model (`--arch`, SGD) for `--steps` steps of `--batch` and prints images/s; then the
-loaders alone (no model). The ratio is augbench / reference.
+A folder tree of JPEG images (ImageFolder layout, `--side` px, like resized ImageNet) is read two ways, to the same
+geometry (Resize(load) + CenterCrop(load), then RandomResizedCrop(input) + horizontal flip + normalisation):
+  * reference: `torchvision.datasets.ImageFolder` + `DataLoader` (`--workers` processes) with those transforms on PIL
+    images, so every step decodes its JPEGs;
+  * augbench: the workflow's `augbench decode` job (Resize + CenterCrop to load into a uint8 file), then
+    `augbench.classify`'s path: a memory map, batches gathered by the prefetch thread, the batched RandomResizedCrop +
+    flip (`augment_batch`) and normalisation.
+Decoding is counted in both arms: each augbench repeat runs the decode job afresh and its time is added to the steps'
+(the reference pays for decoding inside its steps). Each arm trains the same model (`--arch`, SGD) for `--steps` steps
+of `--batch` (at least 200), then the loaders alone (no model); repeats are interleaved (reference, augbench,
+reference, ...) and the median and spread (min-max) of images/s are printed, with the ratio of medians.
 
     PYTHONPATH=src python benchmarks/train_loader.py                                  # resnet18 at 64 px, CPU
     PYTHONPATH=src python benchmarks/train_loader.py --arch resnet50 --input 224 --load 256 --side 320 --device cuda
@@ -61,7 +64,9 @@ def step_fn(model, opt, device):
 def reference(root: Path, spec: TrainSpec, steps: int, workers: int, device: torch.device, model=None) -> float:
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(spec.input_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+    bicubic = transforms.InterpolationMode.BICUBIC  # the decode job: shorter side to load (bicubic), central square
+    tf = transforms.Compose([transforms.Resize(spec.load_size, bicubic), transforms.CenterCrop(spec.load_size),
+                             transforms.RandomResizedCrop(spec.input_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                              transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(root), tf), batch_size=spec.batch_size, shuffle=True,
                                          num_workers=workers, drop_last=True, pin_memory=device.type == "cuda",
@@ -80,7 +85,12 @@ def reference(root: Path, spec: TrainSpec, steps: int, workers: int, device: tor
     return steps * spec.batch_size / (time.perf_counter() - started)
 
 
-def ours(decoded: Path, spec: TrainSpec, steps: int, device: torch.device, model=None) -> float:
+def ours(table: Path, decoded: Path, spec: TrainSpec, steps: int, device: torch.device, model=None) -> float:
+    """Images/s over the decode job plus `steps` steps (the two warm-up steps excluded, as in the reference)."""
+    shutil.rmtree(decoded, ignore_errors=True)
+    t0 = time.perf_counter()
+    decode_split(table, Path("/"), spec.load_size, decoded)
+    decode_s = time.perf_counter() - t0
     images, rows, labels, _ = open_decoded(decoded)
     data = Rows([(images, rows)])
     mean, std = MEAN.to(device), STD.to(device)
@@ -93,7 +103,7 @@ def ours(decoded: Path, spec: TrainSpec, steps: int, device: torch.device, model
         x = (augment_batch(xb.to(device, non_blocking=True), spec, 0, s) - mean) / std
         if step is not None:
             step(x, yb)
-    return steps * spec.batch_size / (time.perf_counter() - started)
+    return steps * spec.batch_size / (time.perf_counter() - started + decode_s)
 
 
 def main() -> None:
@@ -106,7 +116,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--per-class", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=(os.cpu_count() or 2) - 1)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
@@ -118,24 +129,24 @@ def main() -> None:
     files = sorted((work / "tree").rglob("*.jpg"))
     table = work / "train.parquet"
     pd.DataFrame({"path": [str(f) for f in files], "label": [int(f.parent.name[1:]) for f in files]}).to_parquet(table)
-    shutil.rmtree(work / "decoded", ignore_errors=True)
-    t0 = time.perf_counter()
-    decode_split(table, Path("/"), a.load, work / "decoded")
-    decode_s = time.perf_counter() - t0
     spec = TrainSpec(arch=a.arch, input_size=a.input, load_size=a.load, augment="rrc", batch_size=a.batch)
-    print(f"{len(files)} JPEGs of {a.side} px; decode job (Resize + CenterCrop to {a.load}, once): {decode_s:.1f} s, "
-          f"{len(files) / decode_s:.0f} images/s")
-    print(f"{a.arch} at {a.input} px, batch {a.batch}, {a.steps} timed steps, device {device}, reference workers {a.workers}")
+    print(f"{len(files)} JPEGs of {a.side} px -> Resize + CenterCrop {a.load} -> RandomResizedCrop {a.input} + flip, both arms; "
+          f"decoding counted in both")
+    print(f"{a.arch}, batch {a.batch}, {a.steps} timed steps ({a.steps * a.batch / len(files):.1f} epochs), device {device}, "
+          f"reference workers {a.workers}, {a.repeats} interleaved repeats")
     for with_model in (True, False):
-        torch.manual_seed(0)
-        model_a = build_model(spec, a.classes).to(device) if with_model else None
-        ref = reference(work / "tree", spec, a.steps, a.workers, device, model_a)
-        torch.manual_seed(0)
-        model_b = build_model(spec, a.classes).to(device) if with_model else None
-        got = ours(work / "decoded", spec, a.steps, device, model_b)
+        ref, got = [], []
+        for _ in range(a.repeats):  # A B A B ...: drift in the machine's speed falls on both arms
+            torch.manual_seed(0)
+            model_a = build_model(spec, a.classes).to(device) if with_model else None
+            ref.append(reference(work / "tree", spec, a.steps, a.workers, device, model_a))
+            torch.manual_seed(0)
+            model_b = build_model(spec, a.classes).to(device) if with_model else None
+            got.append(ours(table, work / "decoded", spec, a.steps, device, model_b))
         what = "training" if with_model else "loader alone"
-        print(f"  {what:13s} reference {ref:8.1f} images/s   augbench {got:8.1f} images/s   ratio {got / ref:.2f}x")
-
+        r, g = float(np.median(ref)), float(np.median(got))
+        print(f"  {what:13s} reference {r:8.1f} images/s ({min(ref):.1f}-{max(ref):.1f})   augbench {g:8.1f} images/s "
+              f"({min(got):.1f}-{max(got):.1f})   ratio of medians {g / r:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,3 +82,28 @@ def test_unet_training_takes_mirrored_latents_aligns_features_and_records_a_lear
 
     assert type(unet) is UNet2DConditionModel and not any(k.startswith(("head", "net.")) for k in unet.state_dict()), \
         "the alignment head is not part of the saved UNet"
+
+
+def test_mirrored_latents_and_repa_each_change_what_the_unet_learns() -> None:
+    """Each training fix is in the weights: the mirrored latents (a mirror equal to the image gives the no-mirror
+    UNet, another one does not), REPA's alignment (weight 0 against 0.5) and the mirrors' own CLIP features."""
+    from augbench.toy.diffusion import train_unet
+
+    spec = DiffusionSpec(vae_widths=(8, 16), unet_widths=(16, 32), unet_attention=(False, True), norm_groups=4, unet_steps=3,
+                         unet_batch_size=4, repa_weight=0.5)
+    g = torch.Generator().manual_seed(1)
+    latents, mirrored = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 4, 16, 16, generator=g)
+    states, empty = torch.randn(8, 3, 24, generator=g), torch.zeros(3, 24)
+    feats = (torch.randn(8, 12, 4, 4, generator=g).half(), torch.randn(8, 12, 4, 4, generator=g).half())
+
+    def weights(spec: DiffusionSpec = spec, **kw: object) -> torch.Tensor:
+        torch.manual_seed(0)
+        unet, _, _ = train_unet(latents, states, empty, spec, torch.device("cpu"), **kw)
+        return torch.cat([p.detach().flatten() for p in unet.parameters()])
+
+    plain = weights(spec=dataclasses.replace(spec, repa_weight=0.0))
+    assert torch.equal(weights(spec=dataclasses.replace(spec, repa_weight=0.0), mirrored=latents.clone()), plain)
+    assert not torch.equal(weights(spec=dataclasses.replace(spec, repa_weight=0.0), mirrored=mirrored), plain)
+    aligned = weights(mirrored=mirrored, features=feats)
+    assert not torch.equal(aligned, weights(spec=dataclasses.replace(spec, repa_weight=0.0), mirrored=mirrored, features=feats))
+    assert not torch.equal(aligned, weights(mirrored=mirrored, features=(feats[0], torch.zeros_like(feats[1]))))
