@@ -91,3 +91,29 @@ def test_a_set_larger_than_its_buffer_is_read_in_shuffled_blocks() -> None:
     assert not torch.equal(order[:block].sort().values, order[:block])
     small = epoch_order(3, 0, 500, block, buffer)  # fits its buffer: exactly the plain permutation of before
     assert torch.equal(small, torch.randperm(500, generator=torch.Generator().manual_seed(item_seed(3, "train", "perm", 0))))
+
+
+def test_evaluation_reads_a_memory_mapped_set_256_images_at_a_time(tmp_path: Path) -> None:
+    """The judge and the test split are scored in batches of 256 read from the memory map (a 512k-image set is
+    never in memory at once), and the scores are those of the whole set."""
+    from augbench.classify import evaluate
+    from augbench.decoded import Rows
+
+    n, n_classes = 600, 3
+    images = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 8, 8, 3))
+    labels = np.arange(n) % n_classes
+    images[:] = (labels * 100)[:, None, None, None]  # an image's brightness is its class
+    images.flush()
+    seen: list[int] = []
+
+    class Brightness(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(len(x))
+            level = x.mean(dim=(1, 2, 3), keepdim=False)
+            centres = torch.tensor([-2.0, 0.0, 2.0])
+            return -(level[:, None] - centres[None]).abs()
+
+    arr = np.load(tmp_path / "images.npy", mmap_mode="r")
+    scored = evaluate(Brightness(), Rows([(arr, np.arange(n))]), labels, n_classes, torch.device("cpu"))
+    assert seen == [256, 256, 88]
+    assert scored["n_test"] == n and scored["per_class_top1"] == {0: 1.0, 1: 1.0, 2: 1.0} and scored["top1"] == 1.0

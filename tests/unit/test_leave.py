@@ -3,6 +3,7 @@ idle executor workers are released (no hang), atexit handlers run, buffered outp
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,16 @@ def test_leave_finishes_threads_runs_atexit_flushes_and_keeps_the_code(tmp_path:
     assert (tmp_path / "thread").read_text() == "done"
     assert (tmp_path / "atexit").read_text() == "ran"
     assert res.stdout == "buffered, no newline"
+
+
+def test_a_flush_that_fails_keeps_the_jobs_exit_code(tmp_path: Path) -> None:
+    """A job whose log reader went away (a closed pipe: `| head`, a killed tail) still leaves with its own code: the
+    failed flush of its buffered output is not a new error."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a job's stdout to a pipe is block-buffered
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the job flushes (its thread sleeps 0.5 s first)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7, err.decode()[-2000:]
+    assert (tmp_path / "atexit").read_text() == "ran"

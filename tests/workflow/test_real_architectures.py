@@ -88,7 +88,7 @@ def test_every_method_row_runs_on_the_real_classes_in_both_hub_layouts(
     res = _smk(wf, "--cores", "2", "--configfile", "real.yaml", timeout=1500, env=forbid)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     out = wf / "results/real"
-    first = _check_rows(out, methods)
+    _check_rows(out, methods)
     assert len(pd.read_parquet(out / "dataset/target/val.parquet")) == 0, "the empty val split ran through every job"
     assert np.load(out / "embed/target/img_emb/val.npy").shape == (0, 24)
     assert not (out / "world").exists() and not (out / "clip/model").exists() and not (out / "diffusion/model").exists()
