@@ -167,9 +167,18 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     cfg["diffusion"]["train"]["threads"] = 2
     for section in ("personalize", "generate", "train"):
         cfg[section]["threads"] = 2
+    cfg["retrieve"]["gpu"] = True  # the search and merge become rules search_block_gpu / retrieve_gpu: same outputs
+    cfg["device"] = "cpu"
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout
+    # parts_per_block is the one search setting that names outputs (a file per block): the search and its merge run
+    # again, and what reads the merge (same bytes, new files: Snakemake cannot know), never the embeddings or downloads
+    cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
+    cfg["retrieve"]["parts_per_block"] = 2
+    (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
+    assert jobs["search_block"] == 1 and jobs["retrieve"] == 2 and not {"embed_pool", "download", "queries"} & set(jobs), jobs
 
     # a personalisation setting: only the personalised method's chain (its spec is a param Snakemake records)
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
