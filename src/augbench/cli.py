@@ -14,7 +14,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -25,6 +27,68 @@ def _paths(values: list[str] | None) -> list[Path]:
     return [Path(v) for v in values or []]
 
 
+Adder = Callable[[argparse.ArgumentParser], object]
+Runner = Callable[[argparse.Namespace], object]
+COMMANDS: dict[str, tuple[str, Runner, tuple[Adder, ...]]] = {}  # name -> (one-line help, function, its options)
+
+
+def arg(*flags: str, **kw: Any) -> Adder:
+    """One option of a sub-command, as `add_argument` takes it."""
+    return lambda s: s.add_argument(*flags, **kw)
+
+
+def one_of(*args: Adder) -> Adder:
+    """Options of which exactly one must be given."""
+
+    def add(s: argparse.ArgumentParser) -> None:
+        group = s.add_mutually_exclusive_group(required=True)
+        for a in args:
+            a(group)  # type: ignore[arg-type]
+
+    return add
+
+
+def command(name: str, help_text: str, *args: Adder) -> Callable[[Runner], Runner]:
+    """Declare the sub-command `name` (its one-line help and its options) on the function that runs it."""
+
+    def register(fn: Runner) -> Runner:
+        COMMANDS[name] = (help_text, fn, args)
+        return fn
+
+    return register
+
+
+def _pool_args(s: argparse.ArgumentParser, required: bool = True) -> None:
+    """Pool parts as parallel lists of embedding files, metadata files and names (the workflow's pool_args)."""
+    s.add_argument("--pool-emb", nargs="+", required=required)
+    s.add_argument("--pool-meta", nargs="+", required=required)
+    s.add_argument("--pool-names", nargs="+", required=required)
+    s.add_argument("--pool-layout", choices=("clip_retrieval", "datacomp"), default="clip_retrieval")
+    s.add_argument("--embedding-key", default="l14_img")
+    s.add_argument("--first-part", type=int, default=0, help="global number of the first part given")
+
+
+def _query_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--modes", nargs="+", required=True)
+    s.add_argument("--queries", nargs="+", required=True, help="<mode>/queries.npy files")
+    s.add_argument("--tables", nargs="+", required=True, help="<mode>/queries.parquet files")
+
+
+def _job_args(s: argparse.ArgumentParser) -> None:
+    """Where and on how many threads a job runs: scheduling, never part of a spec."""
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
+
+
+def _class_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--classes", required=True, help="classes.json: labels and display names")
+    s.add_argument("--keys", nargs="+", required=True, help="the class keys of this block, processed in this order")
+
+
+@command("world", "render the toy world (target splits + captioned pool)",
+         arg("--spec", default="{}"),
+         arg("--out", required=True))
 def cmd_world(a: argparse.Namespace) -> object:
     from augbench.specs import WorldSpec, parse_spec
     from augbench.toy.world import build_world
@@ -32,6 +96,9 @@ def cmd_world(a: argparse.Namespace) -> object:
     return build_world(parse_spec(WorldSpec, a.spec), Path(a.out))
 
 
+@command("target", "split tables of a class-per-folder dataset (ImageNet, Caltech256, ImageFolder)",
+         arg("--spec", required=True),
+         arg("--out", required=True))
 def cmd_target(a: argparse.Namespace) -> object:
     from augbench.specs import parse_spec
     from augbench.target import TargetSpec, build_target
@@ -39,12 +106,21 @@ def cmd_target(a: argparse.Namespace) -> object:
     return build_target(parse_spec(TargetSpec, a.spec), Path(a.out))
 
 
+@command("parts", "split a url/caption table into download parts",
+         arg("--pool", required=True),
+         arg("--out", nargs="+", required=True))
 def cmd_parts(a: argparse.Namespace) -> object:
     from augbench.download import split_parts
 
     return split_parts(Path(a.pool), _paths(a.out))
 
 
+@command("download", "download one part with img2dataset (resumable)",
+         arg("--threads", type=int, default=1, help="img2dataset processes (scheduling: not part of the spec)"),
+         arg("--thread-count", type=int, default=16, help="img2dataset download threads per process"),
+         *[arg(f"--{name}", required=True) for name in ("urls", "out-tar", "out-status", "out-stats", "cache")],
+         arg("--serve", help="serve this folder on 127.0.0.1 during the download; urls are relative to it"),
+         arg("--spec", default="{}"))
 def cmd_download(a: argparse.Namespace) -> object:
     from augbench.download import download_part
     from augbench.specs import DownloadSpec, parse_spec
@@ -54,6 +130,11 @@ def cmd_download(a: argparse.Namespace) -> object:
                          processes=a.threads, thread_count=a.thread_count)
 
 
+@command("pretrain-clip", "train the toy world's tiny CLIP on pool shards",
+         _job_args,
+         arg("--shards", nargs="+", required=True),
+         arg("--out", required=True),
+         arg("--spec", default="{}"))
 def cmd_pretrain_clip(a: argparse.Namespace) -> object:
     from augbench.specs import ClipSpec, parse_spec
     from augbench.toy.clip_train import pretrain_clip
@@ -61,6 +142,13 @@ def cmd_pretrain_clip(a: argparse.Namespace) -> object:
     return pretrain_clip(_paths(a.shards), Path(a.out), parse_spec(ClipSpec, a.spec))
 
 
+@command("pretrain-diffusion", "train the toy world's tiny latent diffusion model on pool shards",
+         _job_args,
+         arg("--shards", nargs="+", required=True),
+         arg("--clip", required=True, help="CLIP folder or hub id whose text tower becomes the frozen text encoder"),
+         arg("--classes", help="classes.json: class names for the fidelity learning curve (spec eval_every)"),
+         arg("--out", required=True),
+         arg("--spec", default="{}"))
 def cmd_pretrain_diffusion(a: argparse.Namespace) -> object:
     from augbench.specs import DiffusionSpec, parse_spec
     from augbench.toy.diffusion import pretrain_diffusion
@@ -72,6 +160,9 @@ def cmd_pretrain_diffusion(a: argparse.Namespace) -> object:
     return pretrain_diffusion(_paths(a.shards), a.clip, Path(a.out), parse_spec(DiffusionSpec, a.spec), names=names)
 
 
+@command("ship-toy", "copy the trained toy CLIP and LDM to models/toy in fp16 with a manifest (make toy-models)",
+         *[arg(f"--{name}", required=True) for name in ("clip", "diffusion", "world", "out")],
+         arg("--command", required=True, help="the command that rebuilds them (recorded in the manifest)"))
 def cmd_ship_toy(a: argparse.Namespace) -> object:
     from augbench.toy.ship import ship
 
@@ -89,6 +180,17 @@ def _block(a: argparse.Namespace) -> list[tuple[str, int, str]]:
     return [(k, label[k], info["names"].get(k, k)) for k in a.keys]
 
 
+@command("personalize", "personalise a diffusion model to each class of a block (one model load)",
+         _job_args,
+         arg("--model", required=True, help="StableDiffusionPipeline folder or hub id"),
+         arg("--table", required=True, help="training split table (path, label, class)"),
+         arg("--root", required=True, help="folder the table's paths are relative to"),
+         _class_args,
+         arg("--emb", help="training split CLIP embeddings (cond_clusters)"),
+         arg("--meta", help="their metadata parquet"),
+         arg("--out", required=True, help="the block's folder: one sub-folder per class"),
+         arg("--cache", required=True, help="per-class results, kept across blocks and killed jobs"),
+         arg("--spec", default="{}"))
 def cmd_personalize(a: argparse.Namespace) -> object:
     from augbench.personalize import personalize_block
     from augbench.specs import PersonalizeSpec, parse_spec
@@ -98,6 +200,16 @@ def cmd_personalize(a: argparse.Namespace) -> object:
                              parse_spec(PersonalizeSpec, a.spec), embeddings=emb)
 
 
+@command("generate", "generate each class of a block with one method (one model load; cached by chunk)",
+         _job_args,
+         arg("--model", required=True, help="StableDiffusionPipeline folder or hub id"),
+         arg("--table", required=True, help="training split table (img2img sources)"),
+         arg("--root", required=True),
+         _class_args,
+         arg("--personalization", help="the block's personalisation folder (personalised methods)"),
+         arg("--cache", required=True, help="chunk cache: one sub-folder per class"),
+         arg("--out", required=True, help="the block's folder: <class>/manifest.parquet and chunks/"),
+         arg("--spec", default="{}"))
 def cmd_generate(a: argparse.Namespace) -> object:
     from augbench.generate import generate_block
     from augbench.specs import GenerateSpec, parse_spec
@@ -107,12 +219,27 @@ def cmd_generate(a: argparse.Namespace) -> object:
                           real=(Path(a.table), Path(a.root)))
 
 
+@command("collect", "join a method's per-class images and measure generation fidelity",
+         _job_args,
+         arg("--manifests", nargs="+", required=True, help="the per-class manifests (pointers into their chunks)"),
+         arg("--classes", required=True),
+         arg("--clip", required=True),
+         arg("--out-manifest", required=True),
+         arg("--out-fidelity", required=True))
 def cmd_collect(a: argparse.Namespace) -> object:
     from augbench.generate import collect
 
     return collect(_paths(a.manifests), Path(a.classes), a.clip, Path(a.out_manifest), Path(a.out_fidelity))
 
 
+@command("embed", "CLIP-embed one pool shard or one target split",
+         _job_args,
+         one_of(arg("--shard"), arg("--split", help="split table (path, label, class)")),
+         arg("--root", default=".", help="folder the split table's paths are relative to"),
+         arg("--model", required=True, help="CLIP folder or hub id"),
+         arg("--out-emb", required=True),
+         arg("--out-meta", required=True),
+         arg("--spec", default="{}"))
 def cmd_embed(a: argparse.Namespace) -> object:
     from augbench.embed import embed_shard, embed_split
     from augbench.specs import EmbedSpec, parse_spec
@@ -142,6 +269,11 @@ def _query_files(a: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
     return out
 
 
+@command("queries", "one retrieval mode's query vectors: training images (image) or class prompts (text)",
+         arg("--mode", choices=("image", "text"), required=True),
+         *[arg(f"--{name}", required=True) for name in ("classes", "train-emb", "train-meta", "out-vectors", "out-table")],
+         arg("--model", help="CLIP folder or hub id (text mode)"),
+         arg("--prompts", nargs="*", default=[]))
 def cmd_queries(a: argparse.Namespace) -> object:
     from augbench.retrieve import make_queries
 
@@ -158,6 +290,13 @@ def _search_device(device: str | None) -> str:
     return pick_device(device).type
 
 
+@command("search", "exact search of one block of pool parts (the map step)",
+         _pool_args,
+         _query_args,
+         arg("--tile-rows", type=int, default=131072),
+         arg("--device", choices=("cpu", "auto", "cuda"), default="cpu"),
+         arg("--out", required=True),
+         arg("--spec", required=True))
 def cmd_search(a: argparse.Namespace) -> object:
     from augbench.search import search_block
 
@@ -165,6 +304,15 @@ def cmd_search(a: argparse.Namespace) -> object:
                         device=_search_device(a.device))
 
 
+@command("retrieve", "merge search blocks into ranked, de-duplicated, leak-filtered candidates per class",
+         _pool_args,
+         arg("--blocks", nargs="+", required=True),
+         *[arg(f"--{name}", required=True) for name in ("table", "classes", "out", "out-stats", "spec")],
+         arg("--eval-emb", nargs="*", default=[]),
+         arg("--eval-meta", nargs="*", default=[]),
+         arg("--pool-shards", nargs="*", help="local pool shards, one per part (pixel confirmation of leak suspects)"),
+         arg("--eval-root", help="folder the eval tables' paths are relative to (pixel confirmation)"),
+         _job_args)
 def cmd_retrieve(a: argparse.Namespace) -> object:
     from augbench.retrieve import merge
     from augbench.specs import RetrieveSpec, parse_spec
@@ -175,6 +323,22 @@ def cmd_retrieve(a: argparse.Namespace) -> object:
                  eval_root=Path(a.eval_root) if a.eval_root else None, device=_search_device(a.device))
 
 
+@command("fetch", "materialise retrieved images from local shards or by download (resumable)",
+         lambda s: _pool_args(s, required=False),
+         *[arg(f"--{name}", required=True) for name in ("neighbors", "classes", "out-tar", "out-manifest", "out-stats", "spec")],
+         arg("--n-aug", type=int, required=True),
+         arg("--shards", nargs="*", help="local pool shards, one per part"),
+         arg("--cache", help="remote pools: the url cache folder"),
+         arg("--download-spec", help="remote pools: img2dataset settings"),
+         arg("--model", help="remote pools: CLIP for the content check"),
+         arg("--downloads", help="remote pools: the download-retrieved table (else fetch downloads first)"),
+         arg("--check-cache", help="remote pools: folder of CLIP embeddings by the downloaded bytes' sha256"),
+         arg("--device", choices=("auto", "cuda", "cpu"), default=None, help="where the content check runs CLIP"),
+         arg("--precision", choices=("fp16", "fp32"), default="fp32", help="fp16: half-precision CLIP on a GPU"),
+         arg("--batch-size", type=int, default=256, help="images per CLIP call of the content check"),
+         arg("--shard-size", type=int, default=10000),
+         arg("--threads", type=int, default=1, help="img2dataset processes"),
+         arg("--thread-count", type=int, default=16, help="img2dataset download threads per process"))
 def cmd_fetch(a: argparse.Namespace) -> object:
     from augbench.fetch import CheckSettings, fetch
     from augbench.specs import DownloadSpec, FetchSpec, parse_spec
@@ -189,6 +353,11 @@ def cmd_fetch(a: argparse.Namespace) -> object:
                  thread_count=a.thread_count, downloads=Path(a.downloads) if a.downloads else None, check=check)
 
 
+@command("download-retrieved", "download a mode's candidate urls into the url cache (img2dataset, CPU)",
+         *[arg(f"--{name}", required=True) for name in ("neighbors", "cache", "download-spec", "out")],
+         arg("--shard-size", type=int, default=10000),
+         arg("--threads", type=int, default=1, help="img2dataset processes"),
+         arg("--thread-count", type=int, default=16, help="img2dataset download threads per process"))
 def cmd_download_retrieved(a: argparse.Namespace) -> object:
     from augbench.fetch import download_candidates
     from augbench.specs import DownloadSpec, parse_spec
@@ -197,6 +366,11 @@ def cmd_download_retrieved(a: argparse.Namespace) -> object:
                                a.shard_size, a.thread_count)
 
 
+@command("index-train", "train the ANN index's quantizer on a sample of the pool",
+         _pool_args,
+         arg("--out", required=True),
+         arg("--spec", required=True),
+         arg("--threads", type=int, default=1))
 def cmd_index_train(a: argparse.Namespace) -> object:
     from augbench.index import train_index
     from augbench.specs import IndexSpec, parse_spec
@@ -204,18 +378,35 @@ def cmd_index_train(a: argparse.Namespace) -> object:
     return train_index(_parts(a), Path(a.out), parse_spec(IndexSpec, a.spec), threads=a.threads)
 
 
+@command("index-add", "add one pool part to a copy of the trained index",
+         _pool_args,
+         arg("--trained", required=True),
+         arg("--out", required=True),
+         arg("--threads", type=int, default=1))
 def cmd_index_add(a: argparse.Namespace) -> object:
     from augbench.index import add_part
 
     return add_part(Path(a.trained), _parts(a)[0], a.first_part, Path(a.out), threads=a.threads)
 
 
+@command("index-merge", "merge the parts' inverted lists on disk",
+         arg("--trained", required=True),
+         arg("--parts", nargs="+", required=True),
+         arg("--out-index", required=True),
+         arg("--out-ivfdata", required=True))
 def cmd_index_merge(a: argparse.Namespace) -> object:
     from augbench.index import merge_index
 
     return merge_index(Path(a.trained), _paths(a.parts), Path(a.out_index), Path(a.out_ivfdata))
 
 
+@command("index-recall", "recall@10 of the ANN index against exact search on the real queries",
+         _pool_args,
+         arg("--index", required=True),
+         arg("--queries", nargs="+", required=True),
+         arg("--out", required=True),
+         arg("--spec", required=True),
+         arg("--threads", type=int, default=1))
 def cmd_index_recall(a: argparse.Namespace) -> object:
     from augbench.index import index_recall
     from augbench.specs import IndexSpec, parse_spec
@@ -223,18 +414,39 @@ def cmd_index_recall(a: argparse.Namespace) -> object:
     return index_recall(Path(a.index), _parts(a), _paths(a.queries), Path(a.out), parse_spec(IndexSpec, a.spec), threads=a.threads)
 
 
+@command("index-search", "search one mode's queries with the ANN index (re-ranked exactly)",
+         _pool_args,
+         _query_args,
+         arg("--index", required=True),
+         arg("--nprobe", type=int, default=16),
+         arg("--refine", type=int, default=1),
+         arg("--out", required=True),
+         arg("--spec", required=True),
+         arg("--threads", type=int, default=1))
 def cmd_index_search(a: argparse.Namespace) -> object:
     from augbench.index import search_index
 
     return search_index(Path(a.index), _parts(a), _query_files(a), Path(a.out), json.loads(a.spec), a.nprobe, a.refine, a.threads)
 
 
+@command("fetch-model", "download a hub model once into the model cache (snapshot_download)",
+         arg("--repo", required=True),
+         arg("--revision"),
+         arg("--out", required=True))
 def cmd_fetch_model(a: argparse.Namespace) -> object:
     from augbench.hub import fetch_model
 
     return fetch_model(a.repo, a.revision, Path(a.out))
 
 
+@command("query", "print the pool's nearest items to a text or an image (url, caption, score)",
+         _pool_args,
+         one_of(arg("--text"), arg("--image")),
+         arg("--model", required=True, help="the CLIP that embedded the pool (folder or hub id)"),
+         arg("-k", type=int, default=10),
+         arg("--index", help="the merged ANN index (index/pool.index); without it the parts are scanned exactly"),
+         arg("--nprobe", type=int, default=16),
+         arg("--refine", type=int, default=10))
 def cmd_query(a: argparse.Namespace) -> object:
     from augbench.query import query
 
@@ -242,6 +454,11 @@ def cmd_query(a: argparse.Namespace) -> object:
                  a.nprobe, a.refine)
 
 
+@command("plan", "per rule: jobs, GPUs, CPUs, memory, runtime; totals; checked against a site's limits",
+         arg("configfile", nargs="+", help="config files, as for snakemake --configfile"),
+         arg("--profile", required=True, help="the Snakemake profile folder (profiles/slurm)"),
+         arg("--site", help="each partition's limits (default: site.yaml in the profile folder)"),
+         arg("--directory", help="the run's working directory (snakemake --directory)"))
 def cmd_plan(a: argparse.Namespace) -> object:
     from augbench.plan import run
 
@@ -253,6 +470,14 @@ def cmd_plan(a: argparse.Namespace) -> object:
     return "fits"
 
 
+@command("train", "train and evaluate the classifier for one (method, n_aug, seed)",
+         _job_args,
+         *[arg(f"--{name}", required=True) for name in ("root", "test", "classes", "out-metrics", "out-ckpt")],
+         arg("--real", nargs="+", required=True, help="real splits: decoded folders or split tables"),
+         arg("--aug-manifest", nargs="*", default=[], help="augmentation sets: manifests with pointers to their images"),
+         arg("--n-aug", type=int, default=0),
+         arg("--seed", type=int, default=0),
+         arg("--spec", default="{}"))
 def cmd_train(a: argparse.Namespace) -> object:
     from augbench.classify import train
     from augbench.specs import TrainSpec, parse_spec
@@ -263,6 +488,12 @@ def cmd_train(a: argparse.Namespace) -> object:
                  Path(a.out_metrics), Path(a.out_ckpt), parse_spec(TrainSpec, a.spec))
 
 
+@command("decode", "decode a split or an augmentation set once into the classifier's uint8 array file",
+         arg("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)"),
+         one_of(arg("--table", help="a split table (path, label)"), arg("--manifest", help="an augmentation set's manifest (pointers)")),
+         arg("--root", default=".", help="folder the table's paths are relative to"),
+         arg("--size", type=int, required=True, help="train.load_size (else input_size): the stored square's side"),
+         arg("--out", required=True))
 def cmd_decode(a: argparse.Namespace) -> object:
     from augbench.decoded import decode_augment, decode_split
 
@@ -271,12 +502,40 @@ def cmd_decode(a: argparse.Namespace) -> object:
     return decode_split(Path(a.table), Path(a.root), a.size, Path(a.out))
 
 
+@command("judge", "score a method's generated images with the judge classifier (independent of CLIP)",
+         _job_args,
+         *[arg(f"--{name}", required=True) for name in ("ckpt", "judge-metrics", "classes", "out")],
+         arg("--images", required=True, help="the set's decoded folder (memory-mapped), or its manifest"))
 def cmd_judge(a: argparse.Namespace) -> object:
     from augbench.classify import judge
 
     return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.images), Path(a.classes), Path(a.out))
 
 
+@command("report", "aggregate metrics into results.csv / results.md",
+         arg("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}'),
+         arg("--retrieval", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "MERGE_STATS", "FETCH_STATS")),
+         arg("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON")),
+         arg("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)"),
+         arg("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class"),
+         arg("--truth", help="pool table with hidden true labels (toy world only)"),
+         arg("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method"),
+         arg("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line"),
+         arg("--gpu", action="store_true", help="GPU rules ran on GPUs (their wall time is GPU time)"),
+         arg("--gpu-stages", nargs="*", help="stages this config ran on a GPU beyond report.GPU_STAGES (search, ...)"),
+         arg("--grid", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "OUT_PNG")),
+         arg("--grid-classes", type=int, default=4),
+         arg("--grid-images", type=int, default=6),
+         arg("--classes", help="classes.json (grids)"),
+         arg("--real-table", help="real training split table (grids)"),
+         arg("--root", default=".", help="folder the real table's paths are relative to"),
+         arg("--out-csv", required=True),
+         arg("--out-md", required=True),
+         arg("--out-yield", help="yield.csv: every (method, n_aug, class) short of n_aug, with the reasons"),
+         arg("--out-html"),
+         arg("--out-plot"),
+         arg("--out-cost"),
+         arg("--out-method-cost", help="cost_by_method.csv: each row's measured CPU/GPU hours"))
 def cmd_report(a: argparse.Namespace) -> object:
     import pandas as pd
 
@@ -318,306 +577,15 @@ def cmd_report(a: argparse.Namespace) -> object:
     return {"rows": len(table)}
 
 
-def _pool_args(s: argparse.ArgumentParser, required: bool = True) -> None:
-    """Pool parts as parallel lists of embedding files, metadata files and names (the workflow's pool_args)."""
-    s.add_argument("--pool-emb", nargs="+", required=required)
-    s.add_argument("--pool-meta", nargs="+", required=required)
-    s.add_argument("--pool-names", nargs="+", required=required)
-    s.add_argument("--pool-layout", choices=("clip_retrieval", "datacomp"), default="clip_retrieval")
-    s.add_argument("--embedding-key", default="l14_img")
-    s.add_argument("--first-part", type=int, default=0, help="global number of the first part given")
-
-
-def _query_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--modes", nargs="+", required=True)
-    s.add_argument("--queries", nargs="+", required=True, help="<mode>/queries.npy files")
-    s.add_argument("--tables", nargs="+", required=True, help="<mode>/queries.parquet files")
-
-
-def _job_args(s: argparse.ArgumentParser) -> None:
-    """Where and on how many threads a job runs: scheduling, never part of a spec."""
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
-                   help="cuda: fail without a usable GPU; auto: GPU if usable, else the CPU (default: $AUGBENCH_DEVICE or auto)")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
-
-
-def _class_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--classes", required=True, help="classes.json: labels and display names")
-    s.add_argument("--keys", nargs="+", required=True, help="the class keys of this block, processed in this order")
-
-
 def parser() -> argparse.ArgumentParser:
-    """The argument parser: one sub-command per stage."""
+    """The argument parser: one sub-command per stage, each declared with `@command` on the function it runs."""
     p = argparse.ArgumentParser(prog="python -m augbench", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("world", help="render the toy world (target splits + captioned pool)")
-    s.add_argument("--spec", default="{}")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=cmd_world)
-
-    s = sub.add_parser("target", help="split tables of a class-per-folder dataset (ImageNet, Caltech256, ImageFolder)")
-    s.add_argument("--spec", required=True)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=cmd_target)
-
-    s = sub.add_parser("parts", help="split a url/caption table into download parts")
-    s.add_argument("--pool", required=True)
-    s.add_argument("--out", nargs="+", required=True)
-    s.set_defaults(fn=cmd_parts)
-
-    s = sub.add_parser("download", help="download one part with img2dataset (resumable)")
-    s.add_argument("--threads", type=int, default=1, help="img2dataset processes (scheduling: not part of the spec)")
-    s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
-    for name in ("urls", "out-tar", "out-status", "out-stats", "cache"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--serve", help="serve this folder on 127.0.0.1 during the download; urls are relative to it")
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_download)
-
-    s = sub.add_parser("pretrain-clip", help="train the toy world's tiny CLIP on pool shards")
-    _job_args(s)
-    s.add_argument("--shards", nargs="+", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_pretrain_clip)
-
-    s = sub.add_parser("pretrain-diffusion", help="train the toy world's tiny latent diffusion model on pool shards")
-    _job_args(s)
-    s.add_argument("--shards", nargs="+", required=True)
-    s.add_argument("--clip", required=True, help="CLIP folder or hub id whose text tower becomes the frozen text encoder")
-    s.add_argument("--classes", help="classes.json: class names for the fidelity learning curve (spec eval_every)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_pretrain_diffusion)
-
-    s = sub.add_parser("ship-toy", help="copy the trained toy CLIP and LDM to models/toy in fp16 with a manifest (make toy-models)")
-    for name in ("clip", "diffusion", "world", "out"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--command", required=True, help="the command that rebuilds them (recorded in the manifest)")
-    s.set_defaults(fn=cmd_ship_toy)
-
-    s = sub.add_parser("personalize", help="personalise a diffusion model to each class of a block (one model load)")
-    _job_args(s)
-    s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
-    s.add_argument("--table", required=True, help="training split table (path, label, class)")
-    s.add_argument("--root", required=True, help="folder the table's paths are relative to")
-    _class_args(s)
-    s.add_argument("--emb", help="training split CLIP embeddings (cond_clusters)")
-    s.add_argument("--meta", help="their metadata parquet")
-    s.add_argument("--out", required=True, help="the block's folder: one sub-folder per class")
-    s.add_argument("--cache", required=True, help="per-class results, kept across blocks and killed jobs")
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_personalize)
-
-    s = sub.add_parser("generate", help="generate each class of a block with one method (one model load; cached by chunk)")
-    _job_args(s)
-    s.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
-    s.add_argument("--table", required=True, help="training split table (img2img sources)")
-    s.add_argument("--root", required=True)
-    _class_args(s)
-    s.add_argument("--personalization", help="the block's personalisation folder (personalised methods)")
-    s.add_argument("--cache", required=True, help="chunk cache: one sub-folder per class")
-    s.add_argument("--out", required=True, help="the block's folder: <class>/manifest.parquet and chunks/")
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_generate)
-
-    s = sub.add_parser("collect", help="join a method's per-class images and measure generation fidelity")
-    _job_args(s)
-    s.add_argument("--manifests", nargs="+", required=True, help="the per-class manifests (pointers into their chunks)")
-    s.add_argument("--classes", required=True)
-    s.add_argument("--clip", required=True)
-    s.add_argument("--out-manifest", required=True)
-    s.add_argument("--out-fidelity", required=True)
-    s.set_defaults(fn=cmd_collect)
-
-    s = sub.add_parser("embed", help="CLIP-embed one pool shard or one target split")
-    _job_args(s)
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shard")
-    src.add_argument("--split", help="split table (path, label, class)")
-    s.add_argument("--root", default=".", help="folder the split table's paths are relative to")
-    s.add_argument("--model", required=True, help="CLIP folder or hub id")
-    s.add_argument("--out-emb", required=True)
-    s.add_argument("--out-meta", required=True)
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_embed)
-
-    s = sub.add_parser("queries", help="one retrieval mode's query vectors: training images (image) or class prompts (text)")
-    s.add_argument("--mode", choices=("image", "text"), required=True)
-    for name in ("classes", "train-emb", "train-meta", "out-vectors", "out-table"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--model", help="CLIP folder or hub id (text mode)")
-    s.add_argument("--prompts", nargs="*", default=[])
-    s.set_defaults(fn=cmd_queries)
-
-    s = sub.add_parser("search", help="exact search of one block of pool parts (the map step)")
-    _pool_args(s)
-    _query_args(s)
-    s.add_argument("--tile-rows", type=int, default=131072)
-    s.add_argument("--device", choices=("cpu", "auto", "cuda"), default="cpu")
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True)
-    s.set_defaults(fn=cmd_search)
-
-    s = sub.add_parser("retrieve", help="merge search blocks into ranked, de-duplicated, leak-filtered candidates per class")
-    _pool_args(s)
-    s.add_argument("--blocks", nargs="+", required=True)
-    for name in ("table", "classes", "out", "out-stats", "spec"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--eval-emb", nargs="*", default=[])
-    s.add_argument("--eval-meta", nargs="*", default=[])
-    s.add_argument("--pool-shards", nargs="*", help="local pool shards, one per part (pixel confirmation of leak suspects)")
-    s.add_argument("--eval-root", help="folder the eval tables' paths are relative to (pixel confirmation)")
-    _job_args(s)
-    s.set_defaults(fn=cmd_retrieve)
-
-    s = sub.add_parser("fetch", help="materialise retrieved images from local shards or by download (resumable)")
-    _pool_args(s, required=False)
-    for name in ("neighbors", "classes", "out-tar", "out-manifest", "out-stats", "spec"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--n-aug", type=int, required=True)
-    s.add_argument("--shards", nargs="*", help="local pool shards, one per part")
-    s.add_argument("--cache", help="remote pools: the url cache folder")
-    s.add_argument("--download-spec", help="remote pools: img2dataset settings")
-    s.add_argument("--model", help="remote pools: CLIP for the content check")
-    s.add_argument("--downloads", help="remote pools: the download-retrieved table (else fetch downloads first)")
-    s.add_argument("--check-cache", help="remote pools: folder of CLIP embeddings by the downloaded bytes' sha256")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None, help="where the content check runs CLIP")
-    s.add_argument("--precision", choices=("fp16", "fp32"), default="fp32", help="fp16: half-precision CLIP on a GPU")
-    s.add_argument("--batch-size", type=int, default=256, help="images per CLIP call of the content check")
-    s.add_argument("--shard-size", type=int, default=10000)
-    s.add_argument("--threads", type=int, default=1, help="img2dataset processes")
-    s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
-    s.set_defaults(fn=cmd_fetch)
-
-    s = sub.add_parser("download-retrieved", help="download a mode's candidate urls into the url cache (img2dataset, CPU)")
-    for name in ("neighbors", "cache", "download-spec", "out"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--shard-size", type=int, default=10000)
-    s.add_argument("--threads", type=int, default=1, help="img2dataset processes")
-    s.add_argument("--thread-count", type=int, default=16, help="img2dataset download threads per process")
-    s.set_defaults(fn=cmd_download_retrieved)
-
-    s = sub.add_parser("index-train", help="train the ANN index's quantizer on a sample of the pool")
-    _pool_args(s)
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True)
-    s.add_argument("--threads", type=int, default=1)
-    s.set_defaults(fn=cmd_index_train)
-
-    s = sub.add_parser("index-add", help="add one pool part to a copy of the trained index")
-    _pool_args(s)
-    s.add_argument("--trained", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--threads", type=int, default=1)
-    s.set_defaults(fn=cmd_index_add)
-
-    s = sub.add_parser("index-merge", help="merge the parts' inverted lists on disk")
-    s.add_argument("--trained", required=True)
-    s.add_argument("--parts", nargs="+", required=True)
-    s.add_argument("--out-index", required=True)
-    s.add_argument("--out-ivfdata", required=True)
-    s.set_defaults(fn=cmd_index_merge)
-
-    s = sub.add_parser("index-recall", help="recall@10 of the ANN index against exact search on the real queries")
-    _pool_args(s)
-    s.add_argument("--index", required=True)
-    s.add_argument("--queries", nargs="+", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True)
-    s.add_argument("--threads", type=int, default=1)
-    s.set_defaults(fn=cmd_index_recall)
-
-    s = sub.add_parser("index-search", help="search one mode's queries with the ANN index (re-ranked exactly)")
-    _pool_args(s)
-    _query_args(s)
-    s.add_argument("--index", required=True)
-    s.add_argument("--nprobe", type=int, default=16)
-    s.add_argument("--refine", type=int, default=1)
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True)
-    s.add_argument("--threads", type=int, default=1)
-    s.set_defaults(fn=cmd_index_search)
-
-    s = sub.add_parser("fetch-model", help="download a hub model once into the model cache (snapshot_download)")
-    s.add_argument("--repo", required=True)
-    s.add_argument("--revision")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=cmd_fetch_model)
-
-    s = sub.add_parser("query", help="print the pool's nearest items to a text or an image (url, caption, score)")
-    _pool_args(s)
-    what = s.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text")
-    what.add_argument("--image")
-    s.add_argument("--model", required=True, help="the CLIP that embedded the pool (folder or hub id)")
-    s.add_argument("-k", type=int, default=10)
-    s.add_argument("--index", help="the merged ANN index (index/pool.index); without it the parts are scanned exactly")
-    s.add_argument("--nprobe", type=int, default=16)
-    s.add_argument("--refine", type=int, default=10)
-    s.set_defaults(fn=cmd_query)
-
-    s = sub.add_parser("plan", help="per rule: jobs, GPUs, CPUs, memory, runtime; totals; checked against a site's limits")
-    s.add_argument("configfile", nargs="+", help="config files, as for snakemake --configfile")
-    s.add_argument("--profile", required=True, help="the Snakemake profile folder (profiles/slurm)")
-    s.add_argument("--site", help="each partition's limits (default: site.yaml in the profile folder)")
-    s.add_argument("--directory", help="the run's working directory (snakemake --directory)")
-    s.set_defaults(fn=cmd_plan)
-
-    s = sub.add_parser("train", help="train and evaluate the classifier for one (method, n_aug, seed)")
-    _job_args(s)
-    for name in ("root", "test", "classes", "out-metrics", "out-ckpt"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--real", nargs="+", required=True, help="real splits: decoded folders or split tables")
-    s.add_argument("--aug-manifest", nargs="*", default=[], help="augmentation sets: manifests with pointers to their images")
-    s.add_argument("--n-aug", type=int, default=0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--spec", default="{}")
-    s.set_defaults(fn=cmd_train)
-
-    s = sub.add_parser("decode", help="decode a split or an augmentation set once into the classifier's uint8 array file")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads (scheduling: not part of the spec)")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--table", help="a split table (path, label)")
-    src.add_argument("--manifest", help="an augmentation set's manifest (pointers)")
-    s.add_argument("--root", default=".", help="folder the table's paths are relative to")
-    s.add_argument("--size", type=int, required=True, help="train.load_size (else input_size): the stored square's side")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=cmd_decode)
-
-    s = sub.add_parser("judge", help="score a method's generated images with the judge classifier (independent of CLIP)")
-    _job_args(s)
-    for name in ("ckpt", "judge-metrics", "classes", "out"):
-        s.add_argument(f"--{name}", required=True)
-    s.add_argument("--images", required=True, help="the set's decoded folder (memory-mapped), or its manifest")
-    s.set_defaults(fn=cmd_judge)
-
-    s = sub.add_parser("report", help="aggregate metrics into results.csv / results.md")
-    s.add_argument("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}')
-    s.add_argument("--retrieval", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "MERGE_STATS", "FETCH_STATS"))
-    s.add_argument("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON"))
-    s.add_argument("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)")
-    s.add_argument("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class")
-    s.add_argument("--truth", help="pool table with hidden true labels (toy world only)")
-    s.add_argument("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method")
-    s.add_argument("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line")
-    s.add_argument("--gpu", action="store_true", help="GPU rules ran on GPUs (their wall time is GPU time)")
-    s.add_argument("--gpu-stages", nargs="*", help="stages this config ran on a GPU beyond report.GPU_STAGES (search, ...)")
-    s.add_argument("--grid", action="append", nargs=3, metavar=("METHOD", "MANIFEST", "OUT_PNG"))
-    s.add_argument("--grid-classes", type=int, default=4)
-    s.add_argument("--grid-images", type=int, default=6)
-    s.add_argument("--classes", help="classes.json (grids)")
-    s.add_argument("--real-table", help="real training split table (grids)")
-    s.add_argument("--root", default=".", help="folder the real table's paths are relative to")
-    s.add_argument("--out-csv", required=True)
-    s.add_argument("--out-md", required=True)
-    s.add_argument("--out-yield", help="yield.csv: every (method, n_aug, class) short of n_aug, with the reasons")
-    s.add_argument("--out-html")
-    s.add_argument("--out-plot")
-    s.add_argument("--out-cost")
-    s.add_argument("--out-method-cost", help="cost_by_method.csv: each row's measured CPU/GPU hours")
-    s.set_defaults(fn=cmd_report)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, fn, args) in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        for add in args:
+            add(s)
+        s.set_defaults(fn=fn)
     return p
 
 
