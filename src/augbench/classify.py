@@ -395,7 +395,7 @@ def judge(ckpt: Path, judge_metrics: Path, images: Path, classes: Path, out: Pat
               else {"top1": float("nan"), "per_class_top1": {}})
     result = {"judge_fidelity": scored["top1"], "per_class": {keys[c]: v for c, v in scored["per_class_top1"].items()},
               "images": len(y), "skipped": int(sum(skips.values())),
-              "judge_test_top1": read_metrics(judge_metrics)["top1"]}
+              "judge_test_top1": read_metrics(judge_metrics)["top1"], "judge_train_images": read_metrics(judge_metrics)["n_real"]}
     write_json(out, result)
     write_meta(out, "judge", spec_dict(spec), started, judge=str(ckpt))
     log.info("judge: %s: %.3f of %d images (judge test top-1 %.3f)", images, result["judge_fidelity"], len(y),

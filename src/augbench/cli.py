@@ -96,6 +96,18 @@ def cmd_world(a: argparse.Namespace) -> object:
     return build_world(parse_spec(WorldSpec, a.spec), Path(a.out))
 
 
+@command("judge-pool", "the toy world's pool images of target kinds, by true kind: the judge's extra training and held-out sets",
+         arg("--world", required=True),
+         arg("--train-per-class", type=int, required=True),
+         arg("--heldout-per-class", type=int, required=True),
+         arg("--out-train", required=True),
+         arg("--out-heldout", required=True))
+def cmd_judge_pool(a: argparse.Namespace) -> object:
+    from augbench.toy.world import judge_pool_tables
+
+    return judge_pool_tables(Path(a.world), a.train_per_class, a.heldout_per_class, Path(a.out_train), Path(a.out_heldout))
+
+
 @command("target", "split tables of a class-per-folder dataset (ImageNet, Caltech256, ImageFolder)",
          arg("--spec", required=True),
          arg("--out", required=True))
@@ -517,6 +529,7 @@ def cmd_judge(a: argparse.Namespace) -> object:
          arg("--retrieval", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "MERGE_STATS", "FETCH_STATS")),
          arg("--fidelity", action="append", nargs=2, metavar=("METHOD", "FIDELITY_JSON")),
          arg("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)"),
+         arg("--judge-pool", help="toy world: the judge's score on held-out pool images (judge/pool_heldout.json)"),
          arg("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class"),
          arg("--truth", help="pool table with hidden true labels (toy world only)"),
          arg("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method"),
@@ -556,7 +569,7 @@ def cmd_report(a: argparse.Namespace) -> object:
         if a.out_cost:
             with report.atomic_path(Path(a.out_cost)) as tmp:
                 report.stage_costs(bench, a.gpu, stages).to_csv(tmp, index=False, float_format="%.6g")
-    notes = report.judge_note(judged)
+    notes = report.judge_note(judged, Path(a.judge_pool) if a.judge_pool else None)
     if a.out_yield:
         classes_all = json.loads(Path(a.classes).read_text())["classes"]
         yields = report.yield_table(list(zip(table["method"], table["n_aug"], strict=True)), manifests, retrieval, classes_all)

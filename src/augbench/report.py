@@ -415,13 +415,20 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def judge_note(judged: dict[str, Path]) -> list[str]:
-    """The line under the table that says how good the judge itself is (its top-1 on the test split)."""
+def judge_note(judged: dict[str, Path], pool: Path | None = None) -> list[str]:
+    """The line under the table that says what the judge learnt from and how good it is: its top-1 on the test
+    split and, in the toy world (`pool`: its score on held-out pool images of target kinds), on pool images."""
     if not judged:
         return []
-    top1 = json.loads(Path(next(iter(judged.values()))).read_text())["judge_test_top1"]
-    return [f"Judge: the classifier recipe trained on train + train_extra + val (no CLIP, no generator); "
-            f"its test top-1 is {100 * top1:.1f} %."]
+    first = json.loads(Path(next(iter(judged.values()))).read_text())
+    if pool is None:
+        return [f"Judge: the classifier recipe trained on train + train_extra + val (no CLIP, no generator); "
+                f"its test top-1 is {100 * first['judge_test_top1']:.1f} %."]
+    held = json.loads(Path(pool).read_text())
+    return [f"Judge: the classifier recipe trained on train + train_extra + val and pool images labelled with their hidden "
+            f"true kind (toy world; {first.get('judge_train_images', '?')} images, no CLIP, no generator); its test top-1 is "
+            f"{100 * first['judge_test_top1']:.1f} %, its accuracy on {held['images']} held-out pool images of target kinds "
+            f"{100 * held['judge_fidelity']:.1f} %."]
 
 
 def to_markdown(table: pd.DataFrame, notes: list[str] | None = None) -> str:

@@ -36,3 +36,31 @@ def test_world_is_deterministic_and_shaped(tmp_path: Path) -> None:
     assert list(train["class"].unique()) == class_names(spec)
     other = build_world(WorldSpec(**{**spec.__dict__, "seed": 1}), tmp_path / "c")
     assert other == counts and _digest(tmp_path / "c") != _digest(tmp_path / "a")
+
+
+def test_judge_pool_images_are_labelled_by_true_kind_and_held_out_images_never_train(tmp_path: Path) -> None:
+    """The judge's pool images: target kinds only, labelled with the hidden true kind (a caption can name another
+    kind), capped per class, and the held-out images it is measured on are never among those it trains on; a larger
+    training cap only adds images."""
+    import json
+
+    from augbench.toy.world import judge_pool_tables
+
+    world = tmp_path / "world"
+    build_world(WorldSpec(n_classes=3, n_distractors=2, shots=2, val_per_class=1, test_per_class=1, pool_size=200), world)
+    pool = pd.read_parquet(world / "pool/pool.parquet").set_index("key")
+    classes = json.loads((world / "classes.json").read_text())["classes"]
+    counts = judge_pool_tables(world, 20, 10, tmp_path / "train.parquet", tmp_path / "heldout.parquet")
+    train, held = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(tmp_path / "heldout.parquet")
+    assert counts == {"train": len(train), "heldout": len(held)} and len(train) and len(held)
+    assert not set(train["key"]) & set(held["key"])
+    for t in (train, held):
+        truth = pool.loc[t["key"]]
+        assert (truth["true_label"].to_numpy() == t["label"].to_numpy()).all() and (truth["file"].to_numpy() == t["path"]).all()
+        assert list(t["class"]) == [classes[i] for i in t["label"]]
+    assert held.groupby("label").size().max() == 10 and train.groupby("label").size().max() <= 20
+    misleading = [k for k in train["key"] if pool.loc[k, "true_kind"] not in pool.loc[k, "caption"]]
+    assert misleading, "the world has captions that do not name the kind: the labels must not come from them"
+    judge_pool_tables(world, 40, 10, tmp_path / "more.parquet", tmp_path / "held2.parquet")
+    assert set(train["key"]) <= set(pd.read_parquet(tmp_path / "more.parquet")["key"])
+    assert pd.read_parquet(tmp_path / "held2.parquet").equals(held)

@@ -108,7 +108,10 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     judged = json.loads((wf / "results/tiny/augment/prompt_classname/judge.json").read_text())
     assert report.loc[report["method"] == "prompt_classname", "judge_fidelity"].tolist() == pytest.approx([judged["judge_fidelity"]] * 2)
     assert judged["images"] == 3 * 5 and report.loc[~is_generated, "judge_fidelity"].isna().all()
-    assert "Judge: the classifier recipe trained on" in (wf / "results/tiny/report/results.md").read_text()
+    held = json.loads((wf / "results/tiny/judge/pool_heldout.json").read_text())  # toy world: it learnt pool images too
+    assert held["images"] > 0 and held["judge_train_images"] > len(pd.read_parquet(wf / "results/tiny/world/target/train.parquet"))
+    assert (f"its accuracy on {held['images']} held-out pool images of target kinds"
+            in (wf / "results/tiny/report/results.md").read_text())
     assert sorted(report.loc[report["method"] == "retrieval_image", "n_aug"]) == [4, 5]  # "1x" = 4 shots, and 5
     assert (wf / "results/tiny/diffusion/model/model_index.json").exists()
     sched = json.loads((wf / "results/tiny/diffusion/model/scheduler/scheduler_config.json").read_text())

@@ -72,10 +72,76 @@ rule train:
 
 
 # The judge (report.judge): the same recipe trained once on every labelled non-test image of the target, then used to
-# score each generated method's images: a fidelity figure that shares no weights with CLIP or the generator.
+# score each generated method's images: a fidelity figure that shares no weights with CLIP or the generator. In the
+# toy world it also learns pool images by their hidden true kind (the generator learnt from the pool), and its
+# accuracy on held-out pool images is reported beside its fidelity figures.
+rule judge_pool:
+    input:
+        pool=f"{R}/world/pool/pool.parquet",
+        classes=f"{R}/world/classes.json",
+    output:
+        train=f"{R}/judge/pool/train.parquet",
+        heldout=f"{R}/judge/pool/heldout.parquet",
+    log:
+        f"{LOGS}/judge/pool.log",
+    params:
+        world=lambda wildcards, input: Path(input.classes).parent,
+        train=config["report"]["judge_pool_train"],
+        heldout=config["report"]["judge_pool_heldout"],
+    conda:
+        "../../envs/augbench.yaml"
+    shell:
+        "python -m augbench judge-pool --world {params.world:q} --train-per-class {params.train} --heldout-per-class"
+        " {params.heldout} --out-train {output.train:q} --out-heldout {output.heldout:q} > {log:q} 2>&1"
+
+
+rule decode_judge_pool:
+    input:
+        table=f"{R}/judge/pool/{{part}}.parquet",
+        world=f"{R}/world/classes.json",  # the images' paths are relative to the world folder
+    output:
+        directory(f"{R}/decoded/judge_pool/{{part}}"),
+    wildcard_constraints:
+        part="train|heldout",
+    log:
+        f"{LOGS}/decode/judge_pool/{{part}}.log",
+    benchmark:
+        f"{BENCH}/decode/judge_pool/{{part}}.tsv"
+    params:
+        size=DECODE_SIZE,
+        root=lambda wildcards, input: Path(input.world).parent,
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/augbench.yaml"
+    shell:
+        "python -m augbench decode --table {input.table:q} --root {params.root:q} --size {params.size} --out {output:q} > {log:q} 2>&1"
+
+
+rule judge_pool_accuracy:
+    input:
+        ckpt=f"{R}/judge/model.pt",
+        judge_metrics=f"{R}/judge/metrics.json",
+        images=f"{R}/decoded/judge_pool/heldout",
+        classes=f"{DATA}/classes.json",
+    output:
+        f"{R}/judge/pool_heldout.json",
+    log:
+        f"{LOGS}/judge/pool_heldout.log",
+    benchmark:
+        f"{BENCH}/judge/pool_heldout.tsv"
+    resources:
+        device=DEVICE,
+    conda:
+        "../../envs/augbench.yaml"
+    shell:
+        "python -m augbench judge --ckpt {input.ckpt:q} --judge-metrics {input.judge_metrics:q} --images {input.images:q}"
+        " --classes {input.classes:q} --out {output:q} --device {resources.device} > {log:q} 2>&1"
+
+
 rule train_judge:
     input:
-        real=[f"{R}/decoded/{s}" for s in ("train", "train_extra", "val")],
+        real=[f"{R}/decoded/{s}" for s in ("train", "train_extra", "val")] + ([f"{R}/decoded/judge_pool/train"] if JUDGE_POOL else []),
         test=f"{R}/decoded/test",
         classes=f"{DATA}/classes.json",
     output:

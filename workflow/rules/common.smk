@@ -28,6 +28,8 @@ TOY_TARGET = config["target"]["source"] == "toy"
 DATA = f"{R}/world" if TOY_TARGET else f"{R}/dataset"
 PRECOMPUTED = config["pool"]["embeddings"]  # a clip-retrieval folder (img_emb/*.npy + metadata/*.parquet) or None
 TOY = config["pool"]["urls"] is None and PRECOMPUTED is None  # the toy pool, served from the world on 127.0.0.1
+# the judge also learns pool images by their hidden true kind: only where that truth exists (a toy pool and target)
+JUDGE_POOL = config["report"]["judge"] and TOY and TOY_TARGET
 PARTS = [f"{i:05d}" for i in range(config["pool"]["parts"])]
 SPLITS = ["train", "train_extra", "val", "test"]
 HUB_CACHE = config["models"]["cache"]
@@ -387,6 +389,7 @@ def report_inputs():
         "fetch_stats": [f"{R}/augment/{m}/fetch_stats.json" for m in retrieval],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "judged": [f"{R}/augment/{m}/judge.json" for m in GENERATED] if config["report"]["judge"] else [],
+        "judge_pool": [f"{R}/judge/pool_heldout.json"] if JUDGE_POOL and GENERATED else [],
         "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
         "classes": f"{DATA}/classes.json",
         "real": f"{DATA}/target/train.parquet",
@@ -405,6 +408,7 @@ def report_args(wildcards, input, output):
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
     fid += "".join(f" --judge {m} {f}" for m, f in zip(GENERATED, input.judged))
+    fid += "".join(f" --judge-pool {f}" for f in input.judge_pool)
     grids = " ".join(f"--grid {m} {manifest[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
     augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
     return f"{runs} {retr} {fid} {truth} {grids} {augment}"

@@ -10,6 +10,7 @@ without the object word, synonyms. The hidden true kind of each pool image is ke
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -311,3 +312,34 @@ def build_world(spec: WorldSpec, out: Path) -> dict[str, int]:
     write_meta(out / "classes.json", "world", spec_dict(spec), started, counts=counts)
     log.info("world: wrote %s", counts)
     return counts
+
+
+def judge_pool_tables(world: Path, train_per_class: int, heldout_per_class: int, out_train: Path,
+                      out_heldout: Path) -> dict[str, int]:
+    """The toy world's pool images of target kinds, labelled with their hidden true kind (never the caption), as two
+    disjoint split tables (path relative to the world, label, class, key): the judge's extra training images and the
+    held-out images its accuracy on pool-like images is measured on.
+
+    A judge trained on the target's few studio shots alone never sees a pool image, and the generator learnt from
+    the pool: it called generated images wrong that CLIP called right. Each class's images are ordered by a hash of
+    their key, the first `heldout_per_class` held out and the next `train_per_class` trained on, so the split does
+    not depend on the pool's order and a larger cap only adds images.
+    """
+    import hashlib
+
+    pool = pd.read_parquet(world / "pool/pool.parquet")
+    classes = json.loads((world / "classes.json").read_text())["classes"]
+    pool = pool[pool["true_label"] >= 0].copy()
+    pool["order"] = [hashlib.sha256(f"judge:{k}".encode()).hexdigest() for k in pool["key"]]
+    pool = pool.sort_values(["true_label", "order"])
+    rank = pool.groupby("true_label").cumcount()
+    frame = lambda rows: pd.DataFrame({"path": rows["file"].to_numpy(), "label": rows["true_label"].astype(np.int64).to_numpy(),  # noqa: E731
+                                       "class": [classes[i] for i in rows["true_label"]], "key": rows["key"].to_numpy()})
+    heldout = pool[rank < heldout_per_class]
+    train = pool[(rank >= heldout_per_class) & (rank < heldout_per_class + train_per_class)]
+    write_parquet(out_train, frame(train))
+    write_parquet(out_heldout, frame(heldout))
+    short = sorted(classes[c] for c, n in heldout.groupby("true_label").size().items() if n < heldout_per_class)
+    if short:
+        log.warning("judge pool: classes with fewer than %d held-out pool images: %s", heldout_per_class, short)
+    return {"train": len(train), "heldout": len(heldout)}
