@@ -283,6 +283,7 @@ def main() -> None:
     p.add_argument("--no-ann", action="store_true")
     p.add_argument("--block-parts", type=int, nargs=2, default=[1, 4], help="two search-block sizes, in parts, to compare")
     p.add_argument("--block-repeats", type=int, default=2)
+    p.add_argument("--blocks-only", action="store_true", help="only the search block's cost at the two block sizes")
     p.add_argument("--merge-only", action="store_true", help="re-run only the merge jobs on the search blocks of an earlier run")
     args = p.parse_args()
     sys.path.insert(0, str(REPO / "src"))
@@ -293,10 +294,13 @@ def main() -> None:
           f"{args.queries_per_class} image + {args.classes} text; n_aug {args.n_aug} x overfetch {args.overfetch}; "
           f"{args.threads} threads", flush=True)
     if not args.merge_only:
-        write_pool(world, work / "pool_full", max(n_parts), args.part_rows)
+        write_pool(world, work / "pool_full", max(args.block_parts) if args.blocks_only else max(*n_parts, *args.block_parts),
+                   args.part_rows)
         write_queries(world, work, args.classes, args.queries_per_class)
     rows: list[dict] = []
     summary: dict[str, object] = {}
+    if args.blocks_only:
+        args.sizes, n_parts = [], []
     for size, parts in zip(args.sizes, n_parts, strict=True):
         tag = f"{size / 1e6:g}M"
         root = work / f"pool_{tag}"
@@ -321,9 +325,9 @@ def main() -> None:
     table = pd.DataFrame(rows)
     print("\nper job (peak RSS of the process itself, wall time):")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    small, large = (f"{s / 1e6:g}M" for s in (args.sizes[0], args.sizes[-1]))
+    small, large = (f"{s / 1e6:g}M" for s in (args.sizes[0], args.sizes[-1])) if args.sizes else ("-", "-")
     print("\npeak RSS, largest over each kind of job:")
-    for kind in ("search block", "merge image", "merge text", "index-add"):
+    for kind in ("search block", "merge image", "merge text", "index-add") if args.sizes else ():
         a = table[table["job"].str.startswith(small) & table["job"].str.contains(kind)]["peak_rss_mb"]
         b = table[table["job"].str.startswith(large) & table["job"].str.contains(kind)]["peak_rss_mb"]
         if len(a) and len(b):

@@ -109,7 +109,7 @@ def peak_rss_mb() -> float:
 
 
 def prefetch(data: Rows, y: np.ndarray, seed: int, start: int, total: int, bs: int, pin: bool,
-             order: tuple[int, int | None] = (1, None)):  # -> Iterator
+             order: tuple[int, int | None] = (1, None), indices=None):  # -> Iterator
     """The batches of steps start..total-1, gathered by a background thread two steps ahead (into pinned memory
     for a GPU). Batch contents are a function of (seed, step) and the `order` geometry (rows per block, per buffer:
     `shuffle_geometry`), so the order of work changes nothing."""
@@ -124,7 +124,7 @@ def prefetch(data: Rows, y: np.ndarray, seed: int, start: int, total: int, bs: i
             for step in range(start, total):
                 if stop.is_set():
                     return
-                idx = batch_indices(seed, step, len(y), bs, *order).numpy()
+                idx = (batch_indices(seed, step, len(y), bs, *order) if indices is None else indices(step)).numpy()
                 xb, yb = torch.from_numpy(data.take(idx)), torch.from_numpy(y[idx])
                 q.put((xb.pin_memory(), yb.pin_memory()) if pin else (xb, yb))
         except BaseException as exc:  # handed to the training loop, which raises it
@@ -191,8 +191,9 @@ def shuffle_geometry(row_bytes: int, spec: TrainSpec) -> tuple[int, int]:
     return block, max(block, spec.shuffle_buffer_mb * 2**20 // row_bytes)
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(seed: int, epoch: int, n: int, block_rows: int = 1, buffer_rows: int | None = None) -> torch.Tensor:
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int, block_rows: int = 1, buffer_rows: int | None = None,
+                stream: str = "") -> torch.Tensor:
     """The order of the n training rows in epoch `epoch`: a pure function of (seed, epoch) and the geometry.
 
     A set that fits its shuffle buffer (`buffer_rows`) gets a uniform random permutation. A larger one (ImageNet-10 %
@@ -201,7 +202,8 @@ def epoch_order(seed: int, epoch: int, n: int, block_rows: int = 1, buffer_rows:
     permuted, and each run of buffer_rows / block_rows consecutive blocks of that permutation is shuffled row by row.
     A batch then touches a few dozen blocks read whole, instead of one page run per image anywhere in the file.
     """
-    g = torch.Generator().manual_seed(item_seed(seed, "train", "perm", epoch))
+    g = torch.Generator().manual_seed(item_seed(seed, "train", "perm", epoch) if not stream
+                                      else item_seed(seed, "train", "perm", stream, epoch))
     if buffer_rows is None or n <= buffer_rows or block_rows <= 1:
         return torch.randperm(n, generator=g)
     n_blocks = -(-n // block_rows)
@@ -216,7 +218,8 @@ def epoch_order(seed: int, epoch: int, n: int, block_rows: int = 1, buffer_rows:
     return torch.cat(out)
 
 
-def batch_indices(seed: int, step: int, n: int, bs: int, block_rows: int = 1, buffer_rows: int | None = None) -> torch.Tensor:
+def batch_indices(seed: int, step: int, n: int, bs: int, block_rows: int = 1, buffer_rows: int | None = None,
+                  stream: str = "") -> torch.Tensor:
     """The sample indices of training step `step`: a pure function of (seed, step).
 
     Epoch e is the order `epoch_order(seed, e, ...)`; step s takes its (s mod steps_per_epoch)-th
@@ -225,7 +228,21 @@ def batch_indices(seed: int, step: int, n: int, bs: int, block_rows: int = 1, bu
     """
     per_epoch = max(n // bs, 1)
     epoch, pos = divmod(step, per_epoch)
-    return epoch_order(seed, epoch, n, block_rows, buffer_rows)[pos * bs:(pos + 1) * bs]
+    return epoch_order(seed, epoch, n, block_rows, buffer_rows, stream)[pos * bs:(pos + 1) * bs]
+
+
+def mixed_batch_indices(seed: int, step: int, n_real: int, n: int, bs: int, share: float, block_rows: int = 1,
+                        buffer_rows: int | None = None) -> torch.Tensor:
+    """A batch with round(share x bs) added images (rows n_real..n-1) and the rest real (rows 0..n_real-1), each part
+    drawn from its own epoch orders (the real images cycle faster or slower than the added ones), so the share holds in
+    every batch whatever the two sets' sizes. A pure function of (seed, step), as `batch_indices`."""
+    k_aug = round(share * bs) if n > n_real else 0
+    k_aug = bs if n_real == 0 else k_aug
+    k_real = bs - k_aug
+    real = batch_indices(seed, step, n_real, k_real, block_rows, buffer_rows, "real") if k_real else torch.zeros(0, dtype=torch.int64)
+    aug = (n_real + batch_indices(seed, step, n - n_real, k_aug, block_rows, buffer_rows, "aug")) if k_aug \
+        else torch.zeros(0, dtype=torch.int64)
+    return torch.cat([real, aug])
 
 
 def augment_batch(x: torch.Tensor, spec: TrainSpec, seed: int, step: int) -> torch.Tensor:
@@ -314,6 +331,11 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
     opt = torch.optim.SGD([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=spec.lr, momentum=spec.momentum, nesterov=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+    # added images weighed or smoothed apart from real ones: a per-image loss (a real image weighs 1)
+    weighed = spec.aug_loss_weight != 1.0 or spec.aug_label_smoothing is not None
+    per_image = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing, reduction="none")
+    aug_smooth = spec.label_smoothing if spec.aug_label_smoothing is None else spec.aug_label_smoothing
+    per_aug_image = nn.CrossEntropyLoss(label_smoothing=aug_smooth, reduction="none")
     bs = min(spec.batch_size, len(y))
     steps_per_epoch = max(len(y) // bs, 1)
     total = max(spec.epochs * steps_per_epoch, spec.min_steps)
@@ -329,7 +351,11 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
     model.train()
     anon_peak = rss_anon_mb()
     order = shuffle_geometry(int(np.prod(data.shape)), spec)
-    batches = prefetch(data, y, seed, start, total, bs, pin=device.type == "cuda", order=order)
+    indices = None
+    if spec.aug_share is not None and len(y) > n_real:  # with no added image the share means nothing
+        def indices(step: int) -> torch.Tensor:
+            return mixed_batch_indices(seed, step, n_real, len(y), bs, spec.aug_share, *order)
+    batches = prefetch(data, y, seed, start, total, bs, pin=device.type == "cuda", order=order, indices=indices)
     for step, (xb_u8, yb) in zip(range(start, total), batches, strict=True):
         lr = lr_at(step, total, warmup, spec.lr)
         for group in opt.param_groups:
@@ -340,7 +366,14 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
         if spec.channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device, spec):
-            loss = loss_fn(model(xb).float(), yb.to(device, non_blocking=True))
+            logits, yd = model(xb).float(), yb.to(device, non_blocking=True)
+            if weighed:
+                idx = indices(step) if indices is not None else batch_indices(seed, step, len(y), bs, *order)
+                is_aug = (idx >= n_real).to(device)
+                weight = torch.where(is_aug, torch.tensor(spec.aug_loss_weight, device=device), torch.tensor(1.0, device=device))
+                loss = (weight * torch.where(is_aug, per_aug_image(logits, yd), per_image(logits, yd))).mean()
+            else:
+                loss = loss_fn(logits, yd)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -302,9 +302,16 @@ class TrainSpec:
     # rows shuffled together: a training set larger than this is read in contiguous blocks shuffled within a buffer of
     # this size (augbench.classify.epoch_order); a smaller one in a plain random order
     shuffle_buffer_mb: int = 2048
+    # how real and added images mix (Diff-Mix's synthetic share of each batch, DataDream's loss weight); the defaults
+    # are plain training on the union, as before these settings existed
+    aug_share: float | None = None  # share of added images in every batch; None: their share of the training set
+    aug_loss_weight: float = 1.0  # an added image's weight in the batch's mean loss (a real image's is 1)
+    aug_label_smoothing: float | None = None  # label smoothing of added images; None: label_smoothing, as real ones
     version: int = STAGE_VERSIONS["train"]
 
     def __post_init__(self) -> None:
         if self.augment not in ("rrc", "shift_flip"):
             raise ValueError(f"TrainSpec.augment must be 'rrc' or 'shift_flip', got {self.augment!r}")
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
+        if self.aug_share is not None and not 0 <= self.aug_share <= 1:
+            raise ValueError(f"TrainSpec.aug_share must be in [0, 1] or null, got {self.aug_share!r}")

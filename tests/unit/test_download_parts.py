@@ -38,3 +38,18 @@ def test_failure_reasons() -> None:
     assert failure_reason("timed out") == "timeout"
     assert failure_reason("Image decoding error") == "undecodable_image"
     assert failure_reason("[Errno 111] Connection refused") == "connection_error"
+
+
+def test_a_served_files_identity_is_its_path_and_its_bytes(tmp_path: Path) -> None:
+    """The download cache is keyed by this identity: a rebuilt world reuses paths for other pictures, and keyed by
+    path alone the cache would hand back the old world's images (the end-to-end test rebuilds one)."""
+    from augbench.download import served_identity
+
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool/7.png").write_bytes(b"old picture")
+    old = served_identity(tmp_path, "pool/7.png")
+    assert old.startswith("pool/7.png#sha256=")
+    (tmp_path / "pool/7.png").write_bytes(b"new picture")
+    assert served_identity(tmp_path, "pool/7.png") != old
+    (tmp_path / "pool/7.png").write_bytes(b"old picture")
+    assert served_identity(tmp_path, "pool/7.png") == old

@@ -191,6 +191,9 @@ wildcard_constraints:
 SEARCH_SCHEDULING = ("search", "parts_per_block", "tile_rows", "threads", "gpu", "margin")
 
 
+TRAIN_MIXING_DEFAULTS = {"aug_share": None, "aug_loss_weight": 1.0, "aug_label_smoothing": None}
+
+
 def stage_spec(stage, **extra):
     """One canonical JSON string of a stage's settings plus its version: a changed setting reruns the stage."""
     section = {"world": "world", "download": "download", "embed": "embed", "index": "index", "train": "train",
@@ -224,6 +227,11 @@ def stage_spec(stage, **extra):
             data["min_cosine"] = None  # a local pool's pixels are the embedded ones
     if stage == "index":
         data = {k: v for k, v in config["index"].items() if k != "threads"}  # threads: scheduling
+    if stage == "train":  # mixing options at their defaults are plain training, as before they existed: no rerun;
+        # the judge and the baselines train on no added image, so they are never part of their spec
+        judge = extra.pop("judge", False)
+        data = {k: v for k, v in data.items()
+                if k not in TRAIN_MIXING_DEFAULTS or (not judge and v != TRAIN_MIXING_DEFAULTS[k])}
     data.update(extra)
     data["version"] = STAGE_VERSIONS[stage]
     return canonical_json(data)
