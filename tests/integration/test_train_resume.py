@@ -27,9 +27,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _train_cmd(world: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "augbench", "train", "--real", str(world / "target/train.parquet"), "--root", str(world),
-            "--test", str(world / "target/test.parquet"), "--classes", str(world / "classes.json"), "--seed", "3",
+def _train_cmd(world: Path, out: Path, source: str = "tables") -> list[str]:
+    """The training job on the split tables, or (`decoded`) as the workflow runs it: on the decode cache's
+    memory-mapped folders, written by the `augbench decode` job."""
+    real, test, root = world / "target/train.parquet", world / "target/test.parquet", world
+    if source == "decoded":
+        for split in ("train", "test"):
+            folder = world.parent / f"decoded/{split}"
+            if not folder.exists():
+                res = subprocess.run([sys.executable, "-m", "augbench", "decode", "--table", str(world / f"target/{split}.parquet"),
+                                      "--root", str(world), "--size", "32", "--out", str(folder)], capture_output=True,
+                                     text=True, timeout=300, env=subprocess_env())
+                assert res.returncode == 0, res.stderr[-2000:]
+        real, test, root = world.parent / "decoded/train", world.parent / "decoded/test", Path(".")
+    return [sys.executable, "-m", "augbench", "train", "--real", str(real), "--root", str(root),
+            "--test", str(test), "--classes", str(world / "classes.json"), "--seed", "3",
             "--out-metrics", str(out / "metrics.json"), "--out-ckpt", str(out / "model.pt"), "--spec", canonical_json(SPEC)]
 
 
@@ -44,21 +56,22 @@ def _kill_at_first_checkpoint(cmd: list[str], resume: Path) -> subprocess.Popen:
     return proc
 
 
-def test_killed_training_resumes_to_the_uninterrupted_result(world: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["tables", "decoded"])
+def test_killed_training_resumes_to_the_uninterrupted_result(world: Path, tmp_path: Path, source: str) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    res = subprocess.run(_train_cmd(world, whole), capture_output=True, text=True, timeout=600, env=subprocess_env())
+    res = subprocess.run(_train_cmd(world, whole, source), capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert res.returncode == 0, res.stderr[-3000:]
 
     # the second run is killed (SIGKILL: no cleanup at all) as soon as its first checkpoint lands
     resume = killed / "resume.pt"
-    proc = _kill_at_first_checkpoint(_train_cmd(world, killed), resume)
+    proc = _kill_at_first_checkpoint(_train_cmd(world, killed, source), resume)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert resume.exists() and not (killed / "metrics.json").exists() and not (killed / "model.pt").exists()
     step = torch.load(resume, weights_only=True)["step"]
     steps_per_epoch = 30 // SPEC["batch_size"]
     assert 0 < step < SPEC["min_steps"] and step % steps_per_epoch != 0, f"checkpoint at step {step} is not mid-epoch"
 
-    res = subprocess.run(_train_cmd(world, killed), capture_output=True, text=True, timeout=600, env=subprocess_env())
+    res = subprocess.run(_train_cmd(world, killed, source), capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {resume} at step {step}" in res.stderr
     assert not resume.exists(), "the resume checkpoint is removed once the run is complete"
