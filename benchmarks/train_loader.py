@@ -96,7 +96,7 @@ def ours(table: Path, decoded: Path, spec: TrainSpec, steps: int, device: torch.
     mean, std = MEAN.to(device), STD.to(device)
     step = step_fn(model, torch.optim.SGD(model.parameters(), lr=0.01), device) if model is not None else None
     started = None
-    for s, (xb, yb) in zip(range(steps + 2), prefetch(data, labels, 0, 0, steps + 2, spec.batch_size, pin=device.type == "cuda"),
+    for s, (xb, yb, _) in zip(range(steps + 2), prefetch(data, labels, 0, 0, steps + 2, spec.batch_size, pin=device.type == "cuda"),
                            strict=True):
         if s == 2:
             started = time.perf_counter()

@@ -110,9 +110,10 @@ def peak_rss_mb() -> float:
 
 def prefetch(data: Rows, y: np.ndarray, seed: int, start: int, total: int, bs: int, pin: bool,
              order: tuple[int, int | None] = (1, None), indices=None):  # -> Iterator
-    """The batches of steps start..total-1, gathered by a background thread two steps ahead (into pinned memory
-    for a GPU). Batch contents are a function of (seed, step) and the `order` geometry (rows per block, per buffer:
-    `shuffle_geometry`), so the order of work changes nothing."""
+    """The batches (images, labels, row indices) of steps start..total-1, gathered by a background thread two steps
+    ahead (into pinned memory for a GPU). Batch contents are a function of (seed, step) and the `order` geometry (rows
+    per block, per buffer: `shuffle_geometry`), or of `indices(step)` where given, so the order of work changes
+    nothing; the rows come along so that the loop never derives them a second time."""
     import queue
     import threading
 
@@ -126,7 +127,7 @@ def prefetch(data: Rows, y: np.ndarray, seed: int, start: int, total: int, bs: i
                     return
                 idx = (batch_indices(seed, step, len(y), bs, *order) if indices is None else indices(step)).numpy()
                 xb, yb = torch.from_numpy(data.take(idx)), torch.from_numpy(y[idx])
-                q.put((xb.pin_memory(), yb.pin_memory()) if pin else (xb, yb))
+                q.put((xb.pin_memory(), yb.pin_memory(), idx) if pin else (xb, yb, idx))
         except BaseException as exc:  # handed to the training loop, which raises it
             q.put(exc)
 
@@ -191,7 +192,7 @@ def shuffle_geometry(row_bytes: int, spec: TrainSpec) -> tuple[int, int]:
     return block, max(block, spec.shuffle_buffer_mb * 2**20 // row_bytes)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # the current epoch and the next; with aug_share, each stream's current one
 def epoch_order(seed: int, epoch: int, n: int, block_rows: int = 1, buffer_rows: int | None = None,
                 stream: str = "") -> torch.Tensor:
     """The order of the n training rows in epoch `epoch`: a pure function of (seed, epoch) and the geometry.
@@ -336,6 +337,7 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
     per_image = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing, reduction="none")
     aug_smooth = spec.label_smoothing if spec.aug_label_smoothing is None else spec.aug_label_smoothing
     per_aug_image = nn.CrossEntropyLoss(label_smoothing=aug_smooth, reduction="none")
+    aug_weight = torch.tensor(spec.aug_loss_weight, device=device)
     bs = min(spec.batch_size, len(y))
     steps_per_epoch = max(len(y) // bs, 1)
     total = max(spec.epochs * steps_per_epoch, spec.min_steps)
@@ -356,7 +358,7 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
         def indices(step: int) -> torch.Tensor:
             return mixed_batch_indices(seed, step, n_real, len(y), bs, spec.aug_share, *order)
     batches = prefetch(data, y, seed, start, total, bs, pin=device.type == "cuda", order=order, indices=indices)
-    for step, (xb_u8, yb) in zip(range(start, total), batches, strict=True):
+    for step, (xb_u8, yb, rows) in zip(range(start, total), batches, strict=True):
         lr = lr_at(step, total, warmup, spec.lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -368,10 +370,8 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
         with _autocast(device, spec):
             logits, yd = model(xb).float(), yb.to(device, non_blocking=True)
             if weighed:
-                idx = indices(step) if indices is not None else batch_indices(seed, step, len(y), bs, *order)
-                is_aug = (idx >= n_real).to(device)
-                weight = torch.where(is_aug, torch.tensor(spec.aug_loss_weight, device=device), torch.tensor(1.0, device=device))
-                loss = (weight * torch.where(is_aug, per_aug_image(logits, yd), per_image(logits, yd))).mean()
+                is_aug = torch.from_numpy(rows >= n_real).to(device)
+                loss = torch.where(is_aug, aug_weight * per_aug_image(logits, yd), per_image(logits, yd)).mean()
             else:
                 loss = loss_fn(logits, yd)
         opt.zero_grad(set_to_none=True)
@@ -426,9 +426,10 @@ def judge(ckpt: Path, judge_metrics: Path, images: Path, classes: Path, out: Pat
     arr, rows, y = _source(Path(images), Path("."), spec.load_size or spec.input_size, ALL_RANKS, skips)
     scored = (evaluate(model, Rows([(arr, rows)]), y, len(keys), device, spec) if len(y)
               else {"top1": float("nan"), "per_class_top1": {}})
+    judge_run = read_metrics(judge_metrics)
     result = {"judge_fidelity": scored["top1"], "per_class": {keys[c]: v for c, v in scored["per_class_top1"].items()},
               "images": len(y), "skipped": int(sum(skips.values())),
-              "judge_test_top1": read_metrics(judge_metrics)["top1"], "judge_train_images": read_metrics(judge_metrics)["n_real"]}
+              "judge_test_top1": judge_run["top1"], "judge_train_images": judge_run["n_real"]}
     write_json(out, result)
     write_meta(out, "judge", spec_dict(spec), started, judge=str(ckpt))
     log.info("judge: %s: %.3f of %d images (judge test top-1 %.3f)", images, result["judge_fidelity"], len(y),

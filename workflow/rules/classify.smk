@@ -55,7 +55,7 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{method}}/{{n_aug}}/{{seed}}.tsv"
     params:
-        spec=lambda wildcards: stage_spec("train", judge=wildcards.method in BASELINES),  # no added images: no mixing
+        spec=lambda wildcards: stage_spec("train", no_added_images=wildcards.method in BASELINES),  # no added images: no mixing
         aug=lambda wc, input: f"--aug-manifest {input.aug_manifest}" if "aug_manifest" in input.keys() else "",
     threads: config["train"]["threads"]
     resources:
@@ -152,7 +152,7 @@ rule train_judge:
     benchmark:
         f"{BENCH}/judge/train.tsv"
     params:
-        spec=stage_spec("train", min_steps=config["report"]["judge_min_steps"], judge=True),
+        spec=stage_spec("train", min_steps=config["report"]["judge_min_steps"], no_added_images=True),
     threads: config["train"]["threads"]
     resources:
         gpu=1,

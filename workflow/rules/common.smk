@@ -229,9 +229,9 @@ def stage_spec(stage, **extra):
         data = {k: v for k, v in config["index"].items() if k != "threads"}  # threads: scheduling
     if stage == "train":  # mixing options at their defaults are plain training, as before they existed: no rerun;
         # the judge and the baselines train on no added image, so they are never part of their spec
-        judge = extra.pop("judge", False)
+        no_added = extra.pop("no_added_images", False)
         data = {k: v for k, v in data.items()
-                if k not in TRAIN_MIXING_DEFAULTS or (not judge and v != TRAIN_MIXING_DEFAULTS[k])}
+                if k not in TRAIN_MIXING_DEFAULTS or (not no_added and v != TRAIN_MIXING_DEFAULTS[k])}
     data.update(extra)
     data["version"] = STAGE_VERSIONS[stage]
     return canonical_json(data)

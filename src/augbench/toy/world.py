@@ -10,6 +10,7 @@ without the object word, synonyms. The hidden true kind of each pool image is ke
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -325,21 +326,23 @@ def judge_pool_tables(world: Path, train_per_class: int, heldout_per_class: int,
     their key, the first `heldout_per_class` held out and the next `train_per_class` trained on, so the split does
     not depend on the pool's order and a larger cap only adds images.
     """
-    import hashlib
-
     pool = pd.read_parquet(world / "pool/pool.parquet")
     classes = json.loads((world / "classes.json").read_text())["classes"]
     pool = pool[pool["true_label"] >= 0].copy()
     pool["order"] = [hashlib.sha256(f"judge:{k}".encode()).hexdigest() for k in pool["key"]]
     pool = pool.sort_values(["true_label", "order"])
     rank = pool.groupby("true_label").cumcount()
-    frame = lambda rows: pd.DataFrame({"path": rows["file"].to_numpy(), "label": rows["true_label"].astype(np.int64).to_numpy(),  # noqa: E731
-                                       "class": [classes[i] for i in rows["true_label"]], "key": rows["key"].to_numpy()})
+
+    def frame(rows: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"path": rows["file"].to_numpy(), "label": rows["true_label"].astype(np.int64).to_numpy(),
+                             "class": [classes[i] for i in rows["true_label"]], "key": rows["key"].to_numpy()})
+
     heldout = pool[rank < heldout_per_class]
     train = pool[(rank >= heldout_per_class) & (rank < heldout_per_class + train_per_class)]
     write_parquet(out_train, frame(train))
     write_parquet(out_heldout, frame(heldout))
-    short = sorted(classes[c] for c, n in heldout.groupby("true_label").size().items() if n < heldout_per_class)
+    held = heldout.groupby("true_label").size().reindex(range(len(classes)), fill_value=0)  # a class with none counts too
+    short = sorted(classes[c] for c, n in held.items() if n < heldout_per_class)
     if short:
         log.warning("judge pool: classes with fewer than %d held-out pool images: %s", heldout_per_class, short)
     return {"train": len(train), "heldout": len(heldout)}
