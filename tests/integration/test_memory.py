@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import REPO, subprocess_env
 from PIL import Image
 
@@ -107,13 +108,14 @@ def _decoded(folder: Path, n: int, n_classes: int, ranks: bool, seed: int) -> Pa
     return folder
 
 
-def test_training_memory_does_not_grow_with_the_augmentation_set(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixing", [{}, {"aug_share": 0.5, "aug_loss_weight": 0.5}], ids=["union", "mixed"])
+def test_training_memory_does_not_grow_with_the_augmentation_set(tmp_path: Path, mixing: dict) -> None:
     classes = [f"c{i}" for i in range(10)]
     (tmp_path / "classes.json").write_text(json.dumps({"classes": classes, "names": {k: k for k in classes}}))
     real = _decoded(tmp_path / "real", 100, 10, False, 0)
     test = _decoded(tmp_path / "test", 200, 10, False, 1)
     spec = json.dumps({"arch": "resnet10", "input_size": 32, "augment": "shift_flip", "epochs": 0, "min_steps": 30,
-                       "batch_size": 32, "checkpoint_every": 0})
+                       "batch_size": 32, "checkpoint_every": 0, **mixing})
     anon, hwm = {}, {}
     for n in (10_000, 40_000):
         aug = _decoded(tmp_path / f"aug{n}", n, 10, True, 2)
