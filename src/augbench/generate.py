@@ -13,6 +13,7 @@ Methods: `prompt_classname`, `prompt_templates` (CLIP's 80 templates, item j use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from augbench.device import pick_device
-from augbench.io import atomic_dir, content_id, write_json, write_meta, write_parquet
+from augbench.io import atomic_dir, atomic_path, content_id, write_json, write_meta, write_parquet
 from augbench.methods import method as registry_row
 from augbench.personalize import PipelineSource, class_images, link_tree_file, resolution_of
 from augbench.prompts import IMAGENET_TEMPLATES
@@ -280,9 +281,13 @@ def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_ma
 
     The set is a manifest of pointers into the per-class chunk shards (rebased to `out_manifest`'s folder): no image
     is copied. Fidelity is the share of generated images that CLIP, zero-shot over "a photo of a {name}." for every
-    class, assigns to the class they were generated for; images are read by pointer and decoded `FIDELITY_BATCH` at
-    a time, so memory does not grow with the number of images.
+    class, assigns to the class they were generated for. One class's manifest is held at a time and its rows are
+    appended to the set's parquet as they are read; images are decoded `FIDELITY_BATCH` at a time and only counts
+    are kept, so memory does not grow with the number of images or of classes (ImageNet's 512k generated images).
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from augbench.embed import Clip
     from augbench.imaging import open_rgb
 
@@ -291,28 +296,49 @@ def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_ma
     keys = list(info["classes"])
     names = [info["names"][k] for k in keys]
     out_dir = Path(out_manifest).parent
-    manifest = pd.concat([rebase(pd.read_parquet(m), Path(m).parent, out_dir) for m in manifests], ignore_index=True)
     clip = Clip(clip_model)
     text = clip.texts([f"a photo of a {n}." for n in names])
-    pred = np.full(len(manifest), -1, dtype=np.int64)
-    batch: list[tuple[int, bytes]] = []
+    total = np.zeros(len(keys), dtype=np.int64)
+    right = np.zeros(len(keys), dtype=np.int64)
+    batch: list[tuple[int, bytes, str]] = []  # (label, image bytes, name for an error)
 
     def flush() -> None:
-        images = [open_rgb(data, name=f"{manifest['key'].iloc[i]} ({manifest['shard'].iloc[i]})") for i, data in batch]
-        pred[[i for i, _ in batch]] = np.argmax(clip.images(images) @ text.T, axis=1)
+        images = [open_rgb(data, name=name) for _, data, name in batch]
+        labels = np.array([label for label, _, _ in batch])
+        pred = np.argmax(clip.images(images) @ text.T, axis=1)
+        np.add.at(total, labels, 1)
+        np.add.at(right, labels, pred == labels)
         batch.clear()
 
-    for item in read_pointed(manifest, out_dir):
-        batch.append(item)
-        if len(batch) == FIDELITY_BATCH:
+    schema: pa.Schema | None = None
+    empty: list[pd.DataFrame] = []
+    with atomic_path(out_manifest) as tmp, contextlib.ExitStack() as stack:
+        writer: pq.ParquetWriter | None = None
+        for m in manifests:
+            part = rebase(pd.read_parquet(m), Path(m).parent, out_dir)
+            if part.empty:
+                empty.append(part)
+                continue
+            table = pa.Table.from_pandas(part, preserve_index=False)
+            if writer is None:
+                schema = table.schema.remove_metadata()
+                writer = stack.enter_context(pq.ParquetWriter(tmp, schema))
+            writer.write_table(table.cast(schema))
+            labels = part["label"].to_numpy()
+            names_of = (part["key"].astype(str) + " (" + part["shard"].astype(str) + ")").to_numpy()
+            for i, data in read_pointed(part, out_dir):
+                batch.append((int(labels[i]), data, str(names_of[i])))
+                if len(batch) == FIDELITY_BATCH:
+                    flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    truth = manifest["label"].to_numpy()
-    per_class = {keys[c]: float((pred[truth == c] == c).mean()) for c in range(len(keys)) if (truth == c).any()}
-    result = {"generation_fidelity": float((pred == truth).mean()) if len(truth) else float("nan"),
-              "per_class": per_class, "images": len(manifest)}
-    write_parquet(out_manifest, manifest)
+        if writer is None:  # no image at all: the columns of the (empty) manifests
+            stack.close()
+            (pd.concat(empty, ignore_index=True) if empty else pd.DataFrame()).to_parquet(tmp, index=False)
+    images = int(total.sum())
+    per_class = {keys[c]: float(right[c] / total[c]) for c in range(len(keys)) if total[c]}
+    result = {"generation_fidelity": float(right.sum() / images) if images else float("nan"),
+              "per_class": per_class, "images": images}
     write_json(out_fidelity, result)
-    write_meta(out_manifest, "collect", {}, started, clip=str(clip_model), stats={"images": len(manifest)})
+    write_meta(out_manifest, "collect", {}, started, clip=str(clip_model), stats={"images": images})
     return result

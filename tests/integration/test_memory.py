@@ -42,6 +42,10 @@ def _polled_anon_peak_mb(cmd: list[str]) -> tuple[float, float]:
     return anon, hwm
 
 
+SIDE = 112  # noise PNG of 112 px: 20,000 images hold about 720 MB, so the bound (a tenth) clears the ~20 MB by which a
+# job's polled peak varies between runs of the same work (allocator transients of a 256-image batch)
+
+
 def _generated_set(root: Path, classes: list[str], per_class: int, chunk: int = 250) -> list[Path]:
     """Per-class folders as a generate block writes them: chunks/<c>.tar and a manifest with pointers."""
     rng = np.random.default_rng(0)
@@ -53,7 +57,7 @@ def _generated_set(root: Path, classes: list[str], per_class: int, chunk: int = 
             samples, rows = [], []
             for j in range(c, min(c + chunk, per_class)):
                 buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+                Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(buf, "PNG")
                 samples.append(Sample(f"{key}_{j:06d}", buf.getvalue(), "png", "", {}))
                 rows.append({"key": f"{key}_{j:06d}", "class": key, "label": label, "rank": j, "index": j})
             tar = out / "chunks" / f"{c // chunk:05d}.tar"
@@ -64,8 +68,8 @@ def _generated_set(root: Path, classes: list[str], per_class: int, chunk: int = 
     return manifests
 
 
-def _collect(root: Path, per_class: int) -> tuple[float, Path, list[Path]]:
-    classes = [f"c{i}" for i in range(10)]
+def _collect(root: Path, n_classes: int, per_class: int = 250) -> tuple[float, Path, list[Path]]:
+    classes = [f"c{i}" for i in range(n_classes)]
     (root / "classes.json").parent.mkdir(parents=True, exist_ok=True)
     (root / "classes.json").write_text(json.dumps({"classes": classes, "names": {k: k for k in classes}}))
     manifests = _generated_set(root / "block", classes, per_class=per_class)
@@ -77,14 +81,15 @@ def _collect(root: Path, per_class: int) -> tuple[float, Path, list[Path]]:
 
 
 def test_collect_streams_20k_generated_images_in_flat_memory(tmp_path: Path) -> None:
-    small, _, _ = _collect(tmp_path / "small", per_class=250)  # full chunks and batches: the same transient peak
-    peak, out, manifests = _collect(tmp_path / "large", per_class=2000)
+    # the unit of work is a class (its manifest, 250 images, one chunk): 10 classes, then 80, so that any state kept
+    # per image or per class shows as growth, and full chunks and batches give both the same transient peak
+    small, _, _ = _collect(tmp_path / "small", n_classes=10)
+    peak, out, manifests = _collect(tmp_path / "large", n_classes=80)
     data = sum(f.stat().st_size for f in (tmp_path / "large/block").rglob("*.tar")) / 2**20
     print(f"\ncollect's anonymous memory, polled: 2,500 images {small:.0f} MB, 20,000 images {peak:.0f} MB ({data:.0f} MB of PNG)")
     fidelity = json.loads((out / "fidelity.json").read_text())
     assert fidelity["images"] == 20_000 and 0 <= fidelity["generation_fidelity"] <= 1
-    # 8x the images (64 px noise PNG: 20,000 of them hold about 250 MB) may add only the manifest's rows and no image:
-    # at most a tenth of the data
+    # 8x the images may add no image and no per-image state: at most a tenth of the data
     assert peak - small < data / 10, f"collect grew by {peak - small:.1f} MB from 2,500 to 20,000 images ({data:.0f} MB)"
     assert not list(out.glob("*.tar")), "the augmentation set is pointers, not a second copy"
     # the set's pointers (rebased to its own folder) read back the very bytes the chunks hold
