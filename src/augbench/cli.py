@@ -214,7 +214,9 @@ def cmd_personalize(a: argparse.Namespace) -> object:
 
 @command("generate", "generate each class of a block with one method (one model load; cached by chunk)",
          _job_args,
-         arg("--model", required=True, help="StableDiffusionPipeline folder or hub id"),
+         arg("--model", required=True, help="a diffusers text-to-image pipeline folder or hub id"),
+         arg("--architecture", default="auto", help="its architecture (augbench.architectures), checked against "
+             "model_index.json; auto: read from it"),
          arg("--table", required=True, help="training split table (img2img sources)"),
          arg("--root", required=True),
          _class_args,
@@ -228,7 +230,7 @@ def cmd_generate(a: argparse.Namespace) -> object:
 
     return generate_block(a.model, _block(a), Path(a.out), Path(a.cache), parse_spec(GenerateSpec, a.spec),
                           personalization=Path(a.personalization) if a.personalization else None,
-                          real=(Path(a.table), Path(a.root)))
+                          real=(Path(a.table), Path(a.root)), architecture=a.architecture)
 
 
 @command("collect", "join a method's per-class images and measure generation fidelity",

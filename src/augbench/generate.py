@@ -37,7 +37,8 @@ from augbench.specs import GenerateSpec, canonical_json, item_seed, spec_dict
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
+SCHEDULERS = {  # noise-prediction samplers; "model" keeps the one the model folder ships (flow-matching models need it)
+    "model": None,
     "dpm": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
@@ -47,11 +48,20 @@ SCHEDULERS = {
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's sampler, keeping the model's noise schedule (its scheduler config)."""
+    """Swap the pipeline's sampler, keeping the model's noise schedule (its scheduler config); `model` keeps the sampler
+    as shipped. The swappable samplers integrate a noise prediction: on a flow-matching model they are refused."""
     import diffusers
+
+    from augbench.architectures import architecture
 
     if name not in SCHEDULERS:
         raise ValueError(f"generate: unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}")
+    if SCHEDULERS[name] is None:
+        return
+    arch = architecture(getattr(pipe, "augbench_architecture", "sd"))
+    if arch.objective != "noise":
+        raise ValueError(f"generate: scheduler {name!r} samples noise-prediction models; {arch.name} "
+                         f"({arch.text2image}) is a {arch.objective} model: set scheduler: model")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
@@ -113,22 +123,53 @@ def encode_image(image: Image.Image, spec: GenerateSpec) -> bytes:
     return buf.getvalue()
 
 
+def call_kwargs(pipe, optional: tuple[str, ...] = (), **wanted: object) -> dict[str, object]:
+    """The keyword arguments of `wanted` that the pipeline's call takes, plus its architecture's fixed ones
+    (`Architecture.call`). A setting the call cannot take is dropped only where that changes nothing (a negative
+    prompt of "" or none; a size in `optional`, which the pipeline then takes from its input image); otherwise it is
+    an error naming the pipeline."""
+    import inspect
+
+    from augbench.architectures import architecture
+
+    arch = architecture(getattr(pipe, "augbench_architecture", "sd"))
+    takes = inspect.signature(type(pipe).__call__).parameters
+    out = {k: v for k, v in arch.call if k in takes}
+    for k, v in wanted.items():
+        if k in takes:
+            out[k] = v
+        elif k in optional or (k == "negative_prompt" and not any(v or [])):
+            continue
+        else:
+            raise ValueError(f"generate: {type(pipe).__name__} ({arch.name}) takes no {k}")
+    return out
+
+
 def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources: np.ndarray | None,
                cond: torch.Tensor | None) -> list[Image.Image]:
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed"]]
     common = {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance_scale, "generator": gens}
     neg = [spec.negative_prompt] * len(rows) if spec.guidance_scale > 1 else None
     if registry_row(spec.method).from_real:
-        from diffusers import StableDiffusionImg2ImgPipeline
+        import diffusers
 
-        i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+        from augbench.architectures import architecture
+
+        arch = architecture(getattr(pipe, "augbench_architecture", "sd"))
+        if arch.image2image is None:
+            raise ValueError(f"generate: {spec.method} starts from real images; {arch.name} has no image-to-image pipeline")
+        i2i = getattr(diffusers, arch.image2image).from_pipe(pipe)
         i2i.set_progress_bar_config(disable=True)
+        i2i.augbench_architecture = arch.name
         init = [Image.fromarray(sources[int(i)]) for i in rows["source"]]
-        return i2i(prompt=list(rows["prompt"]), image=init, strength=spec.strength, negative_prompt=neg, **common).images
+        kw = call_kwargs(i2i, ("height", "width"), negative_prompt=neg, strength=spec.strength, height=size, width=size,
+                         **common)
+        return i2i(prompt=list(rows["prompt"]), image=init, **kw).images
     if cond is not None:
         embeds = cond[torch.as_tensor(rows["vector"].to_numpy())].to(pipe.device, pipe.unet.dtype)
         return pipe(prompt_embeds=embeds, negative_prompt=neg, height=size, width=size, **common).images
-    return pipe(prompt=list(rows["prompt"]), negative_prompt=neg, height=size, width=size, **common).images
+    kw = call_kwargs(pipe, negative_prompt=neg, height=size, width=size, **common)
+    return pipe(prompt=list(rows["prompt"]), **kw).images
 
 
 def cache_ident(spec: GenerateSpec, model: str | Path, class_key: str, personalization: Path | None,
@@ -246,15 +287,17 @@ def precision_of(spec: GenerateSpec, device: torch.device) -> torch.dtype:
 
 
 def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: Path, cache: Path, spec: GenerateSpec,
-                   personalization: Path | None = None, real: tuple[Path, Path] | None = None) -> dict[str, object]:
-    """Generate every class of a block in one process: the model is loaded once (only if a chunk is missing).
+                   personalization: Path | None = None, real: tuple[Path, Path] | None = None,
+                   architecture: str | None = None) -> dict[str, object]:
+    """Generate every class of a block in one process: the model is loaded once (only if a chunk is missing), through
+    the pipeline class of its `architecture` (declared and checked against `model_index.json`, or read from it).
 
     Writes `out/<class key>/manifest.parquet` and `chunks/` for each class; chunks live in `cache/<class key>/`,
     outside the block's folder, so a killed block keeps what it made and a rerun appends as a per-class job would.
     """
     started = time.time()
     device = pick_device()
-    source = PipelineSource(model, device, precision_of(spec, device))
+    source = PipelineSource(model, device, precision_of(spec, device), architecture)
     per_class = {}
     with atomic_dir(out) as tmp:
         for key, label, name in classes:

@@ -56,17 +56,27 @@ def has_fp16_variant(model: str | Path) -> bool:
     return folder.is_dir() and any(folder.glob("*/*.fp16.safetensors"))
 
 
-def load_pipeline(model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
-    """`StableDiffusionPipeline.from_pretrained` on a folder or hub id, without the safety checker (fp16 variant files
-    when loading in half precision and the folder has them)."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                  architecture: str | None = None):
+    """A text-to-image pipeline from a folder or hub id, through the class its architecture names (augbench.architectures:
+    declared, checked against `model_index.json`, or read from it): without the safety checker, with the fp16 variant
+    files when loading in half precision and the folder has them."""
+    import diffusers
 
+    from augbench.architectures import resolve
+
+    arch = resolve(model, architecture)
     variant = "fp16" if dtype == torch.float16 and has_fp16_variant(model) else None
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False,
-                                                   feature_extractor=None, dtype=dtype, variant=variant)
-    if len(pipe.tokenizer) < 10:
-        raise ValueError(f"{model}: tokenizer has only {len(pipe.tokenizer)} tokens; is the pipeline folder complete?")
+    cls = getattr(diffusers, arch.text2image)
+    extra = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None} if arch.name == "sd" else {}
+    pipe = cls.from_pretrained(str(model), dtype=dtype, variant=variant, **extra)
+    for name, _ in arch.text_encoders:
+        tokenizer = getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
+        if tokenizer is not None and len(tokenizer) < 10:
+            raise ValueError(f"{model}: {name.replace('text_encoder', 'tokenizer')} has only {len(tokenizer)} tokens; "
+                             "is the pipeline folder complete?")
     pipe.set_progress_bar_config(disable=True)
+    pipe.augbench_architecture = arch.name
     return pipe.to(device or torch.device("cpu"))
 
 
@@ -79,14 +89,15 @@ class PipelineSource:
     the next, and a class's result is the same as in a process of its own.
     """
 
-    def __init__(self, model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
-        self.model, self.device, self.dtype = model, device or torch.device("cpu"), dtype
+    def __init__(self, model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 architecture: str | None = None) -> None:
+        self.model, self.device, self.dtype, self.architecture = model, device or torch.device("cpu"), dtype, architecture
         self._base = None
         self.loads = 0
 
-    def base(self):  # -> StableDiffusionPipeline
+    def base(self):  # -> a diffusers text-to-image pipeline
         if self._base is None:
-            self._base = load_pipeline(self.model, self.device, self.dtype)
+            self._base = load_pipeline(self.model, self.device, self.dtype, self.architecture)
             self.loads += 1
         return self._base
 
@@ -257,8 +268,11 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def resolution_of(pipe) -> int:
-    """The image side the pipeline generates by default (UNet sample size x VAE factor)."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The image side the pipeline generates by default: the denoiser's sample size (in latent pixels) x the
+    autoencoder's factor, or the pipeline's own `default_sample_size` where the denoiser has none (FLUX)."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    size = getattr(denoiser.config, "sample_size", None) or pipe.default_sample_size
+    return int(size * pipe.vae_scale_factor)
 
 
 def _class_paths(table: Path, root: Path, label: int) -> list[str]:

@@ -9,6 +9,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from augbench.architectures import check_pairs  # noqa: E402
+from augbench.architectures import resolve as resolve_architecture  # noqa: E402
 from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONALIZED, REGISTRY, RETRIEVAL_MODES  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
@@ -74,6 +76,28 @@ if TOY_TARGET:  # shipped toy models (models/toy/manifest.json) trained on anoth
             print(f"augbench: warning: {_section}.model {_folder} was trained on another world ({'; '.join(_diff)}); "
                   "retrieval and generation may be weaker (README: toy foundation models)", file=sys.stderr)
 GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
+
+
+def diffusion_architecture():
+    """The diffusion model's architecture where it is known at parse time: declared, or read from an existing folder
+    (a workflow-trained toy model is a Stable Diffusion pipeline); None for a hub model not yet fetched under `auto`
+    (then checked when loaded). Every configured generated method is checked against it here, before any job."""
+    declared = config["diffusion"]["architecture"]
+    if config["diffusion"]["model"] == "toy" and declared == "auto":
+        declared = "sd"
+    if declared == "auto" and not Path(SD_MODEL).is_dir():
+        return None
+    try:
+        arch = resolve_architecture(SD_MODEL, declared)
+        methods = [m for m in dict.fromkeys(config["methods"] + list(config.get("sweep_methods") or []))
+                   if m in GENERATION_METHODS]
+        check_pairs(methods, arch, "diffusion.model")
+    except ValueError as exc:
+        config_error(f"diffusion: {exc}")
+    return arch
+
+
+SD_ARCH = diffusion_architecture()
 
 
 for _key in ("methods", "sweep_methods"):  # the registry is the one list of methods (augbench.methods.REGISTRY)

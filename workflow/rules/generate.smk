@@ -20,6 +20,7 @@ rule generate:
         spec=method_spec("generate"),
         args=generate_args,
         model=SD_MODEL,
+        architecture=config["diffusion"]["architecture"],
         root=lambda wildcards, input: Path(input.table).parents[1],
     threads: config["generate"]["threads"]
     resources:
@@ -30,7 +31,7 @@ rule generate:
     conda:
         "../../envs/augbench.yaml"
     shell:
-        "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
+        "python -m augbench generate --model {params.model:q} --architecture {params.architecture} --table {input.table:q} --root {params.root:q}"
         " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 

@@ -1,0 +1,157 @@
+"""What a text-to-image architecture is: the one registry of the generators augbench loads through diffusers.
+
+Beside `augbench.methods` (what a *method* is), this table says, per architecture, which diffusers pipeline classes
+load it (`model_index.json`'s `_class_name`), its image-to-image pipeline, its text encoders, its denoiser, its
+training objective, its sampler and defaults, and how many parameters it holds (the GPU memory it needs). Every
+place that treats architectures differently asks this table about a *property*, never a name. Plain data: the
+workflow imports it at parse time to refuse a (method, architecture) pair that cannot work before any job runs.
+
+The methods that learn something per class (textual inversion, conditioning vectors, a fine-tuned denoiser) are
+built for the Stable Diffusion 1.x / 2.x layout only (one CLIP tokenizer and encoder, a UNet, epsilon or v
+prediction): on any other architecture they are refused with that reason (`refusal`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from augbench.methods import Method
+
+Objective = Literal["noise", "flow_matching"]  # epsilon / v prediction (DDPM family) | rectified flow (velocity)
+TextEncoder = Literal["clip", "t5", "gemma", "qwen_vl"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One text-to-image architecture as diffusers builds it.
+
+    pipelines: `model_index.json` `_class_name`s that are this architecture (the first is its text-to-image class).
+    image2image: diffusers' image-to-image pipeline for it (SDEdit at `generate.strength`), None where there is none.
+    text_encoders: (pipeline attribute, kind) of each text encoder, in the pipeline's order.
+    denoiser: the pipeline attribute of the denoising network (`unet` or `transformer`).
+    objective: what the denoiser was trained to predict: noise (epsilon / v) or a flow-matching velocity; the
+        samplers of `generate.scheduler` other than `model` are noise-prediction samplers.
+    lora: diffusers has a LoRA loader for the pipeline (`load_lora_weights`).
+    negative_prompt: the pipeline's call takes `negative_prompt` (classifier-free guidance against it).
+    call: keyword arguments every call gets (resolution binning off: augbench asks for square images at one side).
+    params_b: parameters in billions, all modules (denoiser + text encoders + autoencoder), from the model cards of the
+        named checkpoints: the weights' memory is params_b x 2 GB in 16-bit precision.
+    checkpoints: hub ids of this architecture (for the docs and the example config).
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    image2image: str | None
+    text_encoders: tuple[tuple[str, TextEncoder], ...]
+    denoiser: str
+    objective: Objective
+    lora: bool
+    negative_prompt: bool = True
+    call: tuple[tuple[str, object], ...] = ()
+    params_b: float = 0.0
+    checkpoints: tuple[str, ...] = ()
+
+    @property
+    def text2image(self) -> str:
+        """diffusers' text-to-image pipeline class of the architecture."""
+        return self.pipelines[0]
+
+    def weights_gb(self, bytes_per_param: int = 2) -> float:
+        """GPU memory of the weights alone (16-bit by default): what inference needs before activations."""
+        return round(self.params_b * bytes_per_param, 1)
+
+
+REGISTRY: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("sd", ("StableDiffusionPipeline",), "StableDiffusionImg2ImgPipeline", (("text_encoder", "clip"),),
+                 "unet", "noise", lora=True, params_b=1.07,
+                 checkpoints=("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                              "stabilityai/stable-diffusion-2-1")),
+    Architecture("sdxl", ("StableDiffusionXLPipeline",), "StableDiffusionXLImg2ImgPipeline",
+                 (("text_encoder", "clip"), ("text_encoder_2", "clip")), "unet", "noise", lora=True, params_b=3.47,
+                 checkpoints=("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo")),
+    Architecture("sd3", ("StableDiffusion3Pipeline",), "StableDiffusion3Img2ImgPipeline",
+                 (("text_encoder", "clip"), ("text_encoder_2", "clip"), ("text_encoder_3", "t5")), "transformer",
+                 "flow_matching", lora=True, params_b=13.8,
+                 checkpoints=("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium")),
+    Architecture("flux", ("FluxPipeline",), "FluxImg2ImgPipeline", (("text_encoder", "clip"), ("text_encoder_2", "t5")),
+                 "transformer", "flow_matching", lora=True, negative_prompt=False, params_b=16.9,
+                 checkpoints=("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")),
+    Architecture("sana", ("SanaPipeline",), None, (("text_encoder", "gemma"),), "transformer", "flow_matching",
+                 lora=True, call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
+                 checkpoints=("Efficient-Large-Model/Sana_1600M_1024px_diffusers",)),
+    Architecture("pixart_sigma", ("PixArtSigmaPipeline",), None, (("text_encoder", "t5"),), "transformer", "noise",
+                 lora=False, call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
+                 checkpoints=("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",)),
+    Architecture("qwen_image", ("QwenImagePipeline",), "QwenImageImg2ImgPipeline", (("text_encoder", "qwen_vl"),),
+                 "transformer", "flow_matching", lora=True, params_b=28.8, checkpoints=("Qwen/Qwen-Image",)),
+)}
+
+
+def architecture(name: str) -> Architecture:
+    """The registry row of `name`; an unknown name is an error that lists the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; known: {list(REGISTRY)}") from None
+
+
+def of_class_name(class_name: str) -> Architecture:
+    """The architecture whose pipelines include `class_name` (a `model_index.json` `_class_name`)."""
+    for a in REGISTRY.values():
+        if class_name in a.pipelines:
+            return a
+    known = [p for a in REGISTRY.values() for p in a.pipelines]
+    raise ValueError(f"pipeline class {class_name!r} is no architecture augbench knows; known: {known}")
+
+
+def read_class_name(model: str | Path) -> str | None:
+    """`_class_name` of a pipeline folder's `model_index.json`; None for a name that is no folder (a hub id)."""
+    index = Path(model) / "model_index.json"
+    if not Path(model).is_dir():
+        return None
+    if not index.is_file():
+        raise ValueError(f"{model}: no model_index.json: not a diffusers pipeline folder")
+    return str(json.loads(index.read_text())["_class_name"])
+
+
+def resolve(model: str | Path, declared: str | None) -> Architecture:
+    """The architecture of a model: the declared one, checked against the folder's `model_index.json`; or, declared
+    `auto` / None, the one the folder names. A mismatch is an error naming the folder, the declared architecture and
+    the pipeline class found."""
+    found = read_class_name(model)
+    if declared in (None, "auto"):
+        if found is None:
+            raise ValueError(f"{model}: a hub id needs its architecture declared (one of {list(REGISTRY)})")
+        return of_class_name(found)
+    arch = architecture(declared)
+    if found is not None and found not in arch.pipelines:
+        raise ValueError(f"{model}: declared architecture {arch.name!r} loads {list(arch.pipelines)}, but its "
+                         f"model_index.json names {found!r}")
+    return arch
+
+
+def refusal(m: Method, arch: Architecture) -> str | None:
+    """Why `m` cannot run on `arch` (None: it can). Checked at parse time, before any job."""
+    if m.family != "generated":
+        return None
+    if m.from_real and arch.image2image is None:
+        return f"diffusers has no image-to-image pipeline for {arch.name} ({arch.text2image})"
+    if m.personalized and arch.name != "sd":
+        what = {"pseudo_word": "textual inversion", "cond_vectors": "conditioning vectors",
+                "cond_clusters": "conditioning clusters"}[m.learns]
+        return (f"{what}{' with a fine-tuned denoiser' if m.finetune_unet else ''} is built for the Stable Diffusion "
+                f"1.x / 2.x layout (one CLIP text encoder, a UNet) only; {arch.name} is {arch.text2image}")
+    return None
+
+
+def check_pairs(methods: list[str], arch: Architecture, generator: str = "diffusion") -> None:
+    """Refuse, in one error, every configured method that cannot run on the generator's architecture."""
+    from augbench.methods import method
+
+    reasons = [f"{name} on {generator} ({arch.name}): {why}" for name in methods
+               if (why := refusal(method(name), arch)) is not None]
+    if reasons:
+        raise ValueError("refused before anything runs:\n  " + "\n  ".join(reasons))
