@@ -30,3 +30,11 @@ def test_every_config_key_has_a_reference_entry_and_the_reference_is_current() -
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     missing = [path for path, _ in keys(schema) if f"`{path}`" not in doc]
     assert not missing, missing
+
+
+def test_the_generators_page_is_current_with_the_registries() -> None:
+    """docs/generators.md's architecture and architecture x method tables are what the registries say today."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts/generators_doc.py"), "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    doc = (REPO / "docs/generators.md").read_text()
+    assert "| `img2img` | runs | runs | runs | runs | refused (1) | refused (1) | runs |" in doc
