@@ -61,15 +61,39 @@ def snapshot_folder(cache: str | Path, repo_id: str, revision: str | None) -> Pa
     return Path(cache) / repo_id.replace("/", "--") / (revision or "main")
 
 
+def gated_error(repo_id: str, token: bool) -> PermissionError:
+    """The one error for a gated repository this machine may not read: which repository, and what to do."""
+    who = ("the account of the token in HF_TOKEN (or `hf auth login`) has not accepted it" if token else
+           "no hub token is set: export HF_TOKEN=<a token of an account that accepted it> (or run `hf auth login`)")
+    return PermissionError(f"{repo_id} is gated on the Hugging Face hub: accept its licence at "
+                           f"https://huggingface.co/{repo_id}; {who}")
+
+
 def fetch_model(repo_id: str, revision: str | None, out: Path) -> dict[str, object]:
-    """Download `repo_id` at `revision` into `out` (atomically) and write its marker; returns the marker's content."""
-    from huggingface_hub import HfApi, snapshot_download
+    """Download `repo_id` at `revision` into `out` (atomically) and write its marker; returns the marker's content.
+
+    The hub token comes from the environment (HF_TOKEN, or the one `hf auth login` stored), as huggingface_hub reads
+    it. A gated repository (SD 3.5, FLUX.1-dev) without a token, or with one whose account has not accepted the
+    licence, is one clear error naming the repository, raised here: this rule runs on the login node before any GPU
+    job is submitted.
+    """
+    from huggingface_hub import HfApi, get_token, snapshot_download
+    from huggingface_hub.errors import GatedRepoError
 
     started = time.time()
-    info = HfApi().model_info(repo_id, revision=revision)
+    token = get_token() is not None
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+    except GatedRepoError:
+        raise gated_error(repo_id, token) from None
+    if info.gated and not token:
+        raise gated_error(repo_id, token)
     skip = ignore_patterns([s.rfilename for s in info.siblings or []])
     with atomic_dir(out) as tmp:
-        snapshot_download(repo_id, revision=info.sha, local_dir=str(tmp), ignore_patterns=skip)
+        try:
+            snapshot_download(repo_id, revision=info.sha, local_dir=str(tmp), ignore_patterns=skip)
+        except GatedRepoError:
+            raise gated_error(repo_id, token) from None
         meta = {"repo_id": repo_id, "revision": revision, "commit": info.sha, "seconds": round(time.time() - started, 1),
                 "skipped": sorted(set(skip) - set(IGNORE))}
         write_json(tmp / MARKER, meta)

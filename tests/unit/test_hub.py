@@ -3,12 +3,18 @@ classes in the layouts users download, filtered the way `snapshot_download` filt
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
-from conftest import bin_form, build_tiny_clip, sd_layout
+from conftest import bin_form, build_tiny_clip, sd_layout, subprocess_env
 from huggingface_hub.utils import filter_repo_objects
 
 from augbench.hub import IGNORE, ignore_patterns
@@ -86,3 +92,65 @@ def test_a_filtered_snapshot_of_a_clip_with_both_weight_forms_loads(tmp_path: Pa
     snap = _snapshot(src, tmp_path / "snap")
     assert not (snap / "pytorch_model.bin").exists() and (snap / "model.safetensors").exists()
     assert Clip(snap).texts(["a photo of a dog."]) == pytest.approx(only_bin, abs=1e-6)
+
+
+class _GatedHub(BaseHTTPRequestHandler):
+    """The hub's answers for a gated repository: its model info and file list are public (gated: manual); every file is refused with
+    403 and `X-Error-Code: GatedRepo`, as huggingface.co answers an account that has not accepted the licence."""
+
+    requests: ClassVar[list[str]] = []
+
+    def _answer(self, body: bool) -> None:
+        type(self).requests.append(f"{self.command} {self.path}")
+        if self.path.startswith("/api/models/org/gated-model/tree/"):  # the file list is public too
+            data = json.dumps([{"type": "file", "path": "model_index.json", "size": 2, "oid": "b" * 40}]).encode()
+            self.send_response(200)
+        elif self.path.startswith("/api/models/org/gated-model"):
+            data = json.dumps({"id": "org/gated-model", "sha": "a" * 40, "gated": "manual", "private": False,
+                               "siblings": [{"rfilename": "model_index.json"}]}).encode()
+            self.send_response(200)
+        else:
+            data = b'{"error": "Access to model org/gated-model is restricted."}'
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer(True)
+
+    def do_HEAD(self) -> None:
+        self._answer(False)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("token", [None, "hf_not_accepted"])
+def test_a_gated_model_is_one_clear_error_naming_the_repository(tmp_path: Path, token: str | None) -> None:
+    """huggingface_hub against a hub served on 127.0.0.1 (HF_ENDPOINT): without a token the fetch stops before asking
+    for any file; with a token whose account has not accepted the licence the hub's GatedRepo refusal becomes the
+    same error. Nothing is left in the cache."""
+    _GatedHub.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {k: v for k, v in subprocess_env().items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "hf"),
+                   HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1", **({"HF_TOKEN": token} if token else {}))
+        out = tmp_path / "cache/org--gated-model/main"
+        code = f"from pathlib import Path; from augbench.hub import fetch_model; fetch_model('org/gated-model', None, Path({str(out)!r}))"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("PermissionError: org/gated-model is gated on the Hugging Face hub: "
+                                                    "accept its licence at https://huggingface.co/org/gated-model"), proc.stderr[-2000:]
+    assert ("no hub token is set" in last) == (token is None) and ("has not accepted it" in last) == (token is not None)
+    asked_files = [r for r in _GatedHub.requests if "/api/models/" not in r]
+    assert (not asked_files) == (token is None), _GatedHub.requests
+    assert not out.exists() and not list(out.parent.glob(".*"))
