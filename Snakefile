@@ -13,6 +13,8 @@
 #   retrieve/url_cache/                      remote pools: img2dataset shards by url, shared by both modes (not an output)
 #   index/trained.index, parts/{ipart}.index, pool.index + pool.ivfdata, index_infos.json   the optional ANN index
 #   diffusion/model/                         toy LDM trained in the workflow (diffusion.model: toy); else a folder or hub id
+# {method} below is a results row: a method, or with `generators` a generated method on one generator variant,
+# <method>@<generator>[-g<guidance>] (personalize/: <method>@<generator>, shared by the generator's guidance scales)
 #   personalize/{method}/block_{b}/{cls}/    learned_embeds.safetensors | cond.safetensors (+ LoRA weights or unet/);
 #                                            links into personalize/{method}/cache/{cls}/<key>/
 #   generate/{method}/block_{b}/{cls}/       manifest.parquet (pointers) + chunks/ (links into generate/{method}/cache/)

@@ -37,6 +37,8 @@ def keys(node: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
         yield path, sub
         if "properties" in sub:
             yield from keys(sub, f"{path}.")
+        elif isinstance(sub.get("additionalProperties"), dict) and "properties" in sub["additionalProperties"]:
+            yield from keys(sub["additionalProperties"], f"{path}.<name>.")  # a map of named entries
 
 
 def _type(node: dict) -> str:

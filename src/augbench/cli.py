@@ -533,6 +533,8 @@ def cmd_judge(a: argparse.Namespace) -> object:
          arg("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)"),
          arg("--judge-pool", help="toy world: the judge's score on held-out pool images (judge/pool_heldout.json)"),
          arg("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class"),
+         arg("--generator", action="append", nargs=3, metavar=("ROW", "GENERATOR", "GUIDANCE"),
+             help="a generated row's generator and guidance scale (the table's generator columns)"),
          arg("--truth", help="pool table with hidden true labels (toy world only)"),
          arg("--benchmarks", help="the run's benchmarks/<dataset> folder: cost per method"),
          arg("--logs", help="the run's logs/<dataset> folder: each job's own CPU seconds, from its closing log line"),
@@ -563,7 +565,8 @@ def cmd_report(a: argparse.Namespace) -> object:
     manifests = {m: Path(f) for m, f in a.augment or []}
     n_classes = len(json.loads(Path(a.classes).read_text())["classes"]) if a.classes else None
     judged = {m: Path(f) for m, f in a.judge or []}
-    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes, judged)
+    generators = {row: (name, float(g)) for row, name, g in a.generator or []}
+    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes, judged, generators)
     if a.benchmarks:
         bench = report.read_benchmarks(Path(a.benchmarks), Path(a.logs) if a.logs else None)
         stages = report.GPU_STAGES | set(a.gpu_stages or [])

@@ -92,12 +92,27 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+ROW_SEPARATOR = "@"  # a results row of a generated method on one generator: `<method>@<generator variant>`
+
+
 def method(name: str) -> Method:
-    """The registry row of `name`; an unknown name is an error that lists the known ones."""
+    """The registry row of `name`, a method or a results row `<method>@<generator variant>` (docs/generators.md); an
+    unknown name is an error that lists the known ones."""
     try:
-        return REGISTRY[name]
+        return REGISTRY[name.split(ROW_SEPARATOR, 1)[0]]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known: {list(REGISTRY)}") from None
+
+
+def row_name(base: str, variant: str) -> str:
+    """The results row of method `base` on generator variant `variant` ("": the run's one diffusion model, whose rows
+    keep the method's own name)."""
+    return f"{base}{ROW_SEPARATOR}{variant}" if variant else base
+
+
+def row_pattern(methods: tuple[str, ...]) -> str:
+    """A wildcard constraint for the rows of `methods`: the method, optionally on a generator variant."""
+    return f"(?:{'|'.join(methods)})(?:{ROW_SEPARATOR}[A-Za-z0-9_.-]+)?"
 
 
 def names(**props: object) -> tuple[str, ...]:

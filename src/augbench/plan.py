@@ -306,8 +306,12 @@ def disk_gb(config: dict) -> dict[str, float]:
     side = config["train"].get("load_size") or config["train"]["input_size"]
     per_class_real = config.get("real_per_class") or 130
     n_max = int(config.get("_n_aug_max") or 0)
-    augmented = [m for m in config["methods"] if m not in ("real", "real_x2")]
-    generated = [m for m in config["methods"] if m in GENERATION_METHODS]
+    # each generated method is a row per generator variant (guidance scale) with `generators`
+    gens = config.get("generators") or {}
+    variants = sum(len(g["guidance_scale"]) if isinstance(g.get("guidance_scale"), list) else 1
+                   for g in gens.values()) or 1
+    generated = [m for m in config["methods"] if m in GENERATION_METHODS] * variants
+    augmented = [m for m in config["methods"] if m not in ("real", "real_x2") and m not in GENERATION_METHODS] + generated
     decoded = classes * (2 * per_class_real + len(augmented) * n_max) * side * side * 3
     g = config["generate"]
     store = g.get("store_size") or g.get("resolution") or 512

@@ -27,12 +27,14 @@ from PIL import Image
 from augbench.classify import read_metrics
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
-from augbench.methods import BASELINES, REGISTRY, RETRIEVAL_MODES
+from augbench.methods import BASELINES, RETRIEVAL_MODES
+from augbench.methods import method as method_of
 from augbench.shards import read_pointed
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["method", "n_aug", "n_aug_min", "n_aug_median", "seeds", "top1_mean", "top1_std", "top5_mean", "retrieval_precision",
+COLUMNS = ["method", "generator", "guidance", "n_aug", "n_aug_min", "n_aug_median", "seeds", "top1_mean", "top1_std",
+           "top5_mean", "retrieval_precision",
            "leaked_removed", "generation_fidelity", "judge_fidelity", "skipped_train", "skipped_aug", "skipped_test"]
 
 
@@ -130,7 +132,7 @@ def gpu_seconds(bench: pd.DataFrame, gpu_stages: set[str]) -> pd.Series:
 
 
 def _family(method: str) -> str:
-    return REGISTRY[method].family
+    return method_of(method).family
 
 
 def _own_rows(bench: pd.DataFrame, method: str) -> pd.Series:
@@ -151,7 +153,7 @@ def _shared_stages(method: str) -> set[str]:
     stages = set(SHARED_BY_FAMILY[_family(method)])
     if method in RETRIEVAL_MODES:
         stages -= {"queries"}  # one queries job per mode: the method's own
-    if method not in BASELINES and method not in RETRIEVAL_MODES and REGISTRY[method].learns == "cond_clusters":
+    if method not in BASELINES and method not in RETRIEVAL_MODES and method_of(method).learns == "cond_clusters":
         stages |= {"embed_target", "pretrain_clip"}  # clusters come from the CLIP embeddings of the training images
     return stages
 
@@ -328,7 +330,7 @@ def leaked_removed(files: dict[str, Path]) -> int:
     return merged + int(fetched)
 
 
-YIELD_COLUMNS = ["method", "n_aug", "class", "achieved", "missing", "reasons", "leaked_merge", "leaked_fetch"]
+YIELD_COLUMNS = ["method", "generator", "guidance", "n_aug", "class", "achieved", "missing", "reasons", "leaked_merge", "leaked_fetch"]
 
 
 def yield_table(points: list[tuple[str, int]], manifests: dict[str, Path], retrieval: dict[str, dict[str, Path]],
@@ -384,8 +386,10 @@ def yield_note(yields: pd.DataFrame) -> list[str]:
 
 def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None,
                 fidelity: dict[str, Path] | None = None, manifests: dict[str, Path] | None = None,
-                n_classes: int | None = None, judged: dict[str, Path] | None = None) -> pd.DataFrame:
-    """Aggregate runs [{method, n_aug, seed, metrics}] into the results table."""
+                n_classes: int | None = None, judged: dict[str, Path] | None = None,
+                generators: dict[str, tuple[str, float]] | None = None) -> pd.DataFrame:
+    """Aggregate runs [{method, n_aug, seed, metrics}] into the results table; `generators` gives a generated row's
+    (generator, guidance scale), the columns that make the generator an axis of the table."""
     records = []
     for r in runs:
         metrics = read_metrics(r["metrics"])
@@ -398,7 +402,9 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
     for (method, n_aug), g in df.groupby(["method", "n_aug"], sort=False):
         low, median = (achieved(manifests[method], n_aug, n_classes) if manifests and method in manifests and n_classes
                        else (n_aug, float(n_aug)))
-        row = {"method": method, "n_aug": n_aug, "n_aug_min": low, "n_aug_median": median, "seeds": len(g), "top1_mean": g["top1"].mean(),
+        gen, guidance = (generators or {}).get(method, ("", float("nan")))
+        row = {"method": method, "generator": gen, "guidance": guidance, "n_aug": n_aug, "n_aug_min": low,
+               "n_aug_median": median, "seeds": len(g), "top1_mean": g["top1"].mean(),
                "top1_std": g["top1"].std(ddof=1) if len(g) > 1 else float("nan"), "top5_mean": g["top5"].mean(),
                "retrieval_precision": float("nan"), "leaked_removed": float("nan"), "generation_fidelity": float("nan"),
                "judge_fidelity": float("nan"), **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
@@ -460,7 +466,7 @@ def to_markdown(table: pd.DataFrame, notes: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-COST_COLUMNS = ["method", "n_aug", "cpu_hours", "gpu_hours", "cost_hours", "gain_per_hour"]
+COST_COLUMNS = ["method", "generator", "guidance", "n_aug", "cpu_hours", "gpu_hours", "cost_hours", "gain_per_hour"]
 
 
 def write_report(table: pd.DataFrame, out_csv: Path, out_md: Path, out_html: Path | None = None,

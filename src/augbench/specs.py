@@ -28,7 +28,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "fetch": 4,  # 2: over-fetched candidates, content check, sharded resumable downloads; 3: manifest with pointers;
     # 4: a url good for two classes goes to the higher score; leaks whatever the geometry; per-class reasons
     "train": 4,  # 3: one random shift per image; skipped images counted in the metrics; 4: reads pointers, decode cache
-    "report": 1,
+    "report": 2,  # 2: generator and guidance columns
     "pretrain_diffusion": 3,  # 2: one random shift per image; 3: mirrored images encoded, not latents flipped
     "personalize": 4,  # 2: LoRA initialised from a seeded generator; 3: class blocks, micro-batched VAE encoding;
     # 4: crops of the shorter-side-resized images (centre and both ends), never squashed

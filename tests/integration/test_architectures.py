@@ -106,8 +106,8 @@ def test_refusals_follow_the_architecture_properties() -> None:
 
 def test_the_config_schema_lists_exactly_the_registry() -> None:
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
-    enum = schema["properties"]["diffusion"]["properties"]["architecture"]["enum"]
-    assert enum == ["auto", *REGISTRY]
+    for node in (schema["properties"]["diffusion"], schema["properties"]["generators"]["additionalProperties"]):
+        assert node["properties"]["architecture"]["enum"] == ["auto", *REGISTRY]
     assert all(a.params_b > 0 and a.checkpoints for a in REGISTRY.values())
 
 

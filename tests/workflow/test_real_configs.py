@@ -268,3 +268,36 @@ def test_precomputed_pool_embeddings_are_ingested_retrieved_and_fetched_by_url(
     assert res.returncode != 0
     emb = meta.with_suffix(".npz") if layout == "datacomp" else pool / "img_emb/img_emb_1.npy"
     assert str(emb) in res.stdout + res.stderr and str(meta) in res.stdout + res.stderr, res.stderr[-3000:]
+
+
+def test_the_generator_sweep_plans_a_row_per_generator_and_guidance_scale(tmp_path: Path) -> None:
+    """config/generators_imagenet10.yaml over the ImageNet config: four generators of four architectures, three with
+    two guidance scales, one row each; every generator's hub model is fetched once by the local rule, and the generate
+    jobs of a row carry its generator's model and settings."""
+    wf = _copy_workflow(tmp_path / "wf")
+    site = {"target": {"root": str(_fake_imagenet(tmp_path / "imagenet"))},
+            "pool": {"embeddings": str(_fake_laion(tmp_path / "laion"))}}
+    (wf / "site.yaml").write_text(yaml.safe_dump(site))
+    res = _smk(wf, "-n", "-p", "--configfile", "config/imagenet10.yaml", "config/generators_imagenet10.yaml", "site.yaml",
+               timeout=300, env={"HF_HUB_OFFLINE": "0", "AUGBENCH_FORBID_TOY": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    jobs = scheduled_jobs(res.stdout)
+    variants = ["sd15-g2", "sd15-g7.5", "sdxl-g2", "sdxl-g7.5", "sd35-g2", "sd35-g4.5", "schnell"]
+    generated = ["prompt_classname", "prompt_templates", "img2img"]
+    assert jobs["generate"] == 40 * len(generated) * len(variants), jobs
+    assert jobs["train"] == 3 * (2 + 2 * (2 + len(generated) * len(variants))), jobs
+    assert jobs["fetch_model"] == 5, "CLIP and the four generators; diffusion.model is not used with generators"
+    for repo in ("stable-diffusion-v1-5--stable-diffusion-v1-5", "stabilityai--stable-diffusion-xl-base-1.0",
+                 "stabilityai--stable-diffusion-3.5-medium", "black-forest-labs--FLUX.1-schnell"):
+        assert f"resources/hub/{repo}/main" in res.stdout, repo
+    assert "CompVis--stable-diffusion-v1-4" not in res.stdout
+    for v in variants:
+        assert f"results/imagenet10/train/img2img@{v}/512/0/metrics.json" in res.stdout, v
+    specs = {}
+    for line in re.findall(r"augbench generate --model (\S+) .*?--spec '(\{.*?\})' --out \S+/generate/(\S+?)/block_0000 ",
+                           res.stdout):
+        specs[line[2]] = (line[0], json.loads(line[1]))
+    model, spec = specs["prompt_classname@sd35-g4.5"]
+    assert "stable-diffusion-3.5-medium" in model and spec["guidance_scale"] == 4.5 and spec["scheduler"] == "model"
+    assert spec["method"] == "prompt_classname" and spec["steps"] == 28
+    assert specs["img2img@schnell"][1]["steps"] == 4 and "--architecture flux" in res.stdout

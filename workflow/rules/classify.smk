@@ -174,7 +174,7 @@ rule judge_generated:
     output:
         f"{R}/augment/{{method}}/judge.json",
     wildcard_constraints:
-        method="|".join(GENERATION_METHODS),
+        method=row_pattern(GENERATION_METHODS),
     log:
         f"{LOGS}/judge/{{method}}.log",
     benchmark:

@@ -1,6 +1,7 @@
 # Config validation, specs and input functions: the only Python in the workflow.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.architectures import check_pairs  # noqa: E402
 from augbench.architectures import resolve as resolve_architecture  # noqa: E402
 from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONALIZED, REGISTRY, RETRIEVAL_MODES  # noqa: E402
+from augbench.methods import ROW_SEPARATOR, row_name, row_pattern  # noqa: E402
+from augbench.methods import method as method_of  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
@@ -39,22 +42,24 @@ HUB_CACHE = config["models"]["cache"]
 DEVICE = config["device"]
 
 
-def model_source(section, toy_folder):
-    """(folder the jobs load, the file that makes it, or None) for the clip / diffusion model.
+def model_source(section, toy_folder, name=None, revision=None):
+    """(folder the jobs load, the file that makes it, or None) for the clip / diffusion model, or (name, revision
+    given) a generator's model (`section` then names it in messages).
 
     "toy": the workflow trains it; an existing folder: used as it is; anything else is a hub id, fetched once by the
     local rule fetch_model into the model cache at the configured revision. On an offline machine
     (HF_HUB_OFFLINE=1) a hub model missing from the cache stops the run here, naming the command that fetches it.
     """
-    name = config[section]["model"]
+    if name is None:
+        name, revision = config[section]["model"], config[section]["revision"]
     if name == "toy":
         return toy_folder, toy_folder
     if Path(name).exists() or os.path.isabs(name) or name.startswith("."):
         return name, None
-    folder = str(snapshot_folder(HUB_CACHE, name, config[section]["revision"]))
+    folder = str(snapshot_folder(HUB_CACHE, name, revision))
     marker = f"{folder}/{HUB_MARKER}"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") and not Path(marker).exists():
-        config_error(f"{section}.model {name!r} (revision {config[section]['revision'] or 'main'}) is not in the model cache "
+        config_error(f"{section}.model {name!r} (revision {revision or 'main'}) is not in the model cache "
                      f"{HUB_CACHE!r} and HF_HUB_OFFLINE is set; fetch it once on a machine with internet: "
                      f"snakemake --cores 1 --configfile <your config> {marker}")
     return folder, marker
@@ -66,38 +71,91 @@ def config_error(message):
 
 
 CLIP_MODEL, CLIP_FILE = model_source("clip", f"{R}/clip/model")
-SD_MODEL, SD_FILE = model_source("diffusion", f"{R}/diffusion/model")
+# with `generators`, diffusion.model is not used (each generator names its model): not resolved, not fetched
+SD_MODEL, SD_FILE = (None, None) if config.get("generators") else model_source("diffusion", f"{R}/diffusion/model")
 if TOY_TARGET:  # shipped toy models (models/toy/manifest.json) trained on another world: say so, do not stop
     from augbench.toy.ship import world_differences
 
-    for _section, _folder in (("clip", CLIP_MODEL), ("diffusion", SD_MODEL)):
+    for _section, _folder in (("clip", CLIP_MODEL), ("diffusion", SD_MODEL or f"{R}/diffusion/model")):
         _diff = world_differences(_folder, parse_spec(WorldSpec, dict(config["world"])).__dict__)
         if _diff:
             print(f"augbench: warning: {_section}.model {_folder} was trained on another world ({'; '.join(_diff)}); "
                   "retrieval and generation may be weaker (README: toy foundation models)", file=sys.stderr)
-GENERATED = [m for m in config["methods"] if m in GENERATION_METHODS]
 
 
-def diffusion_architecture():
-    """The diffusion model's architecture where it is known at parse time: declared, or read from an existing folder
-    (a workflow-trained toy model is a Stable Diffusion pipeline); None for a hub model not yet fetched under `auto`
+def model_architecture(folder, declared, toy, key):
+    """A generator's architecture where it is known at parse time: declared, or read from an existing folder (a
+    workflow-trained toy model is a Stable Diffusion pipeline); None for a hub model not yet fetched under `auto`
     (then checked when loaded). Every configured generated method is checked against it here, before any job."""
-    declared = config["diffusion"]["architecture"]
-    if config["diffusion"]["model"] == "toy" and declared == "auto":
+    if toy and declared == "auto":
         declared = "sd"
-    if declared == "auto" and not Path(SD_MODEL).is_dir():
+    if declared == "auto" and not Path(folder).is_dir():
         return None
     try:
-        arch = resolve_architecture(SD_MODEL, declared)
+        arch = resolve_architecture(folder, declared)
         methods = [m for m in dict.fromkeys(config["methods"] + list(config.get("sweep_methods") or []))
                    if m in GENERATION_METHODS]
-        check_pairs(methods, arch, "diffusion.model")
+        check_pairs(methods, arch, key)
     except ValueError as exc:
-        config_error(f"diffusion: {exc}")
+        config_error(f"{key}: {exc}")
     return arch
 
 
-SD_ARCH = diffusion_architecture()
+def generator_variants():
+    """The generator axis: variant -> what its rows generate with (generator name, model folder, the file that makes
+    it, declared architecture, guidance scale, and the generate options it sets). No `generators`: one variant "",
+    diffusion.model with the generate section, and rows keep the methods' names (as before the axis existed)."""
+    gens = config.get("generators") or {}
+    if not gens:
+        return {"": {"generator": "diffusion", "model": SD_MODEL, "file": SD_FILE,
+                     "architecture": config["diffusion"]["architecture"],
+                     "guidance": config["generate"]["guidance_scale"], "options": {}}}
+    out = {}
+    for name, g in gens.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            config_error(f"generators: the name {name!r} may hold only letters, digits, _ and . (it is part of paths)")
+        folder, made_by = model_source(f"generators.{name}", f"{R}/diffusion/model", g["model"], g.get("revision"))
+        model_architecture(folder, g.get("architecture", "auto"), g["model"] == "toy", f"generators.{name}")
+        scales = g.get("guidance_scale", config["generate"]["guidance_scale"])
+        scales = scales if isinstance(scales, list) else [scales]
+        options = {k: v for k, v in g.items() if k not in ("model", "revision", "architecture", "guidance_scale")}
+        for scale in scales:
+            variant = name if len(scales) == 1 else f"{name}-g{scale:g}"
+            out[variant] = {"generator": name, "model": folder, "file": made_by,
+                            "architecture": g.get("architecture", "auto"), "guidance": scale,
+                            "options": {**options, "guidance_scale": scale}}
+    return out
+
+
+if not config.get("generators"):
+    model_architecture(SD_MODEL, config["diffusion"]["architecture"], config["diffusion"]["model"] == "toy",
+                       "diffusion.model")
+GENERATORS = generator_variants()
+
+
+def rows_of(m):
+    """The results rows of method `m`: one per generator variant for a generated method, else the method itself."""
+    return [row_name(m, v) for v in GENERATORS] if m in GENERATION_METHODS else [m]
+
+
+ROWS = [r for m in config["methods"] for r in rows_of(m)]
+GENERATED = [r for r in ROWS if method_of(r).family == "generated"]
+
+
+def generator_of(row):
+    """The generator variant of a results row (a generated method's), or of a personalisation job's
+    `<method>@<generator>` (the first variant of that generator: its model, file and architecture)."""
+    suffix = row.split(ROW_SEPARATOR, 1)[1] if ROW_SEPARATOR in row else ""
+    if suffix in GENERATORS:
+        return GENERATORS[suffix]
+    return next(g for g in GENERATORS.values() if g["generator"] == suffix)
+
+
+def personalization_of(row):
+    """The personalisation a generated row reads: one per (method, generator), shared by the generator's guidance
+    variants (guidance changes only sampling)."""
+    base, gen = method_of(row).name, generator_of(row)["generator"]
+    return row_name(base, gen if config.get("generators") else "")
 
 
 for _key in ("methods", "sweep_methods"):  # the registry is the one list of methods (augbench.methods.REGISTRY)
@@ -206,7 +264,7 @@ wildcard_constraints:
     part=r"\d{5}",
     split="|".join(SPLITS),
     mode="image|text",
-    method=r"[a-z0-9_]+",
+    method=r"[a-z0-9_]+(?:@[A-Za-z0-9_.-]+)?",  # a method, or a generated method on a generator variant
     n_aug=r"\d+",
     seed=r"\d+",
     cls=r"[A-Za-z0-9_.-]+",
@@ -232,12 +290,18 @@ def stage_spec(stage, **extra):
     # how many threads or processes a job uses changes no result: never part of a spec (the rules pass --threads)
     for key in ("threads", "processes_count", "thread_count"):
         data.pop(key, None)
-    method = extra.get("method", "")
-    if stage in ("personalize", "generate"):  # drop what this method does not use: changing it reruns nothing
-        data = {k: v for k, v in data.items() if k not in REGISTRY[method].unused_keys(stage)}
+    row = extra.get("method", "")
+    if stage in ("personalize", "generate"):
+        # a row on a generator: the method's own name in the spec (the same seeds on every generator), the
+        # generator's options over the generate section
+        extra["method"] = method_of(row).name
+        if stage == "generate":
+            data.update(generator_of(row)["options"])
+        # drop what this method does not use: changing it reruns nothing
+        data = {k: v for k, v in data.items() if k not in method_of(row).unused_keys(stage)}
     if stage == "generate":
         data["n_images"] = max(N_AUG)
-        data.update(REGISTRY[method].generate)  # settings the method fixes for itself (registry)
+        data.update(method_of(row).generate)  # settings the method fixes for itself (registry)
     if stage == "retrieve":  # content only: how the search is scheduled (blocks, tiles, threads, device) is not
         data = {k: v for k, v in config["retrieve"].items() if k not in SEARCH_SCHEDULING
                 and not (extra.get("mode") == "image" and k == "prompts")}
@@ -274,12 +338,12 @@ def n_aug_values(method):
     if method in BASELINES:
         return [0]
     sweep = config.get("sweep_methods")
-    return N_AUG if sweep is None or method in sweep else [max(N_AUG)]
+    return N_AUG if sweep is None or method_of(method).name in sweep else [max(N_AUG)]
 
 
 def train_runs():
-    """Every (method, n_aug, seed) of the run."""
-    return [(m, n, s) for m in config["methods"] for n in n_aug_values(m) for s in config["seeds"]]
+    """Every (row, n_aug, seed) of the run: a row is a method, or a generated method on one generator variant."""
+    return [(m, n, s) for m in ROWS for n in n_aug_values(m) for s in config["seeds"]]
 
 
 def augment_inputs(wildcards):
@@ -303,17 +367,17 @@ def block_mem_mb(wildcards, attempt):
 def personalize_runtime(wildcards, attempt):
     """Minutes a personalize block asks for: its classes x steps at the GPU rate of its method kind, the GPU shared
     `gpu_share` ways, with margin (augbench.plan, where the rates and their sources live)."""
-    return personalize_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)])) * attempt
+    return personalize_minutes(config, method_of(wildcards.method).name, len(CLASS_BLOCKS[int(wildcards.block)])) * attempt
 
 
 def generate_runtime(wildcards, attempt):
     """Minutes a generate block asks for: its classes x the largest n_aug at the GPU rate (augbench.plan)."""
-    return generate_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)]), max(N_AUG)) * attempt
+    return generate_minutes(config, method_of(wildcards.method).name, len(CLASS_BLOCKS[int(wildcards.block)]), max(N_AUG)) * attempt
 
 
 def train_runtime(wildcards, attempt):
     """Minutes a training run asks for: (real + added images) x epochs at the GPU rate (augbench.plan)."""
-    real = len(CLASS_KEYS) * (config.get("real_per_class") or 130) * len(REGISTRY[wildcards.method].real_splits)
+    real = len(CLASS_KEYS) * (config.get("real_per_class") or 130) * len(method_of(wildcards.method).real_splits)
     return train_minutes(config, real + len(CLASS_KEYS) * int(wildcards.n_aug)) * attempt
 
 
@@ -332,18 +396,20 @@ def train_mem_mb(wildcards, attempt):
 
 def real_splits(wildcards):
     """The decoded real splits a method trains on (registry: real_x2 adds as many real images again, the upper bound)."""
-    return [f"{R}/decoded/{s}" for s in REGISTRY[wildcards.method].real_splits]
+    return [f"{R}/decoded/{s}" for s in method_of(wildcards.method).real_splits]
 
 
-def model_input():
-    """The toy diffusion pipeline folder and a hub model's cache marker are workflow outputs; a local folder is not."""
-    return {"model": SD_FILE} if SD_FILE else {}
+def model_input(wildcards):
+    """The row's generator: the toy diffusion pipeline folder and a hub model's cache marker are workflow outputs; a
+    local folder is not."""
+    made_by = generator_of(wildcards.method)["file"]
+    return {"model": made_by} if made_by else {}
 
 
 def personalize_inputs(wildcards):
     """What personalising a block reads: the model, the real training table, and CLIP embeddings for clusters."""
-    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
-    if REGISTRY[wildcards.method].learns == "cond_clusters":  # k-means on the training images' CLIP embeddings
+    inputs = {**model_input(wildcards), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
+    if method_of(wildcards.method).learns == "cond_clusters":  # k-means on the training images' CLIP embeddings
         inputs["emb"] = f"{R}/embed/target/img_emb/train.npy"
         inputs["meta"] = f"{R}/embed/target/metadata/train.parquet"
     return inputs
@@ -351,9 +417,9 @@ def personalize_inputs(wildcards):
 
 def generate_inputs(wildcards):
     """What generating a block reads: the model, the block's personalisation folder, the real images (img2img)."""
-    inputs = {**model_input(), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
-    if wildcards.method in PERSONALIZED:
-        inputs["personalization"] = f"{R}/personalize/{wildcards.method}/block_{wildcards.block}"
+    inputs = {**model_input(wildcards), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
+    if method_of(wildcards.method).personalized:
+        inputs["personalization"] = f"{R}/personalize/{personalization_of(wildcards.method)}/block_{wildcards.block}"
     return inputs
 
 
@@ -404,10 +470,12 @@ def generate_args(wildcards, input):
     own param)."""
     pers = f" --personalization {shlex.quote(input.personalization)}" if "personalization" in input.keys() else ""
     cache = f"{R}/generate/{wildcards.method}/cache"
-    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)}"
+    # the declared architecture only checks the folder (no pixel depends on it): an argument, not a compared param
+    arch = generator_of(wildcards.method)["architecture"]
+    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)} --architecture {arch}"
 
 
-AUGMENTED = [m for m in config["methods"] if m not in BASELINES]
+AUGMENTED = [m for m in ROWS if m not in BASELINES]
 
 
 def report_inputs():
@@ -443,7 +511,8 @@ def report_args(wildcards, input, output):
     fid += "".join(f" --judge-pool {f}" for f in input.judge_pool)
     grids = " ".join(f"--grid {m} {manifest[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
     augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
-    return f"{runs} {retr} {fid} {truth} {grids} {augment}"
+    gens = " ".join(f"--generator {m} {generator_of(m)['generator']} {generator_of(m)['guidance']}" for m in GENERATED)
+    return f"{runs} {retr} {fid} {truth} {grids} {augment} {gens}"
 
 
 def report_opts():

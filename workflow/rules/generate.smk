@@ -7,7 +7,7 @@ rule generate:
     output:
         folder=directory(f"{R}/generate/{{method}}/block_{{block}}"),
     wildcard_constraints:
-        method="|".join(GENERATION_METHODS),
+        method=row_pattern(GENERATION_METHODS),
         block=r"\d{4}",
     priority: 1  # on the critical path: scheduled before ready jobs of lower priority
     log:
@@ -19,8 +19,7 @@ rule generate:
     params:
         spec=method_spec("generate"),
         args=generate_args,
-        model=SD_MODEL,
-        architecture=config["diffusion"]["architecture"],
+        model=lambda wc: generator_of(wc.method)["model"],
         root=lambda wildcards, input: Path(input.table).parents[1],
     threads: config["generate"]["threads"]
     resources:
@@ -31,7 +30,7 @@ rule generate:
     conda:
         "../../envs/augbench.yaml"
     shell:
-        "python -m augbench generate --model {params.model:q} --architecture {params.architecture} --table {input.table:q} --root {params.root:q}"
+        "python -m augbench generate --model {params.model:q} --table {input.table:q} --root {params.root:q}"
         " --classes {input.classes:q} {params.args} --spec {params.spec:q} --out {output.folder:q} --threads {threads} --device {resources.device} > {log:q} 2>&1"
 
 
@@ -47,7 +46,7 @@ rule collect_generated:
         manifest=f"{R}/augment/{{method}}/manifest.parquet",
         fidelity=f"{R}/augment/{{method}}/fidelity.json",
     wildcard_constraints:
-        method="|".join(GENERATION_METHODS),
+        method=row_pattern(GENERATION_METHODS),
     log:
         f"{LOGS}/collect/{{method}}.log",
     benchmark:

@@ -7,7 +7,7 @@ rule personalize:
     output:
         folder=directory(f"{R}/personalize/{{method}}/block_{{block}}"),
     wildcard_constraints:
-        method="|".join(PERSONALIZED),
+        method=row_pattern(PERSONALIZED),
         block=r"\d{4}",
     priority: 2  # on the critical path: scheduled before ready jobs of lower priority
     log:
@@ -19,7 +19,7 @@ rule personalize:
     params:
         spec=method_spec("personalize"),
         args=personalize_args,
-        model=SD_MODEL,
+        model=lambda wc: generator_of(wc.method)["model"],
         root=lambda wildcards, input: Path(input.table).parents[1],
     threads: config["personalize"]["threads"]
     resources:
