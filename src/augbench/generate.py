@@ -14,11 +14,13 @@ Methods: `prompt_classname`, `prompt_templates` (CLIP's 80 templates, item j use
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +82,36 @@ def apply_personalization(pipe, folder: Path) -> dict:
 
         pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=pipe.unet.dtype).to(pipe.device)
     return info
+
+
+@contextlib.contextmanager
+def personalisation_loaded(pipe, folder: Path) -> Iterator[dict]:
+    """The shared pipeline with one class's personalisation loaded, and without it again afterwards: no per-class copy
+    of the denoiser or the text encoder (a Stable Diffusion UNet is 1.7 GB in fp16, per class of a block).
+
+    What loading changes is put back: LoRA adapters are unloaded (unfused, so the base weights were never touched); a
+    pseudo-word's tokenizer is a copy (small) and `load_textual_inversion` gives the token matrix a new, larger weight,
+    so the original weight and vocabulary size are restored; a fully fine-tuned UNet replaces the shared one only
+    while the class generates. tests/integration/test_blocks.py checks each class's images equal its own process's.
+    """
+    text_encoder = pipe.text_encoder
+    embeddings = text_encoder.get_input_embeddings()
+    saved = {"tokenizer": pipe.tokenizer, "unet": pipe.unet, "embeddings": embeddings, "weight": embeddings.weight,
+             "data": embeddings.weight.data, "rows": embeddings.num_embeddings, "vocab": text_encoder.config.vocab_size}
+    pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
+    try:
+        yield apply_personalization(pipe, folder)
+    finally:
+        pipe.unet = saved["unet"]
+        if getattr(pipe.unet, "peft_config", None) or getattr(text_encoder, "peft_config", None):
+            pipe.unload_lora_weights()
+        # transformers resizes the token matrix in place (the same module and parameter get new, larger data): the
+        # module, its parameter and the parameter's data are all put back
+        saved["weight"].data = saved["data"]
+        saved["embeddings"].weight, saved["embeddings"].num_embeddings = saved["weight"], saved["rows"]
+        text_encoder.set_input_embeddings(saved["embeddings"])
+        text_encoder.config.vocab_size = saved["vocab"]
+        pipe.tokenizer = saved["tokenizer"]
 
 
 def conditioning(folder: Path) -> torch.Tensor:
@@ -240,24 +272,25 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
     cond = conditioning(personalization) if m.learns in ("cond_vectors", "cond_clusters") else None
     n_sources = int((pd.read_parquet(real[0])["label"] == label).sum()) if m.from_real else 0
     pipe, sources, size = None, None, spec.resolution
+    rows = plan(spec, class_key, class_name, n_chunks * b, token, n_sources, 0 if cond is None else len(cond))
     if missing:  # everything cached: no model is loaded at all
         source = source or PipelineSource(model, device, dtype)
-        pipe = source.fresh() if personalised else source.base()  # a personalisation never touches the shared one
+        pipe = source.base()
         set_scheduler(pipe, spec.scheduler)
         size = spec.resolution or resolution_of(pipe)
-        if personalised:
-            apply_personalization(pipe, personalization)
         if m.from_real:
             sources = class_images(real[0], real[1], label, size)
-    rows = plan(spec, class_key, class_name, n_chunks * b, token, n_sources, 0 if cond is None else len(cond))
-    for c in missing:
-        chunk = rows.iloc[c * b:(c + 1) * b]
-        images = _run_chunk(pipe, spec, chunk, size, sources, cond)
-        samples = [Sample(key=f"{class_key}_{j:06d}", image=encode_image(im, spec), ext=spec.store_format, caption=str(p or ""),
-                          record={"seed": int(s), "index": int(j)})
-                   for im, j, s, p in zip(images, chunk["index"], chunk["seed"], chunk["prompt"], strict=True)]
-        write_shard(chunk_dir / f"{c:05d}.tar", samples)
-        log.info("generate %s/%s: chunk %d/%d (%.0fs)", spec.method, class_key, c + 1, n_chunks, time.time() - started)
+        # a personalisation is loaded into the shared pipeline for this class and taken out after it
+        with personalisation_loaded(pipe, personalization) if personalised else contextlib.nullcontext():
+            for c in missing:
+                chunk = rows.iloc[c * b:(c + 1) * b]
+                images = _run_chunk(pipe, spec, chunk, size, sources, cond)
+                samples = [Sample(key=f"{class_key}_{j:06d}", image=encode_image(im, spec), ext=spec.store_format,
+                                  caption=str(p or ""), record={"seed": int(s), "index": int(j)})
+                           for im, j, s, p in zip(images, chunk["index"], chunk["seed"], chunk["prompt"], strict=True)]
+                write_shard(chunk_dir / f"{c:05d}.tar", samples)
+                log.info("generate %s/%s: chunk %d/%d (%.0fs)", spec.method, class_key, c + 1, n_chunks,
+                         time.time() - started)
     manifest = rows.iloc[:n].copy()
     manifest.insert(0, "key", [f"{class_key}_{j:06d}" for j in manifest["index"]])
     manifest["class"] = class_key

@@ -81,12 +81,11 @@ def load_pipeline(model: str | Path, device: torch.device | None = None, dtype: 
 
 
 class PipelineSource:
-    """One pipeline load per worker process, and for each class a pipeline of its own.
+    """One pipeline load per worker process, shared by every class of a block.
 
-    A class-block job (one process per method and block of classes) loads the model once; each class then
-    gets `fresh()`: the frozen VAE and scheduler are shared, while the UNet, text encoder and tokenizer are
-    copies of the loaded ones, so a pseudo-word, LoRA adapter or fine-tuned UNet of one class never reaches
-    the next, and a class's result is the same as in a process of its own.
+    A class-block job (one process per method and block of classes) loads the model once; a personalised class loads
+    its pseudo-word, LoRA adapter or fine-tuned UNet into it and takes it out again (`augbench.generate.personalisation_loaded`),
+    so what one class learnt never reaches the next, and a class's result is the same as in a process of its own.
     """
 
     def __init__(self, model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
@@ -100,15 +99,6 @@ class PipelineSource:
             self._base = load_pipeline(self.model, self.device, self.dtype, self.architecture)
             self.loads += 1
         return self._base
-
-    def fresh(self):  # -> StableDiffusionPipeline
-        base = self.base()
-        parts = dict(base.components)
-        parts.update(unet=copy.deepcopy(base.unet), text_encoder=copy.deepcopy(base.text_encoder),
-                     tokenizer=copy.deepcopy(base.tokenizer))
-        pipe = type(base)(**parts, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

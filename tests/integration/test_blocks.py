@@ -73,10 +73,27 @@ def test_the_vae_never_sees_more_than_the_micro_batch(tiny_sd: Path) -> None:
     torch.testing.assert_close(parts[260:261], encode_latents(pipe, images[:1, :, ::-1].copy(), 1)[:1])  # mirror of image 0
 
 
-def test_fresh_pipelines_share_the_frozen_vae_and_copy_what_a_class_changes(tiny_sd: Path) -> None:
-    source = PipelineSource(tiny_sd)
-    a, b = source.fresh(), source.fresh()
-    assert source.loads == 1 and a.vae is b.vae is source.base().vae
-    assert a.unet is not b.unet and a.text_encoder is not b.text_encoder and a.tokenizer is not b.tokenizer
-    a.tokenizer.add_tokens(["<only-a>"])
-    assert "<only-a>" not in b.tokenizer.get_vocab() and "<only-a>" not in source.base().tokenizer.get_vocab()
+@pytest.mark.parametrize(("method", "finetune"), [("textual_inversion_dm", "lora"), ("cond_vectors_dm", "full")])
+def test_a_class_personalisation_goes_into_the_shared_pipeline_and_out_again(
+        tiny_sd: Path, target: tuple[Path, Path], tmp_path: Path, method: str, finetune: str) -> None:
+    """No per-class copy of the UNet or text encoder: the class's pseudo-word and LoRA (or fine-tuned UNet) are loaded
+    into the one pipeline while it generates, and afterwards its modules, weights and vocabulary are as loaded."""
+    from augbench.generate import personalisation_loaded
+
+    table, root = target
+    personalize_block(tiny_sd, table, root, CLASSES[:1], tmp_path / "p", tmp_path / "pc",
+                      PersonalizeSpec(method=method, steps=2, batch_size=2, dm_finetune=finetune))
+    pipe = PipelineSource(tiny_sd).base()
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **text_encoder.state_dict()}.items()}
+    vocab = dict(tokenizer.get_vocab())
+    with personalisation_loaded(pipe, tmp_path / "p/circle") as info:
+        assert (info.get("token") in pipe.tokenizer.get_vocab()) == (method == "textual_inversion_dm")
+        assert pipe.text_encoder is text_encoder
+        assert (pipe.unet is unet) == (finetune == "lora"), "LoRA goes into the shared UNet; a full fine-tune swaps"
+        if finetune == "lora":
+            assert getattr(pipe.unet, "peft_config", None)
+    assert pipe.unet is unet and pipe.tokenizer is tokenizer and pipe.text_encoder is text_encoder
+    assert not getattr(unet, "peft_config", None) and dict(tokenizer.get_vocab()) == vocab
+    after = {**unet.state_dict(), **text_encoder.state_dict()}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -81,8 +81,9 @@ def test_two_generators_of_different_architectures_are_rows_of_one_table(
     listing = _smk(wf, "-n", "-p", "--configfile", "gens.yaml", env=forbid).stdout
     dry = scheduled_jobs(listing)
     assert dry.get("generate") == 2 and dry.get("train") == 2 and dry.get("collect_generated") == 2, dry
-    assert set(re.findall(r"/generate/(\S+?)/block_0000", listing)) == {"prompt_classname@xl", "img2img@xl"}
-    assert set(re.findall(r"/train/(\S+?)/\d+/\d+/metrics.json", listing)) == {"prompt_classname@xl", "img2img@xl"}
+    outputs = " ".join(re.findall(r"^\s*output: (.*)$", listing, re.M))  # what the scheduled jobs write
+    assert set(re.findall(r"/generate/([^/\s]+)/block_0000", outputs)) == {"prompt_classname@xl", "img2img@xl"}
+    assert set(re.findall(r"/train/([^/\s]+)/\d+/\d+/metrics.json", outputs)) == {"prompt_classname@xl", "img2img@xl"}
 
 
 def test_a_generator_that_cannot_run_a_method_is_refused_at_parse_time(tmp_path: Path) -> None:
