@@ -42,6 +42,7 @@ def test_two_generators_of_different_architectures_are_rows_of_one_table(
                            "class_list": "folders", "train_fraction": None, "train_per_class": 2, "val_per_class": 0},
                 "pool": {"urls": str(urls), "parts": 1}, "clip": {"model": str(clip)},
                 "generate": {**cfg.get("generate", {}), "resolution": 32},
+                "report": {**cfg.get("report", {}), "judge": False},  # the judge is the end-to-end test's
                 "generators": {"sd15": {"model": str(sd), "architecture": "sd", "guidance_scale": [2, 5]},
                                "xl": {"model": str(xl), "architecture": "sdxl", "scheduler": "euler", "steps": 2,
                                       "guidance_scale": 3}}})
@@ -81,6 +82,7 @@ def test_two_generators_of_different_architectures_are_rows_of_one_table(
     listing = _smk(wf, "-n", "-p", "--configfile", "gens.yaml", env=forbid).stdout
     dry = scheduled_jobs(listing)
     assert dry.get("generate") == 2 and dry.get("train") == 2 and dry.get("collect_generated") == 2, dry
+    assert set(dry) == {"generate", "collect_generated", "decode_augment", "train", "report", "all"}, dry
     outputs = " ".join(re.findall(r"^\s*output: (.*)$", listing, re.M))  # what the scheduled jobs write
     assert set(re.findall(r"/generate/([^/\s]+)/block_0000", outputs)) == {"prompt_classname@xl", "img2img@xl"}
     assert set(re.findall(r"/train/([^/\s]+)/\d+/\d+/metrics.json", outputs)) == {"prompt_classname@xl", "img2img@xl"}
