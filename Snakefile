@@ -18,7 +18,8 @@
 #   personalize/{method}/block_{b}/{cls}/    learned_embeds.safetensors | cond.safetensors (+ LoRA weights or unet/);
 #                                            links into personalize/{method}/cache/{cls}/<key>/
 #   generate/{method}/block_{b}/{cls}/       manifest.parquet (pointers) + chunks/ (links into generate/{method}/cache/)
-#   augment/{method}/manifest.parquet        pointers (shard, offset, size) + fidelity.json, judge.json; retrieval: images.tar
+#   augment/{method}/manifest.parquet        pointers (shard, offset, size) + fidelity.json, judge.json, image_stats.json;
+#                                            retrieval: images.tar
 #   decoded/{split}/, decoded/augment/{method}/   the classifier's decode cache (uint8 images.npy, memory-mapped)
 #   judge/metrics.json, model.pt             the judge classifier (report.judge)
 #   train/{method}/{n_aug}/{seed}/metrics.json, model.pt

@@ -526,6 +526,18 @@ def cmd_judge(a: argparse.Namespace) -> object:
     return judge(Path(a.ckpt), Path(a.judge_metrics), Path(a.images), Path(a.classes), Path(a.out))
 
 
+@command("image-stats", "diversity within each class and KID to the real images of an augmentation set (CLIP features)",
+         _job_args,
+         arg("--images", required=True, help="the set's decoded folder"),
+         arg("--real", required=True, help="the real training split's decoded folder"),
+         arg("--clip", required=True, help="CLIP folder or hub id"),
+         arg("--out", required=True))
+def cmd_image_stats(a: argparse.Namespace) -> object:
+    from augbench.imagestats import image_stats
+
+    return image_stats(Path(a.images), Path(a.real), a.clip, Path(a.out))
+
+
 @command("report", "aggregate metrics into results.csv / results.md",
          arg("--run", action="append", required=True, help='JSON {"method","n_aug","seed","metrics"}'),
          arg("--retrieval", action="append", nargs=4, metavar=("METHOD", "MANIFEST", "MERGE_STATS", "FETCH_STATS")),
@@ -533,6 +545,8 @@ def cmd_judge(a: argparse.Namespace) -> object:
          arg("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)"),
          arg("--judge-pool", help="toy world: the judge's score on held-out pool images (judge/pool_heldout.json)"),
          arg("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class"),
+         arg("--image-stats", action="append", nargs=2, metavar=("METHOD", "IMAGE_STATS_JSON"),
+             help="diversity and KID to the real images of a row's set"),
          arg("--generator", action="append", nargs=3, metavar=("ROW", "GENERATOR", "GUIDANCE"),
              help="a generated row's generator and guidance scale (the table's generator columns)"),
          arg("--truth", help="pool table with hidden true labels (toy world only)"),
@@ -566,7 +580,8 @@ def cmd_report(a: argparse.Namespace) -> object:
     n_classes = len(json.loads(Path(a.classes).read_text())["classes"]) if a.classes else None
     judged = {m: Path(f) for m, f in a.judge or []}
     generators = {row: (name, float(g)) for row, name, g in a.generator or []}
-    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes, judged, generators)
+    image_stats = {m: Path(f) for m, f in a.image_stats or []}
+    table = report.build_table(runs, retrieval, truth, fidelity, manifests, n_classes, judged, generators, image_stats)
     if a.benchmarks:
         bench = report.read_benchmarks(Path(a.benchmarks), Path(a.logs) if a.logs else None)
         stages = report.GPU_STAGES | set(a.gpu_stages or [])

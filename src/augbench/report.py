@@ -34,7 +34,7 @@ from augbench.shards import read_pointed
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "generator", "guidance", "n_aug", "n_aug_min", "n_aug_median", "seeds", "top1_mean", "top1_std",
-           "top5_mean", "retrieval_precision",
+           "top5_mean", "retrieval_precision", "diversity", "kid_real",
            "leaked_removed", "generation_fidelity", "judge_fidelity", "skipped_train", "skipped_aug", "skipped_test"]
 
 
@@ -387,7 +387,8 @@ def yield_note(yields: pd.DataFrame) -> list[str]:
 def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Path]], truth: pd.DataFrame | None,
                 fidelity: dict[str, Path] | None = None, manifests: dict[str, Path] | None = None,
                 n_classes: int | None = None, judged: dict[str, Path] | None = None,
-                generators: dict[str, tuple[str, float]] | None = None) -> pd.DataFrame:
+                generators: dict[str, tuple[str, float]] | None = None,
+                image_stats: dict[str, Path] | None = None) -> pd.DataFrame:
     """Aggregate runs [{method, n_aug, seed, metrics}] into the results table; `generators` gives a generated row's
     (generator, guidance scale), the columns that make the generator an axis of the table."""
     records = []
@@ -407,7 +408,8 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
                "n_aug_median": median, "seeds": len(g), "top1_mean": g["top1"].mean(),
                "top1_std": g["top1"].std(ddof=1) if len(g) > 1 else float("nan"), "top5_mean": g["top5"].mean(),
                "retrieval_precision": float("nan"), "leaked_removed": float("nan"), "generation_fidelity": float("nan"),
-               "judge_fidelity": float("nan"), **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
+               "judge_fidelity": float("nan"), "diversity": float("nan"), "kid_real": float("nan"),
+               **{f"skipped_{k}": int(g[f"skipped_{k}"].max()) for k in ("train", "aug", "test")}}
         if method in retrieval:
             files = retrieval[method]
             row["leaked_removed"] = leaked_removed(files)
@@ -415,6 +417,9 @@ def build_table(runs: list[dict[str, object]], retrieval: dict[str, dict[str, Pa
                 row["retrieval_precision"] = retrieval_precision(files["manifest"], n_aug, truth)
         if fidelity and method in fidelity:
             row["generation_fidelity"] = json.loads(Path(fidelity[method]).read_text())["generation_fidelity"]
+        if image_stats and method in image_stats:  # the set at the largest n_aug: one figure per row
+            stats = json.loads(Path(image_stats[method]).read_text())
+            row["diversity"], row["kid_real"] = stats["diversity"], stats["kid"]
         if judged and method in judged:
             row["judge_fidelity"] = json.loads(Path(judged[method]).read_text())["judge_fidelity"]
         rows.append(row)
@@ -440,8 +445,8 @@ def judge_note(judged: dict[str, Path], pool: Path | None = None) -> list[str]:
 def to_markdown(table: pd.DataFrame, notes: list[str] | None = None) -> str:
     """A readable markdown table: top-1 as mean ± std in percent, cost in hours; `notes` are lines under it."""
     lines = ["| method | n_aug | achieved (min / median) | seeds | top-1 (%) | top-5 (%) | retrieval precision | leaked removed "
-             "| generation fidelity (CLIP / judge) | cost (h) | gain / h |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| generation fidelity (CLIP / judge) | diversity / KID | cost (h) | gain / h |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table.itertuples(index=False):
         std = "" if np.isnan(r.top1_std) else f" ± {100 * r.top1_std:.1f}"
         prec = "" if np.isnan(r.retrieval_precision) else f"{r.retrieval_precision:.3f}"
@@ -454,7 +459,10 @@ def to_markdown(table: pd.DataFrame, notes: list[str] | None = None) -> str:
         gain = getattr(r, "gain_per_hour", np.nan)
         price = f"{'' if np.isnan(cost) else f'{cost:.3f}'} | {'' if np.isnan(gain) else f'{gain:.1f}'}"
         got = f"{r.n_aug_min} / {r.n_aug_median:g}" if r.n_aug else ""
-        lines.append(f"| {r.method} | {r.n_aug} | {got} | {r.seeds} | {top} | {prec} | {leak} | {fid} | {price} |")
+        div, kid_real = getattr(r, "diversity", np.nan), getattr(r, "kid_real", np.nan)
+        stats = f"{'' if np.isnan(div) else f'{div:.3f}'} / {'' if np.isnan(kid_real) else f'{kid_real:.4f}'}"
+        stats = "" if stats == " / " else stats
+        lines.append(f"| {r.method} | {r.n_aug} | {got} | {r.seeds} | {top} | {prec} | {leak} | {fid} | {stats} | {price} |")
     skipped = [c for c in ("skipped_train", "skipped_aug", "skipped_test") if c in table and table[c].fillna(0).sum()]
     if skipped:  # a run that trained or was tested on fewer images says so here, not only in a log
         lines.append("")

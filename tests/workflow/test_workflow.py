@@ -113,6 +113,13 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     judged = json.loads((wf / "results/tiny/augment/prompt_classname/judge.json").read_text())
     assert report.loc[report["method"] == "prompt_classname", "judge_fidelity"].tolist() == pytest.approx([judged["judge_fidelity"]] * 2)
     assert judged["images"] == 3 * 5 and report.loc[~is_generated, "judge_fidelity"].isna().all()
+    # image statistics of every augmented row, from its own job; the baselines add no image
+    is_aug = ~report["method"].isin(["real", "real_x2"])
+    for r in report[is_aug].itertuples():
+        stats = json.loads((wf / f"results/tiny/augment/{r.method}/image_stats.json").read_text())
+        assert stats["classes"] == 3 and r.diversity == pytest.approx(stats["diversity"], abs=1e-6) and r.diversity > 0
+        assert r.kid_real == pytest.approx(stats["kid"], abs=1e-6)
+    assert report.loc[~is_aug, ["diversity", "kid_real"]].isna().all().all()
     held = json.loads((wf / "results/tiny/judge/pool_heldout.json").read_text())  # toy world: it learnt pool images too
     assert held["images"] > 0 and held["judge_train_images"] > len(pd.read_parquet(wf / "results/tiny/world/target/train.parquet"))
     assert (f"its accuracy on {held['images']} held-out pool images of target kinds"

@@ -187,3 +187,28 @@ rule judge_generated:
     shell:
         "python -m augbench judge --ckpt {input.ckpt:q} --judge-metrics {input.judge_metrics:q} --images {input.images:q}"
         " --classes {input.classes:q} --out {output:q} --device {resources.device} > {log:q} 2>&1"
+
+
+# Beside fidelity: how diverse a row's images are within a class and how far they lie from the class's real images (KID),
+# on CLIP image features of the decode caches the classifier reads, one class at a time (augbench.imagestats).
+rule image_stats:
+    input:
+        unpack(lambda wc: clip_input()),
+        images=f"{R}/decoded/augment/{{method}}",
+        real=f"{R}/decoded/train",
+    output:
+        f"{R}/augment/{{method}}/image_stats.json",
+    log:
+        f"{LOGS}/image_stats/{{method}}.log",
+    benchmark:
+        f"{BENCH}/image_stats/{{method}}.tsv"
+    params:
+        clip=CLIP_MODEL,
+    resources:
+        gpu=1,  # CLIP over every added image, as collect_generated
+        device=DEVICE,
+    conda:
+        "../../envs/augbench.yaml"
+    shell:
+        "python -m augbench image-stats --images {input.images:q} --real {input.real:q} --clip {params.clip:q}"
+        " --out {output:q} --device {resources.device} > {log:q} 2>&1"

@@ -490,6 +490,7 @@ def report_inputs():
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "judged": [f"{R}/augment/{m}/judge.json" for m in GENERATED] if config["report"]["judge"] else [],
         "judge_pool": [f"{R}/judge/pool_heldout.json"] if JUDGE_POOL and GENERATED else [],
+        "image_stats": [f"{R}/augment/{m}/image_stats.json" for m in AUGMENTED] if config["report"]["image_stats"] else [],
         "truth": [f"{R}/world/pool/pool.parquet"] if TOY else [],
         "classes": f"{DATA}/classes.json",
         "real": f"{DATA}/target/train.parquet",
@@ -511,7 +512,8 @@ def report_args(wildcards, input, output):
     fid += "".join(f" --judge-pool {f}" for f in input.judge_pool)
     grids = " ".join(f"--grid {m} {manifest[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
     augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
-    gens = " ".join(f"--generator {m} {generator_of(m)['generator']} {generator_of(m)['guidance']}" for m in GENERATED)
+    gens = " ".join(f"--image-stats {m} {f}" for m, f in zip(AUGMENTED, input.image_stats))
+    gens += " " + " ".join(f"--generator {m} {generator_of(m)['generator']} {generator_of(m)['guidance']}" for m in GENERATED)
     return f"{runs} {retr} {fid} {truth} {grids} {augment} {gens}"
 
 
