@@ -24,7 +24,7 @@ from conftest import REPO, scheduled_jobs, subprocess_env
 pytestmark = pytest.mark.slow
 SCRIPTS = REPO / "scripts/slurm"
 GPU_RULES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect_generated",
-             "judge_generated", "train", "train_judge"}
+             "judge_generated", "image_stats", "train", "train_judge"}
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from augbench.plan import _config, check, dry_run, gpus, load_site, parse_dry_ru
 
 PROFILE = REPO / "profiles" / "slurm"
 SITE = PROFILE / "site.yaml"
-GPU_RULES = {"personalize", "generate", "train", "train_judge", "embed_target", "collect_generated", "judge_generated",
+GPU_RULES = {"personalize", "generate", "train", "train_judge", "embed_target", "collect_generated", "judge_generated", "image_stats",
              "search_block_gpu", "retrieve_gpu", "check_retrieved"}
 
 

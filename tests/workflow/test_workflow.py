@@ -165,12 +165,14 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     res = _smk(wf, "-n", "--configfile", "changed.yaml")
     assert res.returncode == 0, res.stderr
     jobs = scheduled_jobs(res.stdout)
-    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "decode_augment": 2, "train": 4, "report": 1, "all": 1}, res.stdout
+    assert jobs == {"retrieve": 2, "fetch_retrieved": 2, "decode_augment": 2, "image_stats": 2, "train": 4, "report": 1,
+                    "all": 1}, res.stdout
     # the search margin changes k: the search blocks too
     cfg["retrieve"] = {**cfg["retrieve"], "dedup_threshold": 0.995, "margin": 3}
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
-    assert jobs == {"search_block": 2, "retrieve": 2, "fetch_retrieved": 2, "decode_augment": 2, "train": 4, "report": 1,
+    assert jobs == {"search_block": 2, "retrieve": 2, "fetch_retrieved": 2, "decode_augment": 2, "image_stats": 2, "train": 4,
+                    "report": 1,
                     "all": 1}, jobs
     # how jobs are scheduled (tiles, threads, processes) is not content: nothing to do
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
@@ -202,7 +204,7 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
     # (one block of class_block classes per method: one personalize and one generate job for the three classes)
     assert jobs == {"personalize": 1, "generate": 1, "collect_generated": 1, "decode_augment": 1, "judge_generated": 1,
-                    "train": 2, "report": 1, "all": 1}, jobs
+                    "image_stats": 1, "train": 2, "report": 1, "all": 1}, jobs
 
     # a mixing setting (added images' share of each batch) reruns the training runs that have added images, nothing else
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
@@ -217,8 +219,8 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     cfg["report"] = {**cfg["report"], "grid_images": 3}
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
     jobs = scheduled_jobs(_smk(wf, "-n", "--configfile", "changed.yaml").stdout)
-    assert jobs == {"generate": 2, "collect_generated": 2, "decode_augment": 2, "judge_generated": 2, "train": 4, "report": 1,
-                    "all": 1}, jobs
+    assert jobs == {"generate": 2, "collect_generated": 2, "decode_augment": 2, "judge_generated": 2, "image_stats": 2,
+                    "train": 4, "report": 1, "all": 1}, jobs
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg["report"] = {**cfg["report"], "grid_images": 3}
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))
