@@ -39,7 +39,8 @@ def _smk(cwd: Path, *args: str, timeout: int = 900, env: dict[str, str] | None =
     ("override", "named"),
     [({"world": {"shotz": 3}}, "shotz"), ({"seeds": "zero"}, "seeds"), ({"retrieve": {"margin": "many"}}, "margin"),
      ({"sweep_methods": ["retrieval_imag"]}, "retrieval_imag"), ({"n_aug": ["0x", 5]}, "'0x'"), ({"n_aug": ["0.1x"]}, "'0.1x'"),
-     ({"device": "gpu"}, "device")],
+     ({"device": "gpu"}, "device"), ({"methods": ["real", "prompt_classnam"]}, "prompt_classnam"),
+     ({"generators": {"sd-15": {"model": "models/toy/diffusion"}}}, "'sd-15'")],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path: Path, override: dict, named: str) -> None:
     wf = _copy_workflow(tmp_path)

@@ -83,6 +83,12 @@ if TOY_TARGET:  # shipped toy models (models/toy/manifest.json) trained on anoth
                   "retrieval and generation may be weaker (README: toy foundation models)", file=sys.stderr)
 
 
+for _key in ("methods", "sweep_methods"):  # the registry is the one list of methods (augbench.methods.REGISTRY)
+    _unknown = [m for m in (config.get(_key) or []) if m not in ALL_METHODS]
+    if _unknown:
+        config_error(f"{_key} names {_unknown}, which are no methods; known: {list(ALL_METHODS)}")
+
+
 def model_architecture(folder, declared, toy, key):
     """A generator's architecture where it is known at parse time: declared, or read from an existing folder (a
     workflow-trained toy model is a Stable Diffusion pipeline); None for a hub model not yet fetched under `auto`
@@ -158,10 +164,6 @@ def personalization_of(row):
     return row_name(base, gen if config.get("generators") else "")
 
 
-for _key in ("methods", "sweep_methods"):  # the registry is the one list of methods (augbench.methods.REGISTRY)
-    _unknown = [m for m in (config.get(_key) or []) if m not in ALL_METHODS]
-    if _unknown:
-        config_error(f"{_key} names {_unknown}, which are no methods; known: {list(ALL_METHODS)}")
 if config["report"]["gpu"] and DEVICE != "cuda":
     config_error("report.gpu books the GPU rules' time as GPU-hours: set device: cuda, so that a GPU rule without a "
                  "usable GPU fails instead of running on the CPU")
