@@ -82,7 +82,7 @@ def test_two_generators_of_different_architectures_are_rows_of_one_table(
     listing = _smk(wf, "-n", "-p", "--configfile", "gens.yaml", env=forbid).stdout
     dry = scheduled_jobs(listing)
     assert dry.get("generate") == 2 and dry.get("train") == 2 and dry.get("collect_generated") == 2, dry
-    assert set(dry) == {"generate", "collect_generated", "decode_augment", "train", "report", "all"}, dry
+    assert set(dry) == {"generate", "collect_generated", "decode_augment", "image_stats", "train", "report", "all"}, dry
     outputs = " ".join(re.findall(r"^\s*output: (.*)$", listing, re.M))  # what the scheduled jobs write
     assert set(re.findall(r"/generate/([^/\s]+)/block_0000", outputs)) == {"prompt_classname@xl", "img2img@xl"}
     assert set(re.findall(r"/train/([^/\s]+)/\d+/\d+/metrics.json", outputs)) == {"prompt_classname@xl", "img2img@xl"}
