@@ -330,7 +330,7 @@ def leaked_removed(files: dict[str, Path]) -> int:
     return merged + int(fetched)
 
 
-YIELD_COLUMNS = ["method", "generator", "guidance", "n_aug", "class", "achieved", "missing", "reasons", "leaked_merge", "leaked_fetch"]
+YIELD_COLUMNS = ["method", "n_aug", "class", "achieved", "missing", "reasons", "leaked_merge", "leaked_fetch"]
 
 
 def yield_table(points: list[tuple[str, int]], manifests: dict[str, Path], retrieval: dict[str, dict[str, Path]],
