@@ -87,7 +87,8 @@ def _check_report(wf: Path, report: pd.DataFrame) -> None:
     embedded = _data_uris((out / "report.html").read_text())
     table = embedded["results.html"].decode()
     assert "<table" in table and all(m in table for m in report["method"])
-    assert embedded["results.csv"].decode().splitlines()[0].startswith("method,n_aug,n_aug_min,n_aug_median,seeds,top1_mean")
+    header = "method,generator,guidance,n_aug,n_aug_min,n_aug_median,seeds,top1_mean"
+    assert embedded["results.csv"].decode().splitlines()[0].startswith(header)
     for name in ["accuracy_vs_naug.png", *(f"{m}.png" for m in augmented)]:
         assert embedded[name][:8] == b"\x89PNG\r\n\x1a\n", name
         assert Image.open(io.BytesIO(embedded[name])).size == Image.open(
