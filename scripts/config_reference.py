@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -70,17 +70,23 @@ def render(current: str) -> str:
     return f"{INTRO}\n{BEGIN}\n\n{table()}\n\n{END}{notes}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def write_or_check(doc: Path, render: Callable[[str], str], source: str, script: str, description: str) -> None:
+    """The command line of a generated docs page: rewrite its generated part, or (--check) exit 1 naming the command
+    when the page is not what `render` makes of it. Shared by the scripts that generate docs pages."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
-    current = DOC.read_text() if DOC.exists() else ""
+    current = doc.read_text() if doc.exists() else ""
     want = render(current)
     if a.check:
         if current != want:
-            sys.exit(f"{DOC} is not current with {SCHEMA}: run python scripts/config_reference.py")
+            sys.exit(f"{doc} is not current with {source}: run python {script}")
         return
-    DOC.write_text(want)
+    doc.write_text(want)
+
+
+def main() -> None:
+    write_or_check(DOC, render, str(SCHEMA), "scripts/config_reference.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ text around the tables is kept.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from config_reference import write_or_check  # noqa: E402
+
 from augbench.architectures import REGISTRY, refusal  # noqa: E402
 from augbench.methods import REGISTRY as METHODS  # noqa: E402
 
@@ -57,16 +58,7 @@ def render(current: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true")
-    a = ap.parse_args()
-    current = DOC.read_text() if DOC.exists() else ""
-    want = render(current)
-    if a.check:
-        if current != want:
-            sys.exit(f"{DOC} is not current with augbench.architectures: run python scripts/generators_doc.py")
-        return
-    DOC.write_text(want)
+    write_or_check(DOC, render, "augbench.architectures", "scripts/generators_doc.py", __doc__)
 
 
 if __name__ == "__main__":
