@@ -142,3 +142,30 @@ def test_training_memory_does_not_grow_with_the_augmentation_set(tmp_path: Path,
     # which clears the ~10 MB by which the polled peak of the same work varies between runs
     assert grown < data / 10, f"the training job's own memory grew by {grown:.0f} MB with {large - small:,} more images " \
                               f"({data:.0f} MB decoded)"
+
+
+def test_image_stats_holds_one_class_at_a_time(tmp_path: Path) -> None:
+    """The image_stats job over 10 then 80 classes of 200 decoded 112 px images (the unit of work is a class): its
+    polled memory may grow by at most a tenth of the 70 more classes' decoded images."""
+    peaks = {}
+    for n_classes in (10, 80):
+        folder = tmp_path / f"aug{n_classes}"
+        folder.mkdir()
+        n = 200 * n_classes
+        images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 112, 112, 3))
+        rng = np.random.default_rng(n_classes)
+        for i in range(0, n, 2000):
+            images[i:i + 2000] = rng.integers(0, 256, (min(2000, n - i), 112, 112, 3), dtype=np.uint8)
+        images.flush()
+        np.save(folder / "labels.npy", np.arange(n) % n_classes)
+        np.save(folder / "ranks.npy", np.arange(n) // n_classes)
+        (folder / "stats.json").write_text(json.dumps({"skipped": 0}))
+        real = _decoded(tmp_path / f"real{n_classes}", 10 * n_classes, n_classes, False, 0)
+        cmd = [sys.executable, "-m", "augbench", "image-stats", "--images", str(folder), "--real", str(real),
+               "--clip", str(REPO / "models/toy/clip"), "--out", str(tmp_path / f"stats{n_classes}.json"), "--device", "cpu"]
+        peaks[n_classes] = _polled_anon_peak_mb(cmd)[0]
+        assert json.loads((tmp_path / f"stats{n_classes}.json").read_text())["classes"] == n_classes
+    data = 70 * 200 * 112 * 112 * 3 / 2**20
+    print(f"\nimage_stats' anonymous memory, polled: 10 classes {peaks[10]:.0f} MB, 80 classes {peaks[80]:.0f} MB "
+          f"({data:.0f} MB more decoded)")
+    assert peaks[80] - peaks[10] < data / 10, f"image_stats grew by {peaks[80] - peaks[10]:.0f} MB ({data:.0f} MB more)"
