@@ -6,9 +6,10 @@ training objective, its sampler and defaults, and how many parameters it holds (
 place that treats architectures differently asks this table about a *property*, never a name. Plain data: the
 workflow imports it at parse time to refuse a (method, architecture) pair that cannot work before any job runs.
 
-The methods that learn something per class (textual inversion, conditioning vectors, a fine-tuned denoiser) are
-built for the Stable Diffusion 1.x / 2.x layout only (one CLIP tokenizer and encoder, a UNet, epsilon or v
-prediction): on any other architecture they are refused with that reason (`refusal`).
+The methods that learn something per class train through `augbench.denoising` (each architecture's latents,
+conditioning, objective and denoiser call): conditioning vectors on every architecture, textual inversion where the
+pipeline has diffusers' textual-inversion loader (one pseudo-word row per CLIP encoder: SD 1.x / 2.x, SDXL), LoRA on
+the denoiser where it has a LoRA loader; a pair that cannot work is refused with its reason (`refusal`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class Architecture:
     denoiser: the pipeline attribute of the denoising network (`unet` or `transformer`).
     objective: what the denoiser was trained to predict: noise (epsilon / v) or a flow-matching velocity; the
         samplers of `generate.scheduler` other than `model` are noise-prediction samplers.
-    lora: diffusers has a LoRA loader for the pipeline (`load_lora_weights`).
+    lora: diffusers has a LoRA loader for the pipeline (`load_lora_weights`): per-class LoRA on the denoiser.
+    prompt_outputs: what the pipeline's `encode_prompt` returns, by the name its call takes it under (None: an output
+        personalisation does not use, e.g. the negative prompt's); ("prompt_embeds",): one CLIP encoder's last hidden
+        state, which the personalisation code computes as the pipeline does.
+    textual_inversion: the pipeline has diffusers' textual-inversion loader (`load_textual_inversion`); a pseudo-word
+        gets a row in each CLIP encoder's token matrix.
     negative_prompt: the pipeline's call takes `negative_prompt` (classifier-free guidance against it).
     call: keyword arguments every call gets (resolution binning off: augbench asks for square images at one side).
     params_b: parameters in billions, all modules (denoiser + text encoders + autoencoder), from the model cards of the
@@ -49,6 +55,8 @@ class Architecture:
     denoiser: str
     objective: Objective
     lora: bool
+    prompt_outputs: tuple[str | None, ...] = ("prompt_embeds",)
+    textual_inversion: bool = False
     negative_prompt: bool = True
     call: tuple[tuple[str, object], ...] = ()
     params_b: float = 0.0
@@ -66,27 +74,30 @@ class Architecture:
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("sd", ("StableDiffusionPipeline",), "StableDiffusionImg2ImgPipeline", (("text_encoder", "clip"),),
-                 "unet", "noise", lora=True, params_b=1.07,
+                 "unet", "noise", lora=True, textual_inversion=True, params_b=1.07,
                  checkpoints=("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                               "stabilityai/stable-diffusion-2-1")),
     Architecture("sdxl", ("StableDiffusionXLPipeline",), "StableDiffusionXLImg2ImgPipeline",
-                 (("text_encoder", "clip"), ("text_encoder_2", "clip")), "unet", "noise", lora=True, params_b=3.47,
+                 (("text_encoder", "clip"), ("text_encoder_2", "clip")), "unet", "noise", lora=True, textual_inversion=True,
+                 prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=3.47,
                  checkpoints=("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo")),
     Architecture("sd3", ("StableDiffusion3Pipeline",), "StableDiffusion3Img2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip"), ("text_encoder_3", "t5")), "transformer",
-                 "flow_matching", lora=True, params_b=13.8,
+                 "flow_matching", lora=True, prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=13.8,
                  checkpoints=("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium")),
     Architecture("flux", ("FluxPipeline",), "FluxImg2ImgPipeline", (("text_encoder", "clip"), ("text_encoder_2", "t5")),
-                 "transformer", "flow_matching", lora=True, negative_prompt=False, params_b=16.9,
+                 "transformer", "flow_matching", lora=True, negative_prompt=False,
+                 prompt_outputs=("prompt_embeds", "pooled_prompt_embeds", None), params_b=16.9,
                  checkpoints=("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")),
     Architecture("sana", ("SanaPipeline",), None, (("text_encoder", "gemma"),), "transformer", "flow_matching",
-                 lora=True, call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
+                 lora=True, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None), call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
                  checkpoints=("Efficient-Large-Model/Sana_1600M_1024px_diffusers",)),
     Architecture("pixart_sigma", ("PixArtSigmaPipeline",), None, (("text_encoder", "t5"),), "transformer", "noise",
-                 lora=False, call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
+                 lora=False, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None), call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
                  checkpoints=("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",)),
     Architecture("qwen_image", ("QwenImagePipeline",), "QwenImageImg2ImgPipeline", (("text_encoder", "qwen_vl"),),
-                 "transformer", "flow_matching", lora=True, params_b=28.8, checkpoints=("Qwen/Qwen-Image",)),
+                 "transformer", "flow_matching", lora=True, prompt_outputs=("prompt_embeds", "prompt_embeds_mask"),
+                 params_b=28.8, checkpoints=("Qwen/Qwen-Image",)),
 )}
 
 
@@ -133,25 +144,28 @@ def resolve(model: str | Path, declared: str | None) -> Architecture:
     return arch
 
 
-def refusal(m: Method, arch: Architecture) -> str | None:
-    """Why `m` cannot run on `arch` (None: it can). Checked at parse time, before any job."""
+def refusal(m: Method, arch: Architecture, dm_finetune: str = "lora") -> str | None:
+    """Why `m` cannot run on `arch` (None: it can), with the denoiser fine-tuned as `personalize.dm_finetune` says.
+    Checked at parse time, before any job."""
     if m.family != "generated":
         return None
     if m.from_real and arch.image2image is None:
         return f"diffusers has no image-to-image pipeline for {arch.name} ({arch.text2image})"
-    if m.personalized and arch.name != "sd":
-        what = {"pseudo_word": "textual inversion", "cond_vectors": "conditioning vectors",
-                "cond_clusters": "conditioning clusters"}[m.learns]
-        return (f"{what}{' with a fine-tuned denoiser' if m.finetune_unet else ''} is built for the Stable Diffusion "
-                f"1.x / 2.x layout (one CLIP text encoder, a UNet) only; {arch.name} is {arch.text2image}")
+    if m.learns == "pseudo_word" and not arch.textual_inversion:
+        encoders = ", ".join(kind for _, kind in arch.text_encoders)
+        return (f"textual inversion needs diffusers' textual-inversion loader, which {arch.text2image} has not "
+                f"(text encoders: {encoders}); conditioning vectors work on {arch.name}")
+    if m.finetune_unet and dm_finetune == "lora" and not arch.lora:
+        return (f"diffusers has no LoRA loader for {arch.name} ({arch.text2image}); set personalize.dm_finetune: full "
+                "to fine-tune its whole denoiser")
     return None
 
 
-def check_pairs(methods: list[str], arch: Architecture, generator: str = "diffusion") -> None:
+def check_pairs(methods: list[str], arch: Architecture, generator: str = "diffusion", dm_finetune: str = "lora") -> None:
     """Refuse, in one error, every configured method that cannot run on the generator's architecture."""
     from augbench.methods import method
 
     reasons = [f"{name} on {generator} ({arch.name}): {why}" for name in methods
-               if (why := refusal(method(name), arch)) is not None]
+               if (why := refusal(method(name), arch, dm_finetune)) is not None]
     if reasons:
         raise ValueError("refused before anything runs:\n  " + "\n  ".join(reasons))

@@ -194,7 +194,9 @@ def _block(a: argparse.Namespace) -> list[tuple[str, int, str]]:
 
 @command("personalize", "personalise a diffusion model to each class of a block (one model load)",
          _job_args,
-         arg("--model", required=True, help="StableDiffusionPipeline folder or hub id"),
+         arg("--model", required=True, help="a diffusers text-to-image pipeline folder or hub id"),
+         arg("--architecture", default="auto", help="its architecture (augbench.architectures), checked against "
+             "model_index.json; auto: read from it"),
          arg("--table", required=True, help="training split table (path, label, class)"),
          arg("--root", required=True, help="folder the table's paths are relative to"),
          _class_args,
@@ -209,7 +211,7 @@ def cmd_personalize(a: argparse.Namespace) -> object:
 
     emb = (Path(a.emb), Path(a.meta)) if a.emb else None
     return personalize_block(a.model, Path(a.table), Path(a.root), _block(a), Path(a.out), Path(a.cache),
-                             parse_spec(PersonalizeSpec, a.spec), embeddings=emb)
+                             parse_spec(PersonalizeSpec, a.spec), embeddings=emb, architecture=a.architecture)
 
 
 @command("generate", "generate each class of a block with one method (one model load; cached by chunk)",

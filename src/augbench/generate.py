@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from augbench.denoising import architecture_of, denoiser_of
 from augbench.device import pick_device
 from augbench.io import atomic_dir, atomic_path, content_id, write_json, write_meta, write_parquet
 from augbench.methods import method as registry_row
@@ -68,57 +69,76 @@ def set_scheduler(pipe, name: str) -> None:
 
 
 def apply_personalization(pipe, folder: Path) -> dict:
-    """Load a personalisation folder into `pipe`: pseudo-word, LoRA or full UNet; returns its description.
+    """Load a personalisation folder into `pipe` through the pipeline's own loaders: the pseudo-word into each CLIP
+    encoder it was trained in, the LoRA adapters, or the fine-tuned denoiser; returns its description.
 
     Conditioning vectors are not part of the pipeline; they are read by `conditioning`.
     """
+    from augbench.personalize import pseudo_word_files
+
     info = json.loads((folder / "personalization.json").read_text())
+    arch = architecture_of(pipe)
     if info.get("token"):
-        pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors", token=info["token"])
+        for encoder, weight_name in pseudo_word_files(pipe).items():
+            if (folder / weight_name).exists():
+                pipe.load_textual_inversion(str(folder), weight_name=weight_name, token=info["token"],
+                                            text_encoder=getattr(pipe, encoder),
+                                            tokenizer=getattr(pipe, encoder.replace("text_encoder", "tokenizer")))
     if (folder / "pytorch_lora_weights.safetensors").exists():
         pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
-    if (folder / "unet").is_dir():
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=pipe.unet.dtype).to(pipe.device)
+    if (folder / arch.denoiser).is_dir():
+        denoiser = getattr(pipe, arch.denoiser)
+        tuned = type(denoiser).from_pretrained(folder / arch.denoiser, dtype=denoiser.dtype).to(denoiser.device)
+        setattr(pipe, arch.denoiser, tuned)
     return info
 
 
 @contextlib.contextmanager
 def personalisation_loaded(pipe, folder: Path) -> Iterator[dict]:
     """The shared pipeline with one class's personalisation loaded, and without it again afterwards: no per-class copy
-    of the denoiser or the text encoder (a Stable Diffusion UNet is 1.7 GB in fp16, per class of a block).
+    of the denoiser or the text encoders (a Stable Diffusion UNet is 1.7 GB in fp16, per class of a block).
 
     What loading changes is put back: LoRA adapters are unloaded (unfused, so the base weights were never touched); a
-    pseudo-word's tokenizer is a copy (small) and `load_textual_inversion` gives the token matrix a new, larger weight,
-    so the original weight and vocabulary size are restored; a fully fine-tuned UNet replaces the shared one only
-    while the class generates. tests/integration/test_blocks.py checks each class's images equal its own process's.
+    pseudo-word's tokenizers are copies (small) and `load_textual_inversion` gives each CLIP encoder's token matrix a
+    new, larger weight, so the original weights and vocabulary sizes are restored; a fully fine-tuned denoiser replaces
+    the shared one only while the class generates. tests/integration/test_blocks.py checks each class's images equal
+    its own process's.
     """
-    text_encoder = pipe.text_encoder
-    embeddings = text_encoder.get_input_embeddings()
-    saved = {"tokenizer": pipe.tokenizer, "unet": pipe.unet, "embeddings": embeddings, "weight": embeddings.weight,
-             "data": embeddings.weight.data, "rows": embeddings.num_embeddings, "vocab": text_encoder.config.vocab_size}
-    pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
+    arch = architecture_of(pipe)
+    encoders = [name for name, kind in arch.text_encoders if kind == "clip"]
+    saved_denoiser = getattr(pipe, arch.denoiser)
+    saved = []
+    for name in encoders:
+        encoder = getattr(pipe, name)
+        embeddings = encoder.get_input_embeddings()
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        saved.append({"encoder": encoder, "tokenizer_name": tokenizer, "tokenizer": getattr(pipe, tokenizer),
+                      "embeddings": embeddings, "weight": embeddings.weight, "data": embeddings.weight.data,
+                      "rows": embeddings.num_embeddings, "vocab": encoder.config.vocab_size})
+        setattr(pipe, tokenizer, copy.deepcopy(getattr(pipe, tokenizer)))
     try:
         yield apply_personalization(pipe, folder)
     finally:
-        pipe.unet = saved["unet"]
-        if getattr(pipe.unet, "peft_config", None) or getattr(text_encoder, "peft_config", None):
+        setattr(pipe, arch.denoiser, saved_denoiser)
+        if getattr(saved_denoiser, "peft_config", None) or any(getattr(s["encoder"], "peft_config", None) for s in saved):
             pipe.unload_lora_weights()
-        # transformers resizes the token matrix in place (the same module and parameter get new, larger data): the
-        # module, its parameter and the parameter's data are all put back
-        saved["weight"].data = saved["data"]
-        saved["embeddings"].weight, saved["embeddings"].num_embeddings = saved["weight"], saved["rows"]
-        text_encoder.set_input_embeddings(saved["embeddings"])
-        text_encoder.config.vocab_size = saved["vocab"]
-        pipe.tokenizer = saved["tokenizer"]
+        for s in saved:
+            # transformers resizes the token matrix in place (the same module and parameter get new, larger data): the
+            # module, its parameter and the parameter's data are all put back
+            s["weight"].data = s["data"]
+            s["embeddings"].weight, s["embeddings"].num_embeddings = s["weight"], s["rows"]
+            s["encoder"].set_input_embeddings(s["embeddings"])
+            s["encoder"].config.vocab_size = s["vocab"]
+            setattr(pipe, s["tokenizer_name"], s["tokenizer"])
 
 
-def conditioning(folder: Path) -> torch.Tensor:
-    """The learned conditioning sequences of a cond_* folder ([n_vectors, seq, dim])."""
+def conditioning(folder: Path) -> dict[str, torch.Tensor]:
+    """The learned conditioning of a cond_* folder, by the name the pipeline's call takes it under (`prompt_embeds`
+    [n_vectors, seq, dim], and `pooled_prompt_embeds` or an attention mask where the architecture has them)."""
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "cond.safetensors"))["cond"]
+    tensors = load_file(str(folder / "cond.safetensors"))
+    return {("prompt_embeds" if k == "cond" else k): v for k, v in tensors.items() if k != "assign"}
 
 
 def plan(spec: GenerateSpec, class_key: str, class_name: str, n: int, token: str | None = None,
@@ -197,9 +217,13 @@ def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources:
         kw = call_kwargs(i2i, ("height", "width"), negative_prompt=neg, strength=spec.strength, height=size, width=size,
                          **common)
         return i2i(prompt=list(rows["prompt"]), image=init, **kw).images
-    if cond is not None:
-        embeds = cond[torch.as_tensor(rows["vector"].to_numpy())].to(pipe.device, pipe.unet.dtype)
-        return pipe(prompt_embeds=embeds, negative_prompt=neg, height=size, width=size, **common).images
+    if cond is not None:  # learned conditioning: each image's vector, under the names the call takes
+        pick = torch.as_tensor(rows["vector"].to_numpy())
+        dtype = denoiser_of(pipe).dtype
+        given = {k: v[pick].to(pipe.device, dtype) if v.is_floating_point() else v[pick].to(pipe.device)
+                 for k, v in cond.items()}
+        kw = call_kwargs(pipe, negative_prompt=neg, height=size, width=size, **common, **given)
+        return pipe(**kw).images
     kw = call_kwargs(pipe, negative_prompt=neg, height=size, width=size, **common)
     return pipe(prompt=list(rows["prompt"]), **kw).images
 
@@ -270,9 +294,10 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
         raise ValueError(f"generate: {spec.method} starts from the real images: it needs the real training table and root")
     token = json.loads((personalization / "personalization.json").read_text()).get("token") if personalised else None
     cond = conditioning(personalization) if m.learns in ("cond_vectors", "cond_clusters") else None
+    n_vectors = 0 if cond is None else len(cond["prompt_embeds"])
     n_sources = int((pd.read_parquet(real[0])["label"] == label).sum()) if m.from_real else 0
     pipe, sources, size = None, None, spec.resolution
-    rows = plan(spec, class_key, class_name, n_chunks * b, token, n_sources, 0 if cond is None else len(cond))
+    rows = plan(spec, class_key, class_name, n_chunks * b, token, n_sources, n_vectors)
     if missing:  # everything cached: no model is loaded at all
         source = source or PipelineSource(model, device, dtype)
         pipe = source.base()

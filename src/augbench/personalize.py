@@ -1,23 +1,28 @@
 """Personalise a text-to-image diffusion model to one class from its few real training images.
 
 Methods (the paper's section on personalisation):
-- `textual_inversion`: one new pseudo-word per class, its input embedding initialised from the
-  class name and optimised so the model reconstructs the class's images. Saved as
-  `learned_embeds.safetensors` (`{token: tensor[1, dim]}`), which diffusers' `load_textual_inversion` loads.
-- `cond_vectors`: the conditioning *sequence* (the text encoder's output) optimised per training
-  image; `cond_clusters`: one such sequence per k-means cluster of the class's CLIP image embeddings.
-  Saved as `cond.safetensors` (`cond [n_vectors, seq, dim]`, `assign [n_images]`).
-- `*_dm`: the same jointly with the denoiser, fully (`unet/` folder) or through LoRA adapters
-  (`pytorch_lora_weights.safetensors`, loaded with `load_lora_weights`). LoRA is the default because
-  a full UNet per class is 3.4 GB for Stable Diffusion: 3.4 TB for ImageNet's 1,000 classes.
+- `textual_inversion`: one new pseudo-word per class, a row in each CLIP encoder's token matrix (SD 1.x / 2.x: one;
+  SDXL: both), initialised from the class name and optimised so the model reconstructs the class's images. Saved as
+  `learned_embeds.safetensors` (and `learned_embeds_2.safetensors` for the second encoder, as diffusers' SDXL
+  textual-inversion example names them), `{token: tensor[1, dim]}`, which diffusers' `load_textual_inversion` loads.
+- `cond_vectors`: the conditioning the pipeline takes (`prompt_embeds`, with `pooled_prompt_embeds` where the
+  architecture has them; attention masks are carried along) optimised per training image; `cond_clusters`: one per
+  k-means cluster of the class's CLIP image embeddings. Saved as `cond.safetensors` (`cond [n_vectors, seq, dim]`, the
+  other tensors under their call names, `assign [n_images]`).
+- `*_dm`: the same jointly with the denoiser, fully (`unet/` or `transformer/` folder) or through LoRA adapters
+  (`pytorch_lora_weights.safetensors`, written by the pipeline's `save_lora_weights` and loaded with
+  `load_lora_weights`). LoRA is the default because a full UNet per class is 3.4 GB for Stable Diffusion: 3.4 TB for
+  ImageNet's 1,000 classes.
 
-The VAE and the text encoder's weights are frozen in every method; only the tensors above train.
+Every architecture of `augbench.architectures` trains with its own objective through `augbench.denoising`. The
+autoencoder's and the text encoders' weights are frozen in every method; only the tensors above train.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -33,6 +38,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from augbench.denoising import (
+    architecture_of,
+    denoiser_of,
+    encode_images,
+    encode_prompts,
+    loss,
+    noised,
+    predict,
+    trainable_conditioning,
+    training_scheduler,
+)
 from augbench.device import pick_device
 from augbench.imaging import decode_many, to_float
 from augbench.io import atomic_dir, content_id, write_json, write_meta
@@ -124,20 +140,21 @@ class TrainingSource:
     precision to the other. On the CPU in fp32 the shared modules are the loaded ones themselves.
     """
 
-    def __init__(self, model: str | Path, device: torch.device | None = None, compute: torch.dtype | None = None) -> None:
-        self.model, self.device = model, device or torch.device("cpu")
+    def __init__(self, model: str | Path, device: torch.device | None = None, compute: torch.dtype | None = None,
+                 architecture: str | None = None) -> None:
+        self.model, self.device, self.architecture = model, device or torch.device("cpu"), architecture
         self.compute = compute or compute_dtype(self.device)
         self._host = None
         self._frozen: dict[str, torch.nn.Module] = {}
         self.loads = 0
 
-    def host(self):  # -> StableDiffusionPipeline
+    def host(self):  # -> a diffusers text-to-image pipeline
         """The pipeline as loaded, fp32 on the CPU: the pristine source of every copy."""
         if self._host is None:
-            self._host = load_pipeline(self.model, torch.device("cpu"), torch.float32)
-            self._host.vae.requires_grad_(False)
-            self._host.text_encoder.requires_grad_(False)
-            self._host.unet.requires_grad_(False)
+            self._host = load_pipeline(self.model, torch.device("cpu"), torch.float32, self.architecture)
+            for module in self._host.components.values():
+                if isinstance(module, torch.nn.Module):
+                    module.requires_grad_(False)
             self.loads += 1
         return self._host
 
@@ -153,30 +170,33 @@ class TrainingSource:
             self._frozen[name] = self._placed(getattr(self.host(), name), self.compute).eval()
         return self._frozen[name]
 
-    def pipeline(self, method: str, dm_finetune: str = "lora"):  # -> StableDiffusionPipeline
-        """A pipeline for one class of `method`: the shared frozen modules and the class's own trainable ones."""
-        from diffusers import StableDiffusionPipeline
-
+    def pipeline(self, method: str, dm_finetune: str = "lora"):  # -> a pipeline of the host's class
+        """A pipeline for one class of `method`: the shared frozen modules and the class's own trainable ones (for a
+        pseudo-word, its copy of each CLIP encoder and tokenizer; for a full fine-tune, its fp32 denoiser)."""
         m, host = registry_row(method), self.host()
-        if m.learns == "pseudo_word":  # the class's own vocabulary: a copy of the encoder and tokenizer
-            text_encoder = copy.deepcopy(host.text_encoder).to(self.device, self.compute)
-            tokenizer = copy.deepcopy(host.tokenizer)
-        else:
-            text_encoder, tokenizer = self.frozen("text_encoder"), host.tokenizer
+        arch = architecture_of(host)
+        parts = {name: self.frozen(name) if isinstance(value, torch.nn.Module) else value
+                 for name, value in host.components.items()}
+        if m.learns == "pseudo_word":  # the class's own vocabulary: a copy of each CLIP encoder and tokenizer
+            for encoder, kind in arch.text_encoders:
+                if kind == "clip":
+                    parts[encoder] = copy.deepcopy(getattr(host, encoder)).to(self.device, self.compute)
+                    tokenizer = encoder.replace("text_encoder", "tokenizer")
+                    parts[tokenizer] = copy.deepcopy(getattr(host, tokenizer))
         if m.finetune_unet and dm_finetune == "full":
-            unet = copy.deepcopy(host.unet).to(self.device, torch.float32)
-        else:
-            unet = self.frozen("unet")
-        pipe = StableDiffusionPipeline(vae=self.frozen("vae"), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=host.scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+            parts[arch.denoiser] = copy.deepcopy(getattr(host, arch.denoiser)).to(self.device, torch.float32)
+        if "requires_safety_checker" in inspect.signature(type(host).__init__).parameters:
+            parts["requires_safety_checker"] = False
+        pipe = type(host)(**parts)
         pipe.set_progress_bar_config(disable=True)
+        pipe.augbench_architecture = arch.name
         return pipe
 
     def release(self, pipe) -> None:
-        """Give back what a class added to the shared modules: its LoRA adapters on the shared UNet."""
-        if getattr(pipe.unet, "peft_config", None):
-            pipe.unet.delete_adapters(list(pipe.unet.peft_config))
+        """Give back what a class added to the shared modules: its LoRA adapters on the shared denoiser."""
+        denoiser = denoiser_of(pipe)
+        if getattr(denoiser, "peft_config", None):
+            denoiser.delete_adapters(list(denoiser.peft_config))
 
 
 #: Activation memory of one training image's UNet forward and backward at 512 px in a half compute dtype (MB), by
@@ -328,17 +348,15 @@ def encode_latents(pipe, images: np.ndarray, micro_batch: int = 16) -> torch.Ten
     for flip in (False, True):
         for i in range(0, len(images), micro_batch):
             x = to_float(torch.from_numpy(images[i:i + micro_batch])) * 2 - 1
-            x = (x.flip(-1) if flip else x).to(pipe.device, pipe.vae.dtype)
-            out.append(pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor)
+            x = (x.flip(-1) if flip else x).to(pipe.vae.device, pipe.vae.dtype)
+            out.append(encode_images(pipe, x))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_prompt(pipe, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's output sequence for prompts (what the UNet is conditioned on)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.device))[0]
+    """The text encoders' output sequence for prompts (what the denoiser is conditioned on: `prompt_embeds`)."""
+    return encode_prompts(pipe, prompts)["prompt_embeds"]
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
@@ -381,13 +399,13 @@ class Learned:
     """What a personalisation run produced (kept on the pipeline's modules for the DM variants)."""
 
     token: str | None = None
-    cond: torch.Tensor | None = None
+    cond: dict[str, torch.Tensor] | None = None  # the conditioning by call name ([n_vectors, ...] each)
     assign: np.ndarray | None = None
     final_loss: float = float("nan")
 
 
 def add_lora(unet, rank: int, seed: int) -> None:
-    """Freeze the UNet and give its attention projections trainable LoRA adapters (peft).
+    """Freeze the denoiser (UNet or transformer) and give its attention projections trainable LoRA adapters (peft).
 
     peft draws the A matrices from torch's global generator; it is seeded here (inside a forked RNG
     state, so the caller's stays as it was), else two runs of the same job personalise differently.
@@ -413,15 +431,14 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     if not m.personalized:
         raise ValueError(f"personalize: method {method!r} learns nothing per class")
     dm = m.finetune_unet
+    arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
     compute = pipe.vae.dtype  # the VAE is frozen in every method: it is held in the compute dtype
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.unet.requires_grad_(False)
-    from diffusers import DDPMScheduler
-
-    # train with the DDPM form of the model's schedule (as diffusers' training examples do): the saved pipeline's
-    # sampling scheduler (PNDM for SD v1.4, DPM-Solver, ...) need not have add_noise / get_velocity
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    # train with the model's schedule in its training form (augbench.denoising): DDPM for noise models (the saved
+    # sampler, PNDM for SD v1.4, DPM-Solver, ... need not have add_noise), the flow-matching schedule for flow models
+    sched = training_scheduler(pipe)
     owner = np.arange(len(assign)) if owner is None else owner
     if len(latents) != 2 * len(owner):
         raise ValueError(f"personalize: {len(latents)} latents for {len(owner)} crops (expected crops and their mirrors)")
@@ -431,47 +448,45 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     learned = Learned(assign=assign)
     if m.learns == "pseudo_word":
         token = token_for(class_key)
-        if pipe.tokenizer.add_tokens([token]) != 1:
-            raise ValueError(f"textual_inversion: token {token!r} already exists in the tokenizer")
-        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-        emb = pipe.text_encoder.get_input_embeddings().float()  # trainable: fp32, whatever the encoder's dtype
-        tid = pipe.tokenizer.convert_tokens_to_ids(token)
-        init = pipe.tokenizer(class_name, add_special_tokens=False).input_ids
-        with torch.no_grad():
-            emb.weight[tid] = emb.weight[init].mean(0)
-        # only the pseudo-word's row may move: the other rows' gradients are zeroed, so AdamW (no weight decay here)
-        # leaves them exactly as they were, without a second copy of the matrix to restore them from
-        row = torch.zeros(len(emb.weight), 1, device=emb.weight.device)
-        row[tid] = 1
-        emb.weight.requires_grad_(True)
-        emb.weight.register_hook(lambda grad: grad * row)
-        if compute != torch.float32:  # the rest of the encoder runs in the compute dtype: so do the looked-up rows
-            emb.register_forward_hook(lambda _module, _args, out: out.to(compute))
-        groups.append({"params": [emb.weight], "lr": spec.lr, "weight_decay": 0.0})
+        tokenizers = []
+        for encoder_name, kind in arch.text_encoders:  # one row per CLIP encoder (SDXL: both), each its own tensor
+            if kind != "clip":
+                continue
+            encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, encoder_name.replace("text_encoder", "tokenizer"))
+            groups.append({"params": [_pseudo_word_row(encoder, tokenizer, token, class_name, compute)], "lr": spec.lr,
+                           "weight_decay": 0.0})
+            tokenizers.append(tokenizer)
+        if not tokenizers:
+            raise ValueError(f"textual_inversion: {arch.name} ({arch.text2image}) has no CLIP text encoder")
         learned.token = token
         # templates whose tokens would be cut before the pseudo-word would train nothing
-        max_len = pipe.tokenizer.model_max_length
-        fits = [t for t in IMAGENET_TEMPLATES if len(pipe.tokenizer(t.format(token), verbose=False).input_ids) <= max_len]
+        fits = [t for t in IMAGENET_TEMPLATES
+                if all(len(tok(t.format(token), verbose=False).input_ids) <= tok.model_max_length for tok in tokenizers)]
         templates = fits or [CLASSNAME]
     else:
-        base = encode_prompt(pipe, [CLASSNAME.format(class_name)])
-        cond = base.float().repeat(int(assign.max()) + 1, 1, 1).clone().requires_grad_(True)
-        groups.append({"params": [cond], "lr": spec.lr, "weight_decay": 0.0})
-        learned.cond = cond
+        with torch.no_grad():
+            base = encode_prompts(pipe, [CLASSNAME.format(class_name)])
+        k = int(assign.max()) + 1
+        learned.cond = {}
+        for name, value in base.items():
+            trains = trainable_conditioning(name)
+            value = (value.float() if trains else value).repeat(k, *[1] * (value.dim() - 1)).clone()
+            learned.cond[name] = value.requires_grad_(True) if trains else value
+        groups.append({"params": [v for v in learned.cond.values() if v.requires_grad], "lr": spec.lr, "weight_decay": 0.0})
     if dm:
         if spec.dm_finetune == "lora":
-            add_lora(pipe.unet, spec.lora_rank, item_seed(spec.seed, "lora", method, class_key))
-            for p in pipe.unet.parameters():  # the adapters train in fp32 beside the frozen half-precision layers
+            add_lora(denoiser, spec.lora_rank, item_seed(spec.seed, "lora", method, class_key))
+            for p in denoiser.parameters():  # the adapters train in fp32 beside the frozen half-precision layers
                 if p.requires_grad:
                     p.data = p.data.float()
         elif spec.dm_finetune == "full":
-            pipe.unet.requires_grad_(True)
+            denoiser.requires_grad_(True)
         else:
             raise ValueError(f"personalize: dm_finetune must be 'full' or 'lora', got {spec.dm_finetune!r}")
-        groups.append({"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": spec.dm_lr, "weight_decay": 1e-2})
+        groups.append({"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": spec.dm_lr, "weight_decay": 1e-2})
     opt = torch.optim.AdamW(groups)
-    scaler = torch.amp.GradScaler(pipe.device.type, enabled=compute == torch.float16)  # fp16 needs its loss scaled
-    pipe.unet.train(dm)
+    scaler = torch.amp.GradScaler(latents.device.type, enabled=compute == torch.float16)  # fp16 needs its loss scaled
+    denoiser.train(dm)
     started, ema = time.time(), None
     assign_t = torch.from_numpy(np.concatenate([assign[owner], assign[owner]]))
     for step in range(spec.steps):
@@ -480,31 +495,55 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
         if learned.token is not None:
             picks = torch.randint(0, len(templates), (len(idx),), generator=g)
             prompts = [templates[int(j)].format(learned.token) for j in picks]
-            ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
-                                 return_tensors="pt").input_ids
-            with _autocast(pipe.device, compute):
-                c = pipe.text_encoder(ids.to(pipe.device))[0]
+            with _autocast(latents.device, compute):
+                c = encode_prompts(pipe, prompts)
         else:
-            c = learned.cond[assign_t[idx]]
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
-        eps = torch.randn(z0.shape, generator=g).to(z0)
-        zt = sched.add_noise(z0, eps, t.to(z0.device))
-        with _autocast(pipe.device, compute):
-            pred = pipe.unet(zt, t.to(z0.device), encoder_hidden_states=c.to(compute)).sample
-        # the model's own objective: SD 1.x predicts the noise, SD 2.x (768 px) the velocity
-        target = eps if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, eps, t.to(z0.device))
-        loss = F.mse_loss(pred.float(), target.float())
+            c = {name: value[assign_t[idx]] for name, value in learned.cond.items()}
+        zt, t, target, weight = noised(pipe, sched, z0, g)
+        with _autocast(latents.device, compute):
+            pred = predict(pipe, zt, t, {k: v.to(compute) if v.is_floating_point() else v for k, v in c.items()})
+        # the model's own objective: noise (SD 1.x) or velocity (SD 2.x 768 px) prediction, or flow matching
+        step_loss = loss(pred, target, weight)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(step_loss).backward()
         scaler.step(opt)
         scaler.update()
-        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        ema = step_loss.item() if ema is None else 0.9 * ema + 0.1 * step_loss.item()
         if step % 50 == 0 or step == spec.steps - 1:
             log.info("personalize %s/%s: step %d/%d loss %.4f (%.0fs)", method, class_key, step, spec.steps, ema, time.time() - started)
-    pipe.unet.eval()
-    pipe.unet.requires_grad_(False)
+    denoiser.eval()
+    denoiser.requires_grad_(False)
     learned.final_loss = float(ema if ema is not None else float("nan"))
     return learned
+
+
+def _pseudo_word_row(encoder, tokenizer, token: str, class_name: str, compute: torch.dtype) -> torch.nn.Parameter:
+    """Add `token` to a CLIP tokenizer and its encoder's token matrix, initialised as the mean of the class name's
+    tokens; return the matrix, made trainable in fp32 with every row but the new one's gradient zeroed."""
+    if tokenizer.add_tokens([token]) != 1:
+        raise ValueError(f"textual_inversion: token {token!r} already exists in the tokenizer")
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    emb = encoder.get_input_embeddings().float()  # trainable: fp32, whatever the encoder's dtype
+    tid = tokenizer.convert_tokens_to_ids(token)
+    init = tokenizer(class_name, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        emb.weight[tid] = emb.weight[init].mean(0)
+    # only the pseudo-word's row may move: the other rows' gradients are zeroed, so AdamW (no weight decay here)
+    # leaves them exactly as they were, without a second copy of the matrix to restore them from
+    row = torch.zeros(len(emb.weight), 1, device=emb.weight.device)
+    row[tid] = 1
+    emb.weight.requires_grad_(True)
+    emb.weight.register_hook(lambda grad: grad * row)
+    if compute != torch.float32:  # the rest of the encoder runs in the compute dtype: so do the looked-up rows
+        emb.register_forward_hook(lambda _module, _args, out: out.to(compute))
+    return emb.weight
+
+
+def pseudo_word_files(pipe) -> dict[str, str]:
+    """Each CLIP encoder of the pipeline and the file its pseudo-word row is saved in: `learned_embeds.safetensors`
+    for `text_encoder`, `learned_embeds_2.safetensors` for `text_encoder_2` (diffusers' SDXL example's names)."""
+    return {enc: f"learned_embeds{enc.removeprefix('text_encoder')}.safetensors"
+            for enc, kind in architecture_of(pipe).text_encoders if kind == "clip"}
 
 
 def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeSpec, out: Path) -> None:
@@ -513,23 +552,30 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
 
     with atomic_dir(out) as tmp:
         if learned.token is not None:
-            tid = pipe.tokenizer.convert_tokens_to_ids(learned.token)
-            vec = pipe.text_encoder.get_input_embeddings().weight[tid].detach().float().cpu()[None]
-            save_file({learned.token: vec.contiguous()}, str(tmp / "learned_embeds.safetensors"))
+            for encoder, weight_name in pseudo_word_files(pipe).items():
+                tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
+                tid = tokenizer.convert_tokens_to_ids(learned.token)
+                vec = getattr(pipe, encoder).get_input_embeddings().weight[tid].detach().float().cpu()[None]
+                save_file({learned.token: vec.contiguous()}, str(tmp / weight_name))
         if learned.cond is not None:
-            save_file({"cond": learned.cond.detach().float().cpu().contiguous(),
-                       "assign": torch.from_numpy(learned.assign).contiguous()}, str(tmp / "cond.safetensors"))
+            tensors = {("cond" if name == "prompt_embeds" else name): value.detach().cpu().contiguous()
+                       for name, value in learned.cond.items()}
+            tensors["assign"] = torch.from_numpy(learned.assign).contiguous()
+            save_file(tensors, str(tmp / "cond.safetensors"))
         dm = registry_row(method).finetune_unet
         if dm:
+            arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
             if spec.dm_finetune == "lora":
-                from diffusers import StableDiffusionPipeline
                 from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict
 
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-                StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+                # as diffusers' LoRA examples write them: a UNet's keys in diffusers' format, a transformer's as peft's
+                layers = get_peft_model_state_dict(denoiser)
+                if arch.denoiser == "unet":
+                    layers = convert_state_dict_to_diffusers(layers)
+                type(pipe).save_lora_weights(str(tmp), **{f"{arch.denoiser}_lora_layers": layers}, safe_serialization=True)
             else:
-                pipe.unet.save_pretrained(tmp / "unet")
+                denoiser.save_pretrained(tmp / arch.denoiser)
         write_json(tmp / "personalization.json", {"method": method, "token": learned.token, "dm_finetune": spec.dm_finetune
                                                   if dm else None, "final_loss": learned.final_loss})
 
@@ -597,12 +643,13 @@ def _personalize(pipe, m, table: Path, root: Path, label: int, class_key: str, c
 
 
 def personalize_block(model: str | Path, table: Path, root: Path, classes: list[tuple[str, int, str]], out: Path,
-                      cache: Path, spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None) -> dict[str, object]:
+                      cache: Path, spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None,
+                      architecture: str | None = None) -> dict[str, object]:
     """Personalise `model` to each class of a block in one process (the model is loaded once) and write the block's
     folder `out/<class key>/` (links to the per-class cache under `cache/<class key>/`, so a killed block keeps the
     classes it finished)."""
     started = time.time()
-    source = TrainingSource(model, pick_device())
+    source = TrainingSource(model, pick_device(), architecture=architecture)
     per_class = {}
     with atomic_dir(out) as tmp:
         for key, label, name in classes:

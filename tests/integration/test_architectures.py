@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from architectures import build
 from conftest import REPO, subprocess_env
@@ -19,6 +21,7 @@ from photos import photo
 from PIL import Image
 
 from augbench.architectures import REGISTRY, architecture, check_pairs, refusal, resolve
+from augbench.generate import call_kwargs
 from augbench.methods import REGISTRY as METHODS
 from augbench.methods import method
 from augbench.shards import pointed_images
@@ -95,7 +98,8 @@ def test_refusals_follow_the_architecture_properties() -> None:
     for arch in REGISTRY.values():
         for m in METHODS.values():
             why = refusal(m, arch)
-            cannot = (m.from_real and arch.image2image is None) or (m.personalized and arch.name != "sd")
+            cannot = ((m.from_real and arch.image2image is None) or (m.learns == "pseudo_word" and not arch.textual_inversion)
+                      or (m.finetune_unet and not arch.lora))
             assert (why is not None) == cannot, (m.name, arch.name, why)
     assert refusal(method("img2img"), architecture("sana")) == (
         "diffusers has no image-to-image pipeline for sana (SanaPipeline)")
@@ -126,3 +130,88 @@ def test_the_workflow_refuses_a_method_the_declared_architecture_cannot_run() ->
     assert pair.returncode != 0
     assert "img2img on diffusion.model (sana): diffusers has no image-to-image pipeline" in pair.stdout + pair.stderr
     assert "Job stats" not in mismatch.stdout + pair.stdout, "nothing is planned"
+
+
+def _job(kind: str, model: Path, arch: str, out: Path, photos: tuple[Path, Path], spec: dict, *extra: str) -> None:
+    """The workflow's personalize or generate job for both classes, as a process of its own with the toy code
+    forbidden."""
+    classes = out.parent / "classes.json"
+    classes.write_text(json.dumps({"classes": ["dog", "cat"], "names": {"dog": "dog", "cat": "cat"}}))
+    cmd = [sys.executable, "-m", "augbench", kind, "--model", str(model), "--architecture", arch, "--table",
+           str(photos[0]), "--root", str(photos[1]), "--classes", str(classes), "--keys", "dog", "cat",
+           "--cache", str(out.parent / f"cache_{kind}_{spec['method']}"), "--out", str(out),
+           "--spec", json.dumps(spec), "--device", "cpu", *extra]
+    proc = subprocess.run(cmd, env={**subprocess_env(), "AUGBENCH_FORBID_TOY": "1"}, capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _sample(pipe) -> np.ndarray:
+    """Two sampling steps of one prompt at 32 px from a fixed seed, as the generate job calls the pipeline."""
+    kw = call_kwargs(pipe, height=32, width=32, num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                     generator=torch.Generator().manual_seed(0))
+    return np.asarray(pipe(prompt=["a photo of a dog"], **kw).images, dtype=np.float32)
+
+
+def _personalised_methods(arch) -> list[tuple[str, str]]:
+    """(method, dm_finetune) each architecture personalises with in the test: the pseudo-word with LoRA where textual
+    inversion is possible, conditioning vectors with LoRA where a LoRA loader exists, else with the full denoiser."""
+    out = [("textual_inversion_dm", "lora")] if arch.textual_inversion else []
+    if arch.lora:
+        out.append(("cond_vectors_dm", "lora"))
+    else:
+        out.append(("cond_vectors_dm", "full"))
+    return out
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_architecture_personalises_with_its_own_objective(name: str, tmp_path: Path,
+                                                              photos: tuple[Path, Path]) -> None:
+    """The personalize job trains each architecture (latents, conditioning, objective and denoiser call of
+    augbench.denoising) on non-square photos; what it saves loads back through the pipeline's own loaders
+    (`load_lora_weights`, `load_textual_inversion`, the denoiser's `from_pretrained`) and changes what it samples; the
+    generate job makes each class's images from it."""
+    from augbench.generate import apply_personalization, conditioning
+    from augbench.personalize import load_pipeline, pseudo_word_files
+
+    arch = architecture(name)
+    model = build(name, tmp_path / "model")
+    for meth, finetune in _personalised_methods(arch):
+        spec = {"method": meth, "steps": 3, "batch_size": 2, "resolution": 32, "lr": 0.05, "dm_lr": 0.05,
+                "dm_finetune": finetune, "lora_rank": 2}
+        out = tmp_path / f"personalize_{meth}"
+        _job("personalize", model, name, out, photos, spec)
+        folder = out / "dog"
+        info = json.loads((folder / "personalization.json").read_text())
+        assert np.isfinite(info["final_loss"]), info
+        pipe = load_pipeline(model, architecture=name)
+        before = _sample(pipe)
+        if finetune == "lora":  # the adapters of the denoiser, in the pipeline's LoRA format
+            from safetensors.torch import load_file
+
+            keys = list(load_file(str(folder / "pytorch_lora_weights.safetensors")))
+            assert keys and all(k.startswith(f"{arch.denoiser}.") and "lora" in k for k in keys), keys[:3]
+            pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
+            assert np.abs(_sample(pipe) - before).max() > 1e-4, f"{name}: the loaded LoRA changes nothing"
+            pipe.unload_lora_weights()
+            np.testing.assert_allclose(_sample(pipe), before, atol=1e-5)  # unloaded: the base model again
+        if info["token"]:  # one row per CLIP encoder, each in its own file
+            files = pseudo_word_files(pipe)
+            assert sorted(p.name for p in folder.glob("learned_embeds*")) == sorted(files.values())
+        loaded = apply_personalization(pipe, folder)
+        assert loaded["method"] == meth
+        if info["token"]:
+            for encoder in pseudo_word_files(pipe):
+                tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
+                assert info["token"] in tokenizer.get_vocab(), f"{name}: {encoder} lacks the pseudo-word"
+        else:
+            cond = conditioning(folder)
+            wanted = {n for n in arch.prompt_outputs if n and "mask" not in n}
+            assert wanted <= set(cond) and len(cond["prompt_embeds"]) == 3, (sorted(cond), wanted)
+        assert np.abs(_sample(pipe) - before).max() > 1e-4, f"{name}/{meth}: the personalisation changes nothing"
+        gen = tmp_path / f"generate_{meth}"
+        _job("generate", model, name, gen, photos, {"method": meth, "n_images": 2, "batch_size": 2, "steps": 2,
+             "guidance_scale": 2.0, "resolution": 32, "scheduler": "model"}, "--personalization", str(out))
+        for key in ("dog", "cat"):
+            images = pointed_images(gen / key / "manifest.parquet")
+            assert len(set(images.values())) == 2, f"{name}/{meth}/{key}: one image per seed"

@@ -67,5 +67,5 @@ def test_every_crop_of_an_image_trains_that_images_vector(tmp_path: Path, tiny_s
     assert latents.shape[0] == 2 * len(views)
     spec = PersonalizeSpec(method="cond_vectors", steps=3, batch_size=4)
     learned = train_personalization(pipe, latents, np.arange(3), "c0", "c0", spec, owner)
-    assert learned.cond.shape[0] == 3 and learned.assign.tolist() == [0, 1, 2]
+    assert learned.cond["prompt_embeds"].shape[0] == 3 and learned.assign.tolist() == [0, 1, 2]
     assert torch.isfinite(torch.tensor(learned.final_loss))

@@ -70,8 +70,9 @@ def test_two_steps_change_only_what_the_method_personalises(tiny_sd: Path, metho
         assert learned.cond is None
     else:
         assert torch.equal(weights[emb_key], text[emb_key]) and len(pipe.tokenizer) == n_tokens
-        assert learned.cond is not None and learned.cond.shape[0] == int(assign.max()) + 1
-        assert not torch.allclose(learned.cond.detach(), initial_cond.expand_as(learned.cond)), "conditioning vectors did not move"
+        cond = learned.cond["prompt_embeds"]
+        assert cond.shape[0] == int(assign.max()) + 1
+        assert not torch.allclose(cond.detach(), initial_cond.expand_as(cond)), "conditioning vectors did not move"
     changed_unet = _changed(unet, pipe.unet)
     lora_keys = {k for k in pipe.unet.state_dict() if "lora" in k}
     if not method.endswith("_dm"):

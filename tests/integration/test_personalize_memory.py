@@ -73,7 +73,7 @@ def test_frozen_once_in_the_compute_dtype_trainable_in_fp32(tiny_sd: Path, tmp_p
     assert math.isfinite(learned.final_loss)  # an EMA over all 20 steps: one inf or nan step would stay in it
     trained = {n: [p for p in getattr(pipe, n).parameters() if p.dtype == torch.float32] for n in ("text_encoder", "unet")}
     if learned.cond is not None:
-        assert learned.cond.dtype == torch.float32
+        assert learned.cond["prompt_embeds"].dtype == torch.float32
     after = {"vae": _state(pipe.vae), "text_encoder": _state(pipe.text_encoder), "unet": _state(pipe.unet)}
     assert all(torch.equal(v, after["vae"][k]) for k, v in frozen["vae"].items()), "the VAE must not move"
     emb_key = next(k for k in after["text_encoder"] if k.endswith("token_embedding.weight"))
@@ -111,7 +111,7 @@ def test_frozen_once_in_the_compute_dtype_trainable_in_fp32(tiny_sd: Path, tmp_p
         initial = plain.text_encoder.get_input_embeddings().weight[word].mean(0)
         assert not torch.equal(row, initial), "the pseudo-word must have moved from its initialisation"
     if learned.cond is not None:
-        cond = conditioning(out)
+        cond = conditioning(out)["prompt_embeds"]
         assert cond.dtype == torch.float32 and not torch.equal(cond[0], initial_cond[0])
         assert not torch.allclose(_sample(plain, cond[:1]), _sample(plain, initial_cond))
     if method.endswith("_dm"):

@@ -101,7 +101,7 @@ def model_architecture(folder, declared, toy, key):
         arch = resolve_architecture(folder, declared)
         methods = [m for m in dict.fromkeys(config["methods"] + list(config.get("sweep_methods") or []))
                    if m in GENERATION_METHODS]
-        check_pairs(methods, arch, key)
+        check_pairs(methods, arch, key, config["personalize"]["dm_finetune"])
     except ValueError as exc:
         config_error(f"{key}: {exc}")
     return arch
@@ -464,7 +464,8 @@ def personalize_args(wildcards, input):
     own param)."""
     emb = f" --emb {shlex.quote(input.emb)} --meta {shlex.quote(input.meta)}" if "emb" in input.keys() else ""
     cache = f"{R}/personalize/{wildcards.method}/cache"
-    return f"{class_args(wildcards)}{emb} --cache {shlex.quote(cache)}"
+    arch = generator_of(wildcards.method)["architecture"]  # checks the folder only: an argument, not a compared param
+    return f"{class_args(wildcards)}{emb} --cache {shlex.quote(cache)} --architecture {arch}"
 
 
 def generate_args(wildcards, input):
