@@ -90,10 +90,12 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
                  prompt_outputs=("prompt_embeds", "pooled_prompt_embeds", None), params_b=16.9,
                  checkpoints=("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")),
     Architecture("sana", ("SanaPipeline",), None, (("text_encoder", "gemma"),), "transformer", "flow_matching",
-                 lora=True, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None), call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
+                 lora=True, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
+                 call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
                  checkpoints=("Efficient-Large-Model/Sana_1600M_1024px_diffusers",)),
     Architecture("pixart_sigma", ("PixArtSigmaPipeline",), None, (("text_encoder", "t5"),), "transformer", "noise",
-                 lora=False, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None), call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
+                 lora=False, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
+                 call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
                  checkpoints=("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",)),
     Architecture("qwen_image", ("QwenImagePipeline",), "QwenImageImg2ImgPipeline", (("text_encoder", "qwen_vl"),),
                  "transformer", "flow_matching", lora=True, prompt_outputs=("prompt_embeds", "prompt_embeds_mask"),
@@ -152,9 +154,10 @@ def refusal(m: Method, arch: Architecture, dm_finetune: str = "lora") -> str | N
     if m.from_real and arch.image2image is None:
         return f"diffusers has no image-to-image pipeline for {arch.name} ({arch.text2image})"
     if m.learns == "pseudo_word" and not arch.textual_inversion:
-        encoders = ", ".join(kind for _, kind in arch.text_encoders)
-        return (f"textual inversion needs diffusers' textual-inversion loader, which {arch.text2image} has not "
-                f"(text encoders: {encoders}); conditioning vectors work on {arch.name}")
+        others = ", ".join(sorted({kind for _, kind in arch.text_encoders if kind != "clip"}))
+        return (f"textual inversion learns a row of each CLIP encoder's token matrix; {arch.name} also reads the prompt "
+                f"with {others}, which would see the pseudo-word as plain characters; conditioning vectors work on "
+                f"{arch.name}")
     if m.finetune_unet and dm_finetune == "lora" and not arch.lora:
         return (f"diffusers has no LoRA loader for {arch.name} ({arch.text2image}); set personalize.dm_finetune: full "
                 "to fine-tune its whole denoiser")

@@ -131,7 +131,7 @@ def predict(pipe, zt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tenso
         extra = {}
         if getattr(denoiser.config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text and sizes
             side = [h * pipe.vae_scale_factor, w * pipe.vae_scale_factor]
-            ids = torch.tensor([side + [0, 0] + side], device=zt.device, dtype=zt.dtype).repeat(n, 1)
+            ids = torch.tensor([[*side, 0, 0, *side]], device=zt.device, dtype=zt.dtype).repeat(n, 1)
             extra["added_cond_kwargs"] = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": ids}
         return denoiser(zt, t, encoder_hidden_states=embeds, **extra).sample
     if kind == "SD3Transformer2DModel":

@@ -215,3 +215,70 @@ def test_each_architecture_personalises_with_its_own_objective(name: str, tmp_pa
         for key in ("dog", "cat"):
             images = pointed_images(gen / key / "manifest.parquet")
             assert len(set(images.values())) == 2, f"{name}/{meth}/{key}: one image per seed"
+
+
+#: the denoiser's keyword for each conditioning tensor the personalisation code passes under the pipeline call's name
+_DENOISER_NAMES = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds",
+                   "encoder_attention_mask": "prompt_attention_mask", "encoder_hidden_states_mask": "prompt_embeds_mask"}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_the_training_call_is_the_pipelines_sampling_call(name: str, tmp_path: Path) -> None:
+    """`augbench.denoising.predict` calls each denoiser as its pipeline does while sampling: the denoiser's inputs
+    and output in one sampling step, captured, are reproduced from the latents in [n, c, h, w] layout, the pipeline's
+    timestep (x 1000 where the pipeline divides by 1000) and the conditioning under the call's names. A wrong packing,
+    timestep scale, size conditioning or learned-sigma split fails here."""
+    from augbench.denoising import denoiser_of, predict
+    from augbench.personalize import load_pipeline
+
+    pipe = load_pipeline(build(name, tmp_path / "model"), architecture=name)
+    denoiser = denoiser_of(pipe)
+    seen: dict = {}
+
+    def capture(_module, args, kwargs, output) -> None:
+        seen.setdefault("call", (args, kwargs, output[0] if isinstance(output, tuple) else output.sample))
+
+    handle = denoiser.register_forward_hook(capture, with_kwargs=True)
+    kw = call_kwargs(pipe, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                     generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pipe(prompt=["a photo of a dog"], **kw)
+    handle.remove()
+    args, kwargs, output = seen["call"]
+    latents = kwargs.get("hidden_states", args[0] if args else kwargs.get("sample"))
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    side = 32 // pipe.vae_scale_factor
+    packed = latents.dim() == 3  # FLUX / Qwen-Image: 2x2 patches as tokens
+    if packed:
+        c = latents.shape[-1] // 4
+        latents = latents.view(1, side // 2, side // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, c, side, side)
+        t = t * 1000
+    cond = {ours: kwargs[theirs] for theirs, ours in _DENOISER_NAMES.items() if kwargs.get(theirs) is not None}
+    if "added_cond_kwargs" in kwargs and kwargs["added_cond_kwargs"] and "text_embeds" in kwargs["added_cond_kwargs"]:
+        cond["pooled_prompt_embeds"] = kwargs["added_cond_kwargs"]["text_embeds"]
+    with torch.no_grad():
+        ours = predict(pipe, latents, t, cond)
+    if packed:
+        output = output.view(1, side // 2, side // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, c, side, side)
+    elif output.shape[1] != ours.shape[1]:  # learned sigma: the pipeline splits off the variance after the call
+        output = output.chunk(2, dim=1)[0]
+    torch.testing.assert_close(ours, output)
+
+
+@pytest.mark.parametrize("name", [a.name for a in REGISTRY.values() if a.objective == "flow_matching"])
+def test_the_flow_matching_target_is_what_the_sampler_integrates(name: str, tmp_path: Path) -> None:
+    """One Euler step of the model's own flow-matching sampler from x_t at sigma down to sigma 0, with the training
+    target as the model output, lands on the clean latents; the timestep the denoiser sees is sigma x 1000 (the
+    sampler's), and the sigmas follow the logit-normal draw (all inside (0, 1), not uniform)."""
+    from augbench.denoising import noised, training_scheduler
+    from augbench.personalize import load_pipeline
+
+    pipe = load_pipeline(build(name, tmp_path / "model"), architecture=name)
+    sched = training_scheduler(pipe)
+    z0 = torch.randn(512, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    zt, t, target, weight = noised(pipe, sched, z0, torch.Generator().manual_seed(2))
+    sigma = t.float() / sched.config.num_train_timesteps
+    torch.testing.assert_close(zt - sigma.view(-1, 1, 1, 1) * target, z0, rtol=0, atol=1e-4)
+    assert weight is not None and torch.all(weight == 1)
+    assert 0 < sigma.min() and sigma.max() < 1
+    assert (sigma - 0.5).abs().mean() < 0.2, "logit-normal draws crowd the middle (uniform: 0.25)"

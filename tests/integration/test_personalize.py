@@ -134,11 +134,10 @@ def test_personalisation_trains_against_the_models_own_objective(tiny_sd: Path, 
     A tiny pipeline saved that way trains one step; the regression target handed to the loss is
     the noise (epsilon) or the velocity of the noised latents (v-prediction).
     """
-    import types
-
     from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
 
     import augbench.personalize as personalize_module
+    from augbench.denoising import loss
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     pipe.scheduler = PNDMScheduler.from_config({**pipe.scheduler.config, "prediction_type": prediction, "skip_prk_steps": True})
@@ -153,12 +152,12 @@ def test_personalisation_trains_against_the_models_own_objective(tiny_sd: Path, 
         seen.update(sched=self, z0=z0, eps=eps, t=t)
         return add_noise(self, z0, eps, t)
 
-    def recording_mse(pred, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def recording_loss(pred, target, weight):  # type: ignore[no-untyped-def]
         seen["target"] = target
-        return torch.nn.functional.mse_loss(pred, target, *args, **kwargs)
+        return loss(pred, target, weight)
 
     monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
-    monkeypatch.setattr(personalize_module, "F", types.SimpleNamespace(mse_loss=recording_mse))
+    monkeypatch.setattr(personalize_module, "loss", recording_loss)
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     spec = PersonalizeSpec(method="textual_inversion_dm", steps=1, batch_size=2)
     learned = train_personalization(pipe, encode_latents(pipe, images), np.zeros(4, int), "circle", "circle", spec)
