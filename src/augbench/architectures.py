@@ -43,8 +43,12 @@ class Architecture:
         gets a row in each CLIP encoder's token matrix.
     negative_prompt: the pipeline's call takes `negative_prompt` (classifier-free guidance against it).
     call: keyword arguments every call gets (resolution binning off: augbench asks for square images at one side).
-    params_b: parameters in billions, all modules (denoiser + text encoders + autoencoder), from the model cards of the
-        named checkpoints: the weights' memory is params_b x 2 GB in 16-bit precision.
+    params_b: parameters in billions, all modules (denoiser + text encoders + autoencoder), from the model card of the
+        first named checkpoint: the weights' memory is params_b x 2 GB in 16-bit precision.
+    denoiser_params_b: the denoiser's parameters in billions (same checkpoint): what one sampling or training step
+        computes with.
+    latent_stride: image pixels per denoiser token along a side (the autoencoder's factor x the patch size).
+    resolution: the side the checkpoint was trained at (its pipeline's default).
     checkpoints: hub ids of this architecture (for the docs and the example config).
     """
 
@@ -60,6 +64,9 @@ class Architecture:
     negative_prompt: bool = True
     call: tuple[tuple[str, object], ...] = ()
     params_b: float = 0.0
+    denoiser_params_b: float = 0.0
+    latent_stride: int = 8
+    resolution: int = 1024
     checkpoints: tuple[str, ...] = ()
 
     @property
@@ -71,35 +78,53 @@ class Architecture:
         """GPU memory of the weights alone (16-bit by default): what inference needs before activations."""
         return round(self.params_b * bytes_per_param, 1)
 
+    def step_cost(self, resolution: int | None = None) -> float:
+        """The compute of one denoiser step at `resolution` (default: the architecture's) relative to Stable Diffusion
+        v1's at 512 px, the reference the GPU rates of augbench.plan were measured on. An estimate: denoiser parameters
+        x tokens, a transformer's FLOPs per token without attention; for a UNet it overstates (its full-resolution
+        levels have few channels), so SDXL's planned hours are an upper bound."""
+        side = resolution or self.resolution
+        ref = REFERENCE_STEP
+        return (self.denoiser_params_b * (side / self.latent_stride) ** 2) / (ref[0] * (ref[1] / ref[2]) ** 2)
+
+
+REFERENCE_STEP = (0.86, 512, 8)  # Stable Diffusion v1: UNet parameters (B), side (px), latent stride
+
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("sd", ("StableDiffusionPipeline",), "StableDiffusionImg2ImgPipeline", (("text_encoder", "clip"),),
                  "unet", "noise", lora=True, textual_inversion=True, params_b=1.07,
+                 denoiser_params_b=0.86, latent_stride=8, resolution=512,
                  checkpoints=("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                               "stabilityai/stable-diffusion-2-1")),
     Architecture("sdxl", ("StableDiffusionXLPipeline",), "StableDiffusionXLImg2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip")), "unet", "noise", lora=True, textual_inversion=True,
                  prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=3.47,
+                 denoiser_params_b=2.57, latent_stride=8,
                  checkpoints=("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo")),
     Architecture("sd3", ("StableDiffusion3Pipeline",), "StableDiffusion3Img2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip"), ("text_encoder_3", "t5")), "transformer",
-                 "flow_matching", lora=True, prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=13.8,
-                 checkpoints=("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium")),
+                 "flow_matching", lora=True, prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=8.2,
+                 denoiser_params_b=2.5, latent_stride=16,  # 3.5 medium; 3.5 large: 13.8 B, its MMDiT 8.1 B
+                 checkpoints=("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")),
     Architecture("flux", ("FluxPipeline",), "FluxImg2ImgPipeline", (("text_encoder", "clip"), ("text_encoder_2", "t5")),
                  "transformer", "flow_matching", lora=True, negative_prompt=False,
                  prompt_outputs=("prompt_embeds", "pooled_prompt_embeds", None), params_b=16.9,
+                 denoiser_params_b=11.9, latent_stride=16,
                  checkpoints=("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")),
     Architecture("sana", ("SanaPipeline",), None, (("text_encoder", "gemma"),), "transformer", "flow_matching",
                  lora=True, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
                  call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
+                 denoiser_params_b=1.6, latent_stride=32,
                  checkpoints=("Efficient-Large-Model/Sana_1600M_1024px_diffusers",)),
     Architecture("pixart_sigma", ("PixArtSigmaPipeline",), None, (("text_encoder", "t5"),), "transformer", "noise",
                  lora=False, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
                  call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
+                 denoiser_params_b=0.61, latent_stride=16,
                  checkpoints=("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",)),
     Architecture("qwen_image", ("QwenImagePipeline",), "QwenImageImg2ImgPipeline", (("text_encoder", "qwen_vl"),),
                  "transformer", "flow_matching", lora=True, prompt_outputs=("prompt_embeds", "prompt_embeds_mask"),
-                 params_b=28.8, checkpoints=("Qwen/Qwen-Image",)),
+                 params_b=28.8, denoiser_params_b=20.4, latent_stride=16, checkpoints=("Qwen/Qwen-Image",)),
 )}
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from augbench.architectures import REGISTRY, Architecture, architecture
+from augbench.methods import ROW_SEPARATOR, row_name
 from augbench.methods import method as registry_row
 
 
@@ -70,19 +72,43 @@ def _share(config: dict) -> int:
     return max(1, int(config.get("gpu_share") or 1))
 
 
+def generator_settings(config: dict, row: str) -> tuple[Architecture, dict]:
+    """The architecture and the generate settings of a results row `<method>@<generator>[-g<scale>]` (or of a
+    personalisation job `<method>@<generator>`): the `generate` section with the generator's options over it. Without
+    `generators`, or where the architecture is `auto` (read from the folder when loaded), Stable Diffusion v1: the
+    rates' reference."""
+    g = dict(config["generate"])
+    gens = config.get("generators") or {}
+    variant = row.split(ROW_SEPARATOR, 1)[1] if ROW_SEPARATOR in row else ""
+    name = next((n for n in gens if variant == n or variant.startswith(f"{n}-g")), None)
+    declared = config.get("diffusion", {}).get("architecture", "auto")
+    if name is not None:
+        opts = gens[name]
+        g.update({k: v for k, v in opts.items() if k not in ("model", "revision", "architecture", "guidance_scale")})
+        declared = opts.get("architecture", "auto")
+    arch = architecture(declared if declared in REGISTRY else "sd")
+    return arch, g
+
+
 def personalize_minutes(config: dict, method: str, classes: int) -> int:
-    """The runtime to request for a personalize block of `classes` classes (minutes, first attempt)."""
+    """The runtime to request for a personalize block of `classes` classes (minutes, first attempt): steps at the rate
+    of the method kind, measured on Stable Diffusion v1 at 512 px, divided by the row's architecture's step cost at
+    the personalisation resolution (`Architecture.step_cost`)."""
     p = config["personalize"]
-    rate = RATES[f"personalize_{_kind(method, p['dm_finetune'])}"].value * 4 / p["batch_size"]
+    arch, _ = generator_settings(config, method)
+    cost = arch.step_cost(p.get("resolution") or arch.resolution)
+    rate = RATES[f"personalize_{_kind(method, p['dm_finetune'])}"].value * 4 / p["batch_size"] / cost
     seconds = classes * p["steps"] / rate * _share(config)
     return int(OVERHEAD_MIN + MARGIN * seconds / 60)
 
 
 def generate_minutes(config: dict, method: str, classes: int, images_per_class: int) -> int:
-    """The runtime to request for a generate block (minutes, first attempt); img2img runs `strength` of the steps."""
-    g = config["generate"]
+    """The runtime to request for a generate block (minutes, first attempt) of a row (`method` may be a row
+    `<method>@<generator>`): its generator's steps (img2img runs `strength` of them) at the rate measured on Stable
+    Diffusion v1 at 512 px, divided by the architecture's step cost at the generator's resolution."""
+    arch, g = generator_settings(config, method)
     steps = g["steps"] * (g["strength"] if registry_row(method).from_real else 1.0)
-    rate = RATES["generate"].value * 25 / max(1.0, steps)
+    rate = RATES["generate"].value * 25 / max(1.0, steps) / arch.step_cost(g.get("resolution") or arch.resolution)
     seconds = classes * images_per_class / rate * _share(config)
     return int(OVERHEAD_MIN + MARGIN * seconds / 60)
 
@@ -95,26 +121,44 @@ def train_minutes(config: dict, images: int) -> int:
 
 
 def personalize_gpu_mb(config: dict, method: str) -> float:
-    """One personalisation process's GPU memory (MB) on Stable Diffusion v1 (`memory_estimate` on SD1_PARAMS, one
-    conditioning vector per real image at most)."""
+    """One personalisation process's GPU memory (MB) for a row (`method` may be `<method>@<generator>`):
+    `memory_estimate` on Stable Diffusion v1's counts (SD1_PARAMS, one conditioning vector per real image at most);
+    on another architecture, its weights in 16-bit precision in place of SD v1's and the activations scaled by its step
+    cost (an estimate, until a GPU measures it)."""
     from dataclasses import fields
 
     from augbench.personalize import SD1_PARAMS, memory_estimate
     from augbench.specs import PersonalizeSpec
 
+    arch, _ = generator_settings(config, method)
     names = {f.name for f in fields(PersonalizeSpec)} - {"method", "version"}
-    spec = PersonalizeSpec(method=method, **{k: v for k, v in config["personalize"].items() if k in names})
-    return memory_estimate(SD1_PARAMS, method, spec, vectors=config.get("real_per_class") or 130)["total_mb"]
+    spec = PersonalizeSpec(method=method.split(ROW_SEPARATOR, 1)[0],
+                           **{k: v for k, v in config["personalize"].items() if k in names})
+    parts = memory_estimate(SD1_PARAMS, spec.method, spec, vectors=config.get("real_per_class") or 130,
+                            resolution=arch.resolution)
+    if arch.name == "sd":
+        return parts["total_mb"]
+    side = spec.resolution or arch.resolution
+    sd_weights = (SD1_PARAMS["unet"] + SD1_PARAMS["text_encoder"] + SD1_PARAMS["vae"]) * 2 / 2**20
+    activations = parts["activations_mb"] / (side / 512) ** 2 * arch.step_cost(side)
+    return round(parts["total_mb"] - sd_weights - parts["activations_mb"] + arch.weights_gb() * 1024 + activations, 1)
 
 
-def generate_gpu_mb(config: dict) -> float:
-    """One generation process's GPU memory (MB): SD v1 in fp16 and a batch's activations."""
-    from augbench.personalize import CUDA_CONTEXT_MB, SD1_PARAMS
+def pipeline_host_mb(config: dict, row: str) -> float:
+    """Host memory of a personalize or generate block's pipeline (MB): loaded once in fp32 (the pristine source of
+    each class's copies), with room for the libraries; at least 8 GB (Stable Diffusion's measured need)."""
+    arch, _ = generator_settings(config, row)
+    return max(8000.0, arch.params_b * 4 * 1024 + 2000)
 
-    g = config["generate"]
-    weights = (SD1_PARAMS["unet"] + SD1_PARAMS["text_encoder"] + SD1_PARAMS["vae"]) * 2 / 2**20
-    side = g.get("resolution") or 512
-    return weights + GENERATE_ACTIVATION_MB * g["batch_size"] * (side / 512) ** 2 + CUDA_CONTEXT_MB
+
+def generate_gpu_mb(config: dict, row: str = "") -> float:
+    """One generation process's GPU memory (MB) for a row: its architecture's weights in fp16 and a batch's
+    activations (measured per image for SD v1 at 512 px, scaled by the architecture's step cost)."""
+    from augbench.personalize import CUDA_CONTEXT_MB
+
+    arch, g = generator_settings(config, row)
+    side = g.get("resolution") or arch.resolution
+    return arch.weights_gb() * 1024 + GENERATE_ACTIVATION_MB * g["batch_size"] * arch.step_cost(side) + CUDA_CONTEXT_MB
 
 
 # --- the dry run -------------------------------------------------------------------------------------------------
@@ -281,7 +325,7 @@ def check(plan: Plan, site: dict[str, dict], config: dict, profile: dict) -> Che
         runtime = sum(max(_num(j.resources.get("runtime")) for j in js) for js in layers.values())
         chains = max(len(js) for js in layers.values())
         per_process = max([personalize_gpu_mb(config, j.wildcards["method"]) for j in layers.get("personalize", [])]
-                          + [generate_gpu_mb(config)] * bool(layers.get("generate")))
+                          + [generate_gpu_mb(config, j.wildcards["method"]) for j in layers.get("generate", [])])
         part = members[0].resources.get("slurm_partition", "")
         limits = site.get(part, {})
         g = {"group": name, "index": index, "rules": sorted(layers), "chains": chains, "runtime_min": int(runtime),
@@ -323,10 +367,12 @@ def suggest(config: dict, site: dict[str, dict], profile: dict) -> dict[str, int
     """The `class_block` and `gpu_share` that fit the GPU partition of the personalize rule (0 where none is named)."""
     part = (((profile.get("set-resources") or {}).get("personalize") or {}).get("slurm_partition")) or ""
     limits = site.get(part) or {}
-    methods = [m for m in config["methods"] if registry_row(m).personalized]
+    gens = list(config.get("generators") or {})
+    methods = [row_name(m, g) for m in config["methods"] if registry_row(m).personalized for g in (gens or [""])]
     out = {}
     if limits.get("gpu_mem_mb"):
-        per = max([personalize_gpu_mb(config, m) for m in methods] + [generate_gpu_mb(config)])
+        per = max([personalize_gpu_mb(config, m) for m in methods]
+                  + [generate_gpu_mb(config, row_name("prompt_classname", g)) for g in (gens or [""])])
         out["gpu_share"] = max(1, int(limits["gpu_mem_mb"] * 0.9 // per))
     if limits.get("max_runtime_min") and methods:
         n = int(config.get("_n_aug_max") or 0)

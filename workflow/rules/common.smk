@@ -18,7 +18,7 @@ from augbench.methods import method as method_of  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
-from augbench.plan import generate_minutes, personalize_minutes, train_minutes  # noqa: E402
+from augbench.plan import generate_minutes, personalize_minutes, pipeline_host_mb, train_minutes  # noqa: E402
 from augbench.pool import list_parts, part_shape  # noqa: E402
 from augbench.target import TargetSpec, target_classes  # noqa: E402
 
@@ -359,22 +359,22 @@ DECODE_SIZE = config["train"].get("load_size") or config["train"]["input_size"]
 
 
 def block_mem_mb(wildcards, attempt):
-    """A personalize / generate block: the pipeline loaded once (Stable Diffusion's fp32 weights pass through host
-    memory on load: ~6 GB), one class's decoded images at a time, and the per-class copies of UNet and text encoder."""
+    """A personalize / generate block: the pipeline loaded once (its fp32 weights in host memory: ~6 GB for Stable
+    Diffusion, 68 GB for FLUX.1; augbench.plan.pipeline_host_mb), one class's decoded images at a time."""
     side = config["generate"].get("resolution") or 512
     images = 2 * max(1, config.get("real_per_class") or 130) * side * side * 3  # a class's images and mirrors, uint8
-    return int((8000 + images / 1e6) * attempt)
+    return int((pipeline_host_mb(config, wildcards.method) + images / 1e6) * attempt)
 
 
 def personalize_runtime(wildcards, attempt):
     """Minutes a personalize block asks for: its classes x steps at the GPU rate of its method kind, the GPU shared
     `gpu_share` ways, with margin (augbench.plan, where the rates and their sources live)."""
-    return personalize_minutes(config, method_of(wildcards.method).name, len(CLASS_BLOCKS[int(wildcards.block)])) * attempt
+    return personalize_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)])) * attempt
 
 
 def generate_runtime(wildcards, attempt):
     """Minutes a generate block asks for: its classes x the largest n_aug at the GPU rate (augbench.plan)."""
-    return generate_minutes(config, method_of(wildcards.method).name, len(CLASS_BLOCKS[int(wildcards.block)]), max(N_AUG)) * attempt
+    return generate_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)]), max(N_AUG)) * attempt
 
 
 def train_runtime(wildcards, attempt):
