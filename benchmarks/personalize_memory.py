@@ -90,7 +90,7 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
-def one(kind: str, device: str, dtype: torch.dtype, sides: list[int]) -> dict:
+def one(kind: str, device: str, dtype: torch.dtype, sides: list[int], checkpointing: bool = False) -> dict:
     method, finetune = KINDS[kind]
     source = TrainingSource("sd15-shaped", torch.device(device), dtype)
     source._host = sd15_shaped()  # in memory: no 3.4 GB folder written for a benchmark
@@ -109,7 +109,7 @@ def one(kind: str, device: str, dtype: torch.dtype, sides: list[int]) -> dict:
             torch.cuda.reset_peak_memory_stats()
         started = time.time()
         with saved.hooks():
-            learned = train_personalization(pipe, latents, assign, "k", "w5", spec)
+            learned = train_personalization(pipe, latents, assign, "k", "w5", spec, gradient_checkpointing=checkpointing)
         row = {"side": side, "s_per_step": round(time.time() - started, 1), "saved_mb": saved.bytes / 2**20,
                "loss": learned.final_loss}
         if device == "cuda":
@@ -132,19 +132,22 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--sides", default="64,128", help="latent-scale check: activations measured at these sides")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="the denoiser recomputes its activations")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     sides = [int(x) for x in a.sides.split(",")]
     if a.one:
-        print(json.dumps(one(a.one, a.device, dtype, sides)))
+        print(json.dumps(one(a.one, a.device, dtype, sides, a.gradient_checkpointing)))
         return
     print(f"personalisation, one process per kind: SD 1.5 shapes, batch 1, {a.dtype} on {a.device}; activations measured"
-          f" at {a.sides} px and extrapolated to 512 px (a + b x pixels); estimate at 512 px")
+          f" at {a.sides} px and extrapolated to 512 px (a + b x pixels); estimate at 512 px"
+          f"{'; gradient checkpointing' if a.gradient_checkpointing else ''}")
     print(f"{'kind':<13} {'saved MB per side':>22} {'s/step':>12} {'activ.@512':>11} {'est. frozen':>12} "
           f"{'est. train':>11} {'est. total':>11} {'per 80/40/24 GB':>16}")
     for kind in a.kinds.split(","):
-        cmd = [sys.executable, __file__, "--one", kind, "--device", a.device, "--dtype", a.dtype, "--sides", a.sides]
+        cmd = [sys.executable, __file__, "--one", kind, "--device", a.device, "--dtype", a.dtype, "--sides", a.sides,
+               *(["--gradient-checkpointing"] if a.gradient_checkpointing else [])]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode:
             print(f"{kind:<13} failed: {res.stderr.strip().splitlines()[-1:]}")

@@ -47,6 +47,8 @@ class Architecture:
         first named checkpoint: the weights' memory is params_b x 2 GB in 16-bit precision.
     denoiser_params_b: the denoiser's parameters in billions (same checkpoint): what one sampling or training step
         computes with.
+    text_params_b: the text encoders' parameters in billions (same checkpoint); the autoencoder holds the rest.
+    cond_shape: (tokens, width) of the `prompt_embeds` the denoiser is conditioned on: one conditioning vector's size.
     latent_stride: image pixels per denoiser token along a side (the autoencoder's factor x the patch size).
     resolution: the side the checkpoint was trained at (its pipeline's default).
     checkpoints: hub ids of this architecture (for the docs and the example config).
@@ -65,6 +67,8 @@ class Architecture:
     call: tuple[tuple[str, object], ...] = ()
     params_b: float = 0.0
     denoiser_params_b: float = 0.0
+    text_params_b: float = 0.0
+    cond_shape: tuple[int, int] = (77, 768)
     latent_stride: int = 8
     resolution: int = 1024
     checkpoints: tuple[str, ...] = ()
@@ -88,43 +92,58 @@ class Architecture:
         return (self.denoiser_params_b * (side / self.latent_stride) ** 2) / (ref[0] * (ref[1] / ref[2]) ** 2)
 
 
+    def param_counts(self) -> dict[str, int]:
+        """The counts `augbench.personalize.memory_estimate` reads, from this row's figures: modules, a CLIP token
+        matrix (rows x the CLIP encoders' summed width, for a pseudo-word), one conditioning vector's shape, and LoRA
+        parameters per unit of rank (Stable Diffusion v1's, scaled by the denoiser's parameters: an estimate)."""
+        b = 1e9
+        clip_width = {"sd": 768, "sdxl": 768 + 1280}.get(self.name, 0) if self.textual_inversion else 0
+        return {"unet": int(self.denoiser_params_b * b), "text_encoder": int(self.text_params_b * b),
+                "vae": int((self.params_b - self.denoiser_params_b - self.text_params_b) * b),
+                "token_rows": 49_408, "hidden": clip_width or self.cond_shape[1], "cond_width": self.cond_shape[1],
+                "seq": self.cond_shape[0],
+                "lora_per_rank": int(199_296 * self.denoiser_params_b / REFERENCE_STEP[0])}
+
+
 REFERENCE_STEP = (0.86, 512, 8)  # Stable Diffusion v1: UNet parameters (B), side (px), latent stride
 
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("sd", ("StableDiffusionPipeline",), "StableDiffusionImg2ImgPipeline", (("text_encoder", "clip"),),
                  "unet", "noise", lora=True, textual_inversion=True, params_b=1.07,
-                 denoiser_params_b=0.86, latent_stride=8, resolution=512,
+                 denoiser_params_b=0.86, text_params_b=0.123, cond_shape=(77, 768), latent_stride=8, resolution=512,
                  checkpoints=("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                               "stabilityai/stable-diffusion-2-1")),
     Architecture("sdxl", ("StableDiffusionXLPipeline",), "StableDiffusionXLImg2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip")), "unet", "noise", lora=True, textual_inversion=True,
                  prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=3.47,
-                 denoiser_params_b=2.57, latent_stride=8,
+                 denoiser_params_b=2.57, text_params_b=0.817, cond_shape=(77, 2048), latent_stride=8,
                  checkpoints=("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo")),
     Architecture("sd3", ("StableDiffusion3Pipeline",), "StableDiffusion3Img2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip"), ("text_encoder_3", "t5")), "transformer",
                  "flow_matching", lora=True, prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=8.2,
-                 denoiser_params_b=2.5, latent_stride=16,  # 3.5 medium; 3.5 large: 13.8 B, its MMDiT 8.1 B
+                 denoiser_params_b=2.5, text_params_b=5.57, cond_shape=(333, 4096), latent_stride=16,
+                 # 3.5 medium; 3.5 large: 13.8 B, its MMDiT 8.1 B
                  checkpoints=("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")),
     Architecture("flux", ("FluxPipeline",), "FluxImg2ImgPipeline", (("text_encoder", "clip"), ("text_encoder_2", "t5")),
                  "transformer", "flow_matching", lora=True, negative_prompt=False,
                  prompt_outputs=("prompt_embeds", "pooled_prompt_embeds", None), params_b=16.9,
-                 denoiser_params_b=11.9, latent_stride=16,
+                 denoiser_params_b=11.9, text_params_b=4.88, cond_shape=(512, 4096), latent_stride=16,
                  checkpoints=("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")),
     Architecture("sana", ("SanaPipeline",), None, (("text_encoder", "gemma"),), "transformer", "flow_matching",
                  lora=True, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
                  call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
-                 denoiser_params_b=1.6, latent_stride=32,
+                 denoiser_params_b=1.6, text_params_b=2.6, cond_shape=(300, 2304), latent_stride=32,
                  checkpoints=("Efficient-Large-Model/Sana_1600M_1024px_diffusers",)),
     Architecture("pixart_sigma", ("PixArtSigmaPipeline",), None, (("text_encoder", "t5"),), "transformer", "noise",
                  lora=False, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
                  call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
-                 denoiser_params_b=0.61, latent_stride=16,
+                 denoiser_params_b=0.61, text_params_b=4.76, cond_shape=(300, 4096), latent_stride=16,
                  checkpoints=("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",)),
     Architecture("qwen_image", ("QwenImagePipeline",), "QwenImageImg2ImgPipeline", (("text_encoder", "qwen_vl"),),
                  "transformer", "flow_matching", lora=True, prompt_outputs=("prompt_embeds", "prompt_embeds_mask"),
-                 params_b=28.8, denoiser_params_b=20.4, latent_stride=16, checkpoints=("Qwen/Qwen-Image",)),
+                 params_b=28.8, denoiser_params_b=20.4, text_params_b=8.3, cond_shape=(64, 3584), latent_stride=16,
+                 checkpoints=("Qwen/Qwen-Image",)),
 )}
 
 

@@ -197,6 +197,8 @@ def _block(a: argparse.Namespace) -> list[tuple[str, int, str]]:
          arg("--model", required=True, help="a diffusers text-to-image pipeline folder or hub id"),
          arg("--architecture", default="auto", help="its architecture (augbench.architectures), checked against "
              "model_index.json; auto: read from it"),
+         arg("--gradient-checkpointing", action="store_true", help="recompute the denoiser's activations in the "
+             "backward pass (memory for time; changes no result)"),
          arg("--table", required=True, help="training split table (path, label, class)"),
          arg("--root", required=True, help="folder the table's paths are relative to"),
          _class_args,
@@ -211,7 +213,8 @@ def cmd_personalize(a: argparse.Namespace) -> object:
 
     emb = (Path(a.emb), Path(a.meta)) if a.emb else None
     return personalize_block(a.model, Path(a.table), Path(a.root), _block(a), Path(a.out), Path(a.cache),
-                             parse_spec(PersonalizeSpec, a.spec), embeddings=emb, architecture=a.architecture)
+                             parse_spec(PersonalizeSpec, a.spec), embeddings=emb, architecture=a.architecture,
+                             gradient_checkpointing=a.gradient_checkpointing)
 
 
 @command("generate", "generate each class of a block with one method (one model load; cached by chunk)",
@@ -219,6 +222,8 @@ def cmd_personalize(a: argparse.Namespace) -> object:
          arg("--model", required=True, help="a diffusers text-to-image pipeline folder or hub id"),
          arg("--architecture", default="auto", help="its architecture (augbench.architectures), checked against "
              "model_index.json; auto: read from it"),
+         arg("--offload", default="none", choices=["none", "model", "sequential"], help="on a GPU: diffusers' model / "
+             "sequential CPU offload (memory for time; changes no pixel)"),
          arg("--table", required=True, help="training split table (img2img sources)"),
          arg("--root", required=True),
          _class_args,
@@ -232,7 +237,7 @@ def cmd_generate(a: argparse.Namespace) -> object:
 
     return generate_block(a.model, _block(a), Path(a.out), Path(a.cache), parse_spec(GenerateSpec, a.spec),
                           personalization=Path(a.personalization) if a.personalization else None,
-                          real=(Path(a.table), Path(a.root)), architecture=a.architecture)
+                          real=(Path(a.table), Path(a.root)), architecture=a.architecture, offload=a.offload)
 
 
 @command("collect", "join a method's per-class images and measure generation fidelity",

@@ -220,8 +220,8 @@ def _run_chunk(pipe, spec: GenerateSpec, rows: pd.DataFrame, size: int, sources:
     if cond is not None:  # learned conditioning: each image's vector, under the names the call takes
         pick = torch.as_tensor(rows["vector"].to_numpy())
         dtype = denoiser_of(pipe).dtype
-        given = {k: v[pick].to(pipe.device, dtype) if v.is_floating_point() else v[pick].to(pipe.device)
-                 for k, v in cond.items()}
+        device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also under CPU offload
+        given = {k: v[pick].to(device, dtype) if v.is_floating_point() else v[pick].to(device) for k, v in cond.items()}
         kw = call_kwargs(pipe, negative_prompt=neg, height=size, width=size, **common, **given)
         return pipe(**kw).images
     kw = call_kwargs(pipe, negative_prompt=neg, height=size, width=size, **common)
@@ -302,6 +302,10 @@ def generate(model: str | Path, class_key: str, class_name: str, label: int, out
         source = source or PipelineSource(model, device, dtype)
         pipe = source.base()
         set_scheduler(pipe, spec.scheduler)
+        if spec.vae_tiling:
+            pipe.vae.enable_tiling()
+        elif getattr(pipe.vae, "use_tiling", False):
+            pipe.vae.disable_tiling()
         size = spec.resolution or resolution_of(pipe)
         if m.from_real:
             sources = class_images(real[0], real[1], label, size)
@@ -346,7 +350,7 @@ def precision_of(spec: GenerateSpec, device: torch.device) -> torch.dtype:
 
 def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: Path, cache: Path, spec: GenerateSpec,
                    personalization: Path | None = None, real: tuple[Path, Path] | None = None,
-                   architecture: str | None = None) -> dict[str, object]:
+                   architecture: str | None = None, offload: str = "none") -> dict[str, object]:
     """Generate every class of a block in one process: the model is loaded once (only if a chunk is missing), through
     the pipeline class of its `architecture` (declared and checked against `model_index.json`, or read from it).
 
@@ -355,7 +359,7 @@ def generate_block(model: str | Path, classes: list[tuple[str, int, str]], out: 
     """
     started = time.time()
     device = pick_device()
-    source = PipelineSource(model, device, precision_of(spec, device), architecture)
+    source = PipelineSource(model, device, precision_of(spec, device), architecture, offload)
     per_class = {}
     with atomic_dir(out) as tmp:
         for key, label, name in classes:

@@ -30,6 +30,8 @@ class Method:
         (one per training image), or one per cluster of training images (k-means on their CLIP embeddings).
     finetune_unet: the denoiser is fine-tuned (LoRA or full, `personalize.dm_finetune`) with what is learned.
     from_real: generation starts from the class's real images (img2img, at `generate.strength`).
+    shared: one personalisation for the whole dataset, not one per class: one adapter on the denoiser trained jointly
+        with every class's pseudo-word (Diff-Mix, DataDream), for `personalize.shared_steps` steps.
     generate: settings of the generate section this method fixes for itself (e.g. another strength).
     """
 
@@ -41,6 +43,7 @@ class Method:
     learns: Learns = "nothing"
     finetune_unet: bool = False
     from_real: bool = False
+    shared: bool = False
     generate: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class Method:
             raise ValueError(f"method {self.name}: a learned prompt goes with something learned, and only then")
         if self.finetune_unet and self.learns == "nothing":
             raise ValueError(f"method {self.name}: finetune_unet needs something learned with it")
+        if self.shared and not (self.finetune_unet and self.learns == "pseudo_word"):
+            raise ValueError(f"method {self.name}: a shared adapter trains the denoiser with one pseudo-word per class")
         object.__setattr__(self, "generate", MappingProxyType(dict(self.generate)))
 
     @property
@@ -69,6 +74,7 @@ class Method:
         """Keys of `section` this method's spec leaves out: changing them reruns none of its jobs."""
         if section == "personalize":
             unused = set() if self.finetune_unet else {"dm_finetune", "dm_lr", "lora_rank"}
+            unused |= {"steps"} if self.shared else {"shared_steps"}
             return frozenset(unused | (set() if self.learns == "cond_clusters" else {"cluster_size"}))
         if section == "generate":
             unused = set() if self.from_real else {"strength"}
@@ -89,6 +95,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("cond_clusters", "generated", prompt="learned", learns="cond_clusters"),
     Method("textual_inversion_dm", "generated", prompt="learned", learns="pseudo_word", finetune_unet=True),
     Method("cond_vectors_dm", "generated", prompt="learned", learns="cond_vectors", finetune_unet=True),
+    Method("shared_adapter", "generated", prompt="learned", learns="pseudo_word", finetune_unet=True, shared=True),
 )}
 
 

@@ -50,7 +50,7 @@ from augbench.denoising import (
 )
 from augbench.device import pick_device
 from augbench.imaging import decode_many, to_float
-from augbench.io import atomic_dir, content_id, write_json, write_meta
+from augbench.io import atomic_dir, atomic_path, content_id, write_json, write_meta
 from augbench.methods import method as registry_row
 from augbench.prompts import CLASSNAME, IMAGENET_TEMPLATES
 from augbench.specs import PersonalizeSpec, canonical_json, item_seed, spec_dict
@@ -104,14 +104,27 @@ class PipelineSource:
     """
 
     def __init__(self, model: str | Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 architecture: str | None = None) -> None:
+                 architecture: str | None = None, offload: str = "none") -> None:
         self.model, self.device, self.dtype, self.architecture = model, device or torch.device("cpu"), dtype, architecture
+        self.offload = offload
         self._base = None
         self.loads = 0
 
     def base(self):  # -> a diffusers text-to-image pipeline
+        """The pipeline, loaded on first use: on the device, or with `offload` (model / sequential, on a GPU) on the
+        host with diffusers' CPU offload hooks moving each module to the GPU while it runs (same pixels, less memory:
+        FLUX.1 needs its 24 GB transformer on the card, not its 34 GB pipeline)."""
         if self._base is None:
-            self._base = load_pipeline(self.model, self.device, self.dtype, self.architecture)
+            offload = self.offload if self.device.type == "cuda" else "none"
+            if offload != self.offload:
+                log.info("generate: offload %r has no effect on %s", self.offload, self.device)
+            pipe = load_pipeline(self.model, self.device if offload == "none" else torch.device("cpu"), self.dtype,
+                                 self.architecture)
+            if offload == "model":
+                pipe.enable_model_cpu_offload(device=self.device)
+            elif offload == "sequential":
+                pipe.enable_sequential_cpu_offload(device=self.device)
+            self._base = pipe
             self.loads += 1
         return self._base
 
@@ -129,8 +142,10 @@ class TrainingSource:
     each frozen module on the device in the compute dtype; per class, only what the method trains is its own.
 
     - VAE: frozen in every method, shared.
-    - Text encoder: shared and frozen, except for textual inversion, whose class gets its own copy (in the compute dtype,
-      with the token-embedding matrix in fp32: the pseudo-word's row trains) and its own tokenizer.
+    - Text encoders: for textual inversion, each CLIP encoder is the class's own copy on the device (in the compute
+      dtype, with the token-embedding matrix in fp32: the pseudo-word's row trains) with its own tokenizer. Every other
+      method encodes one prompt per class, once: its text encoders stay on the host as loaded and never reach the GPU
+      (FLUX.1's T5-XXL is 9.5 GB in bf16), and the conditioning moves to the device.
     - UNet: shared and frozen; LoRA adapters (fp32) are added for a class and removed after it (`release`), so no
       class sees another's; a full fine-tune gets its own fp32 copy.
 
@@ -140,8 +155,9 @@ class TrainingSource:
     """
 
     def __init__(self, model: str | Path, device: torch.device | None = None, compute: torch.dtype | None = None,
-                 architecture: str | None = None) -> None:
+                 architecture: str | None = None, gradient_checkpointing: bool = False) -> None:
         self.model, self.device, self.architecture = model, device or torch.device("cpu"), architecture
+        self.gradient_checkpointing = gradient_checkpointing
         self.compute = compute or compute_dtype(self.device)
         self._host = None
         self._frozen: dict[str, torch.nn.Module] = {}
@@ -174,7 +190,8 @@ class TrainingSource:
         pseudo-word, its copy of each CLIP encoder and tokenizer; for a full fine-tune, its fp32 denoiser)."""
         m, host = registry_row(method), self.host()
         arch = architecture_of(host)
-        parts = {name: self.frozen(name) if isinstance(value, torch.nn.Module) else value
+        encoders = {name for name, _ in arch.text_encoders}
+        parts = {name: (value if name in encoders else self.frozen(name)) if isinstance(value, torch.nn.Module) else value
                  for name, value in host.components.items()}
         if m.learns == "pseudo_word":  # the class's own vocabulary: a copy of each CLIP encoder and tokenizer
             for encoder, kind in arch.text_encoders:
@@ -203,6 +220,9 @@ class TrainingSource:
 #: `benchmarks/personalize_memory.py`, and scaled by the pixel count at other sizes. An estimate until the GPU check
 #: (scripts/gpu_smoke.py) measures a process on a GPU.
 ACTIVATION_MB_512 = {"pseudo_word": 723.0, "cond_vectors": 704.0, "lora": 855.0}  # from 64 and 128 px (2026-12-03)
+#: The share of ACTIVATION_MB_512 autograd keeps with the denoiser's gradient checkpointing on, measured by
+#: `benchmarks/personalize_memory.py --gradient-checkpointing` on the same SD 1.5-shaped pipeline.
+CHECKPOINTED_SHARE = {"lora": 1.0, "cond_vectors": 1.0}
 CUDA_CONTEXT_MB = 600  # what a process holds on a GPU before its first tensor (CUDA context, cuBLAS / cuDNN workspaces)
 
 
@@ -227,28 +247,33 @@ def param_counts(pipe) -> dict[str, int]:
 
 
 def memory_estimate(counts: dict[str, int], method: str, spec: PersonalizeSpec, compute_bytes: int = 2, vectors: int = 1,
-                    resolution: int = 512) -> dict[str, float]:
+                    resolution: int = 512, step_cost: float | None = None,
+                    gradient_checkpointing: bool = False) -> dict[str, float]:
     """Estimated peak device memory (MB) of one personalisation process of `method` (as TrainingSource holds it), from
-    parameter counts (`param_counts`, or SD1_PARAMS): frozen modules once in the compute dtype; what trains in fp32
-    with its gradient and AdamW's two moments (16 bytes per parameter); `vectors` conditioning sequences; activations
-    (ACTIVATION_MB_512, per image of the batch, scaled by pixels); the CUDA context. `per_gpu` turns it into the number
-    of processes one GPU holds."""
+    parameter counts (`param_counts`, SD1_PARAMS or `Architecture.param_counts`): frozen modules once in the compute
+    dtype (the text encoders only for a pseudo-word: other methods encode on the host); what trains in fp32 with its
+    gradient and AdamW's two moments (16 bytes per parameter); `vectors` conditioning sequences; activations
+    (ACTIVATION_MB_512 per image of the batch, measured on SD v1, scaled by the step cost: pixels for SD v1, else
+    `Architecture.step_cost`; CHECKPOINTED_SHARE of it under gradient checkpointing); the CUDA context. `per_gpu` turns
+    it into the number of processes one GPU holds."""
     m = registry_row(method)
     full = m.finetune_unet and spec.dm_finetune == "full"
-    frozen = counts["vae"] + counts["text_encoder"] + (0 if full else counts["unet"])
+    frozen = counts["vae"] + (0 if full else counts["unet"])
     trainable = counts["unet"] if full else 0
     if m.learns == "pseudo_word":
-        frozen -= counts["token_rows"] * counts["hidden"]
+        frozen += counts["text_encoder"] - counts["token_rows"] * counts["hidden"]
         trainable += (counts["token_rows"] + 1) * counts["hidden"]  # the token matrix in fp32, one row more
     else:
-        trainable += vectors * counts["seq"] * counts["hidden"]
+        trainable += vectors * counts["seq"] * counts.get("cond_width", counts["hidden"])
     if m.finetune_unet and not full:
         trainable += spec.lora_rank * counts["lora_per_rank"]
     kind = "lora" if m.finetune_unet else ("pseudo_word" if m.learns == "pseudo_word" else "cond_vectors")
     side = spec.resolution or resolution
+    cost = (side / 512) ** 2 if step_cost is None else step_cost
+    share = CHECKPOINTED_SHARE[kind] if gradient_checkpointing and kind in CHECKPOINTED_SHARE else 1.0
     mb = 2**20
     parts = {"frozen_mb": frozen * compute_bytes / mb, "trainable_mb": trainable * 16 / mb,
-             "activations_mb": ACTIVATION_MB_512[kind] * spec.batch_size * (side / 512) ** 2, "context_mb": CUDA_CONTEXT_MB}
+             "activations_mb": ACTIVATION_MB_512[kind] * spec.batch_size * cost * share, "context_mb": CUDA_CONTEXT_MB}
     parts["total_mb"] = sum(parts.values())
     return {k: round(v, 1) for k, v in parts.items()}
 
@@ -419,8 +444,10 @@ def add_lora(unet, rank: int, seed: int) -> None:
 
 
 def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class_key: str, class_name: str,
-                          spec: PersonalizeSpec, owner: np.ndarray | None = None) -> Learned:
-    """Optimise what `spec.method` personalises, in place on `pipe`'s modules, for `spec.steps` steps.
+                          spec: PersonalizeSpec, owner: np.ndarray | None = None,
+                          gradient_checkpointing: bool = False) -> Learned:
+    """Optimise what `spec.method` personalises, in place on `pipe`'s modules, for `spec.steps` steps; with
+    `gradient_checkpointing` the denoiser recomputes its activations in the backward pass (same result, less memory).
 
     `latents` holds the m crops then their m mirror images; `owner[j]` is the image crop j was cut from (default: one
     crop per image) and `assign[i]` is image i's vector, so every crop of an image trains that image's vector.
@@ -429,15 +456,7 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     m = registry_row(method)
     if not m.personalized:
         raise ValueError(f"personalize: method {method!r} learns nothing per class")
-    dm = m.finetune_unet
-    arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
-    compute = pipe.vae.dtype  # the VAE is frozen in every method: it is held in the compute dtype
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False)
-    # train with the model's schedule in its training form (augbench.denoising): DDPM for noise models (the saved
-    # sampler, PNDM for SD v1.4, DPM-Solver, ... need not have add_noise), the flow-matching schedule for flow models
-    sched = training_scheduler(pipe)
+    sched, compute = _frozen_for_training(pipe)
     owner = np.arange(len(assign)) if owner is None else owner
     if len(latents) != 2 * len(owner):
         raise ValueError(f"personalize: {len(latents)} latents for {len(owner)} crops (expected crops and their mirrors)")
@@ -445,92 +464,147 @@ def train_personalization(pipe, latents: torch.Tensor, assign: np.ndarray, class
     g = torch.Generator().manual_seed(item_seed(spec.seed, "personalize", method, class_key))
     groups: list[dict] = []
     learned = Learned(assign=assign)
+    templates: list[str] = []
     if m.learns == "pseudo_word":
-        token = token_for(class_key)
-        tokenizers = []
-        for encoder_name, kind in arch.text_encoders:  # one row per CLIP encoder (SDXL: both), each its own tensor
-            if kind != "clip":
-                continue
-            encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, encoder_name.replace("text_encoder", "tokenizer"))
-            groups.append({"params": [_pseudo_word_row(encoder, tokenizer, token, class_name, compute)], "lr": spec.lr,
-                           "weight_decay": 0.0})
-            tokenizers.append(tokenizer)
-        if not tokenizers:
-            raise ValueError(f"textual_inversion: {arch.name} ({arch.text2image}) has no CLIP text encoder")
-        learned.token = token
-        # templates whose tokens would be cut before the pseudo-word would train nothing
-        fits = [t for t in IMAGENET_TEMPLATES
-                if all(len(tok(t.format(token), verbose=False).input_ids) <= tok.model_max_length for tok in tokenizers)]
-        templates = fits or [CLASSNAME]
+        learned.token = token_for(class_key)
+        rows, templates = _pseudo_word_rows(pipe, [learned.token], [class_name], compute)
+        groups += [{"params": [p], "lr": spec.lr, "weight_decay": 0.0} for p in rows]
     else:
-        with torch.no_grad():
+        with torch.no_grad():  # once per class, where the text encoders are (the host, for these methods)
             base = encode_prompts(pipe, [CLASSNAME.format(class_name)])
         k = int(assign.max()) + 1
         learned.cond = {}
         for name, value in base.items():
             trains = trainable_conditioning(name)
+            value = value.to(latents.device)
             value = (value.float() if trains else value).repeat(k, *[1] * (value.dim() - 1)).clone()
             learned.cond[name] = value.requires_grad_(True) if trains else value
         groups.append({"params": [v for v in learned.cond.values() if v.requires_grad], "lr": spec.lr, "weight_decay": 0.0})
-    if dm:
-        if spec.dm_finetune == "lora":
-            add_lora(denoiser, spec.lora_rank, item_seed(spec.seed, "lora", method, class_key))
-            for p in denoiser.parameters():  # the adapters train in fp32 beside the frozen half-precision layers
-                if p.requires_grad:
-                    p.data = p.data.float()
-        elif spec.dm_finetune == "full":
-            denoiser.requires_grad_(True)
-        else:
-            raise ValueError(f"personalize: dm_finetune must be 'full' or 'lora', got {spec.dm_finetune!r}")
-        groups.append({"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": spec.dm_lr, "weight_decay": 1e-2})
-    opt = torch.optim.AdamW(groups)
-    scaler = torch.amp.GradScaler(latents.device.type, enabled=compute == torch.float16)  # fp16 needs its loss scaled
-    denoiser.train(dm)
-    started, ema = time.time(), None
+    if m.finetune_unet:
+        groups.append(_denoiser_group(pipe, spec, item_seed(spec.seed, "lora", method, class_key)))
     assign_t = torch.from_numpy(np.concatenate([assign[owner], assign[owner]]))
-    for step in range(spec.steps):
+
+    def batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = torch.randint(0, 2 * n, (spec.batch_size,), generator=g)
-        z0 = latents[idx]
-        if learned.token is not None:
-            picks = torch.randint(0, len(templates), (len(idx),), generator=g)
-            prompts = [templates[int(j)].format(learned.token) for j in picks]
-            with _autocast(latents.device, compute):
-                c = encode_prompts(pipe, prompts)
-        else:
-            c = {name: value[assign_t[idx]] for name, value in learned.cond.items()}
-        zt, t, target, weight = noised(pipe, sched, z0, g)
+        if learned.token is None:
+            return latents[idx], {name: value[assign_t[idx]] for name, value in learned.cond.items()}
+        picks = torch.randint(0, len(templates), (len(idx),), generator=g)
         with _autocast(latents.device, compute):
-            pred = predict(pipe, zt, t, {k: v.to(compute) if v.is_floating_point() else v for k, v in c.items()})
-        # the model's own objective: noise (SD 1.x) or velocity (SD 2.x 768 px) prediction, or flow matching
-        step_loss = loss(pred, target, weight)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(step_loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        ema = step_loss.item() if ema is None else 0.9 * ema + 0.1 * step_loss.item()
-        if step % 50 == 0 or step == spec.steps - 1:
-            log.info("personalize %s/%s: step %d/%d loss %.4f (%.0fs)", method, class_key, step, spec.steps, ema, time.time() - started)
-    denoiser.eval()
-    denoiser.requires_grad_(False)
-    learned.final_loss = float(ema if ema is not None else float("nan"))
+            return latents[idx], encode_prompts(pipe, [templates[int(j)].format(learned.token) for j in picks])
+
+    run = _Run(pipe, spec, torch.optim.AdamW(groups), sched, compute, g, f"{method}/{class_key}")
+    learned.final_loss = run.train(batch, spec.steps, m.finetune_unet, gradient_checkpointing)
     return learned
 
 
-def _pseudo_word_row(encoder, tokenizer, token: str, class_name: str, compute: torch.dtype) -> torch.nn.Parameter:
-    """Add `token` to a CLIP tokenizer and its encoder's token matrix, initialised as the mean of the class name's
-    tokens; return the matrix, made trainable in fp32 with every row but the new one's gradient zeroed."""
-    if tokenizer.add_tokens([token]) != 1:
-        raise ValueError(f"textual_inversion: token {token!r} already exists in the tokenizer")
+def _frozen_for_training(pipe) -> tuple[object, torch.dtype]:
+    """Freeze every module of the pipeline; return the model's schedule in its training form (augbench.denoising:
+    DDPM for noise models, whose saved sampler (PNDM for SD v1.4, DPM-Solver, ...) need not have add_noise; the
+    flow-matching schedule for flow models) and the compute dtype (the VAE's: it is frozen in every method)."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    return training_scheduler(pipe), pipe.vae.dtype
+
+
+def _denoiser_group(pipe, spec: PersonalizeSpec, seed: int) -> dict:
+    """The optimiser group of the denoiser's trainable part: LoRA adapters (fp32 beside the frozen half-precision
+    layers) or, `dm_finetune: full`, every weight."""
+    denoiser = denoiser_of(pipe)
+    if spec.dm_finetune == "lora":
+        add_lora(denoiser, spec.lora_rank, seed)
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    elif spec.dm_finetune == "full":
+        denoiser.requires_grad_(True)
+    else:
+        raise ValueError(f"personalize: dm_finetune must be 'full' or 'lora', got {spec.dm_finetune!r}")
+    return {"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": spec.dm_lr, "weight_decay": 1e-2}
+
+
+class _Run:
+    """The training steps every personalisation shares: a batch of latents and their conditioning, the architecture's
+    objective (noise or flow matching, augbench.denoising), a scaled backward pass and an AdamW step."""
+
+    def __init__(self, pipe, spec: PersonalizeSpec, opt: torch.optim.Optimizer, sched, compute: torch.dtype,
+                 g: torch.Generator, label: str) -> None:
+        self.pipe, self.spec, self.opt, self.sched, self.compute, self.g, self.label = pipe, spec, opt, sched, compute, g, label
+        self.device = pipe.vae.device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=compute == torch.float16)  # fp16: a scaled loss
+        self.ema: float | None = None
+
+    def train(self, batch, steps: int, dm: bool, gradient_checkpointing: bool, start: int = 0,
+              on_step=None) -> float:  # -> the final loss (an EMA over the steps)
+        """Steps `start` .. `steps` - 1, each from `batch()` -> (clean latents, conditioning by call name);
+        `on_step(step)` runs after each (a checkpoint)."""
+        denoiser = denoiser_of(self.pipe)
+        denoiser.train(dm)
+        if gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        started = time.time()
+        try:
+            for step in range(start, steps):
+                z0, c = batch()
+                zt, t, target, weight = noised(self.pipe, self.sched, z0, self.g)
+                with _autocast(self.device, self.compute):
+                    c = {k: v.to(self.compute) if v.is_floating_point() else v for k, v in c.items()}
+                    pred = predict(self.pipe, zt, t, c)
+                # the model's own objective: noise (SD 1.x) or velocity (SD 2.x 768 px) prediction, or flow matching
+                step_loss = loss(pred, target, weight)
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(step_loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.ema = step_loss.item() if self.ema is None else 0.9 * self.ema + 0.1 * step_loss.item()
+                if step % 50 == 0 or step == steps - 1:
+                    log.info("personalize %s: step %d/%d loss %.4f (%.0fs)", self.label, step, steps, self.ema,
+                             time.time() - started)
+                if on_step is not None:
+                    on_step(step)
+        finally:
+            if gradient_checkpointing:
+                denoiser.disable_gradient_checkpointing()
+            denoiser.eval()
+            denoiser.requires_grad_(False)
+        return float(self.ema if self.ema is not None else float("nan"))
+
+
+def _pseudo_word_rows(pipe, tokens: list[str], names: list[str], compute: torch.dtype) -> tuple[list, list[str]]:
+    """Add each pseudo-word of `tokens` to every CLIP tokenizer and its encoder's token matrix (SDXL: both, each its
+    own tensor), initialised from its class name; return the trainable matrices and the prompt templates that fit."""
+    arch = architecture_of(pipe)
+    rows, tokenizers = [], []
+    for encoder_name, kind in arch.text_encoders:
+        if kind != "clip":
+            continue
+        encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, encoder_name.replace("text_encoder", "tokenizer"))
+        rows.append(_pseudo_word_row(encoder, tokenizer, tokens, names, compute))
+        tokenizers.append(tokenizer)
+    if not tokenizers:
+        raise ValueError(f"textual_inversion: {arch.name} ({arch.text2image}) has no CLIP text encoder")
+    # templates whose tokens would be cut before the pseudo-word would train nothing
+    longest = max(tokens, key=len)
+    fits = [t for t in IMAGENET_TEMPLATES
+            if all(len(tok(t.format(longest), verbose=False).input_ids) <= tok.model_max_length for tok in tokenizers)]
+    return rows, fits or [CLASSNAME]
+
+
+def _pseudo_word_row(encoder, tokenizer, tokens: list[str], names: list[str], compute: torch.dtype) -> torch.nn.Parameter:
+    """Add `tokens` to a CLIP tokenizer and its encoder's token matrix, each initialised as the mean of its class
+    name's tokens; return the matrix, made trainable in fp32 with every row but the new ones' gradients zeroed."""
+    if tokenizer.add_tokens(tokens) != len(tokens):
+        raise ValueError(f"textual_inversion: a token of {tokens[:3]}... already exists in the tokenizer")
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     emb = encoder.get_input_embeddings().float()  # trainable: fp32, whatever the encoder's dtype
-    tid = tokenizer.convert_tokens_to_ids(token)
-    init = tokenizer(class_name, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        emb.weight[tid] = emb.weight[init].mean(0)
-    # only the pseudo-word's row may move: the other rows' gradients are zeroed, so AdamW (no weight decay here)
-    # leaves them exactly as they were, without a second copy of the matrix to restore them from
     row = torch.zeros(len(emb.weight), 1, device=emb.weight.device)
-    row[tid] = 1
+    with torch.no_grad():
+        for token, name in zip(tokens, names, strict=True):
+            tid = tokenizer.convert_tokens_to_ids(token)
+            emb.weight[tid] = emb.weight[tokenizer(name, add_special_tokens=False).input_ids].mean(0)
+            row[tid] = 1
+    # only the pseudo-words' rows may move: the other rows' gradients are zeroed, so AdamW (no weight decay here)
+    # leaves them exactly as they were, without a second copy of the matrix to restore them from
     emb.weight.requires_grad_(True)
     emb.weight.register_hook(lambda grad: grad * row)
     if compute != torch.float32:  # the rest of the encoder runs in the compute dtype: so do the looked-up rows
@@ -609,13 +683,15 @@ def personalize_class(source: TrainingSource, table: Path, root: Path, label: in
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)  # each class's own peak
     try:
-        return out, _personalize(pipe, m, table, root, label, class_key, class_name, spec, embeddings, out, ident, started)
+        return out, _personalize(pipe, m, table, root, label, class_key, class_name, spec, embeddings, out, ident, started,
+                                 source.gradient_checkpointing)
     finally:
         source.release(pipe)
 
 
 def _personalize(pipe, m, table: Path, root: Path, label: int, class_key: str, class_name: str, spec: PersonalizeSpec,
-                 embeddings: tuple[Path, Path] | None, out: Path, ident: dict, started: float) -> dict:
+                 embeddings: tuple[Path, Path] | None, out: Path, ident: dict, started: float,
+                 gradient_checkpointing: bool = False) -> dict:
     size = spec.resolution or resolution_of(pipe)
     views, owner = class_views(table, root, label, size)
     images = np.unique(owner)  # the images that decoded (assignments are per image; crops follow their image)
@@ -631,7 +707,8 @@ def _personalize(pipe, m, table: Path, root: Path, label: int, class_key: str, c
     latents = encode_latents(pipe, views, spec.encode_batch)
     log.info("personalize %s/%s: %d images (%d crops) at %dpx, %d vectors, device %s", spec.method, class_key, len(images),
              len(views), size, int(assign.max()) + 1, pipe.device)
-    learned = train_personalization(pipe, latents, assign, class_key, class_name, spec, owner)
+    learned = train_personalization(pipe, latents, assign, class_key, class_name, spec, owner,
+                                    gradient_checkpointing)
     save_personalization(pipe, learned, spec.method, spec, out)
     write_json(out / "ident.json", ident)
     stats = {"images": len(images), "vectors": int(assign.max()) + 1, "final_loss": learned.final_loss,
@@ -643,12 +720,14 @@ def _personalize(pipe, m, table: Path, root: Path, label: int, class_key: str, c
 
 def personalize_block(model: str | Path, table: Path, root: Path, classes: list[tuple[str, int, str]], out: Path,
                       cache: Path, spec: PersonalizeSpec, embeddings: tuple[Path, Path] | None = None,
-                      architecture: str | None = None) -> dict[str, object]:
+                      architecture: str | None = None, gradient_checkpointing: bool = False) -> dict[str, object]:
     """Personalise `model` to each class of a block in one process (the model is loaded once) and write the block's
     folder `out/<class key>/` (links to the per-class cache under `cache/<class key>/`, so a killed block keeps the
     classes it finished)."""
+    if registry_row(spec.method).shared:
+        return personalize_shared(model, table, root, classes, out, cache, spec, architecture, gradient_checkpointing)
     started = time.time()
-    source = TrainingSource(model, pick_device(), architecture=architecture)
+    source = TrainingSource(model, pick_device(), architecture=architecture, gradient_checkpointing=gradient_checkpointing)
     per_class = {}
     with atomic_dir(out) as tmp:
         for key, label, name in classes:
@@ -659,3 +738,124 @@ def personalize_block(model: str | Path, table: Path, root: Path, classes: list[
     log.info("personalize %s: %d classes, %d pipeline load(s) in %.1fs", spec.method, len(classes), source.loads,
              time.time() - started)
     return {k: v for k, v in stats.items() if k != "per_class"}
+
+
+SHARED_CHECKPOINT_EVERY = 50  # steps between the shared adapter's checkpoints: a killed run resumes from the last one
+
+
+def personalize_shared(model: str | Path, table: Path, root: Path, classes: list[tuple[str, int, str]], out: Path,
+                       cache: Path, spec: PersonalizeSpec, architecture: str | None = None,
+                       gradient_checkpointing: bool = False) -> dict[str, object]:
+    """One adapter for the whole dataset (`shared_adapter`, as Diff-Mix and DataDream train): a LoRA on the denoiser
+    trained jointly with one pseudo-word per class for `spec.shared_steps` steps, so 1,000 classes cost one fine-tune.
+
+    Each class's crops are encoded once, one class at a time, into a latent file of its own under the run's work
+    folder, and read memory-mapped: memory does not grow with the classes. A step draws `batch_size` crops across all
+    classes, each prompted with its class's pseudo-word. The run writes a checkpoint (adapter, token rows, optimiser
+    and random state) every SHARED_CHECKPOINT_EVERY steps and resumes from it when killed, to the same bytes.
+    `out/<class key>/` holds the class's pseudo-word (`learned_embeds*.safetensors`) and a hard link to the one
+    `pytorch_lora_weights.safetensors`: what the generate job loads per class, as for the per-class methods."""
+    started = time.time()
+    keys = [k for k, _, _ in classes]
+    ident = cache_ident(spec, model, ",".join(keys), table, None)
+    done = cache / hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+    source = TrainingSource(model, pick_device(), architecture=architecture, gradient_checkpointing=gradient_checkpointing)
+    stats: dict[str, object] = {"classes": len(classes), "cached": True}
+    if not (done / "personalization.json").exists():
+        stats = _train_shared(source, table, root, classes, spec, done, ident)
+    with atomic_dir(out) as tmp:
+        for key in keys:
+            link_tree(done / key, tmp / key)
+    stats["pipeline_loads"] = source.loads
+    write_meta(out, "personalize", spec_dict(spec), started, model=str(model), stats=stats)
+    log.info("personalize %s: %d classes in one adapter in %.1fs", spec.method, len(classes), time.time() - started)
+    return stats
+
+
+def _train_shared(source: TrainingSource, table: Path, root: Path, classes: list[tuple[str, int, str]],
+                  spec: PersonalizeSpec, done: Path, ident: dict) -> dict[str, object]:
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    pipe = source.pipeline(spec.method, spec.dm_finetune)
+    work = done.with_name(done.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "ident.json", ident)
+    size = spec.resolution or resolution_of(pipe)
+    files = []
+    for i, (key, label, _) in enumerate(classes):  # one class's crops and mirrors at a time, kept on disk
+        path = work / f"latents_{i:05d}.npy"
+        if not path.exists():
+            views, _owner = class_views(table, root, label, size)
+            with atomic_path(path) as tmp_path, open(tmp_path, "wb") as f:
+                np.save(f, encode_latents(pipe, views, spec.encode_batch).cpu().numpy())
+        files.append(np.load(path, mmap_mode="r"))
+        log.info("personalize %s: %s encoded (%d crops and mirrors)", spec.method, key, len(files[-1]))
+    which = np.concatenate([np.full(len(f), c) for c, f in enumerate(files)])
+    offset = np.concatenate([np.arange(len(f)) for f in files])
+    sched, compute = _frozen_for_training(pipe)
+    tokens = [token_for(k) for k, _, _ in classes]
+    rows, templates = _pseudo_word_rows(pipe, tokens, [n for _, _, n in classes], compute)
+    groups = [{"params": [p], "lr": spec.lr, "weight_decay": 0.0} for p in rows]
+    groups.append(_denoiser_group(pipe, spec, item_seed(spec.seed, "lora", spec.method, "shared")))
+    g = torch.Generator().manual_seed(item_seed(spec.seed, "personalize", spec.method, "shared"))
+    run = _Run(pipe, spec, torch.optim.AdamW(groups), sched, compute, g, f"{spec.method}/{len(classes)} classes")
+    denoiser = denoiser_of(pipe)
+    ids = [[getattr(pipe, enc.replace("text_encoder", "tokenizer")).convert_tokens_to_ids(t) for t in tokens]
+           for enc in pseudo_word_files(pipe)]
+    checkpoint, start = work / "checkpoint.pt", 0
+    if checkpoint.exists():  # a killed run: the adapter, the rows, the optimiser and the random state as they were
+        state = torch.load(checkpoint, weights_only=False)
+        with torch.no_grad():
+            for row, rid, saved in zip(rows, ids, state["rows"], strict=True):
+                row[rid] = saved.to(row)
+        if spec.dm_finetune == "lora":
+            set_peft_model_state_dict(denoiser, state["denoiser"])
+        else:
+            denoiser.load_state_dict(state["denoiser"])
+        run.opt.load_state_dict(state["opt"])
+        g.set_state(state["g"])
+        start, run.ema = state["step"] + 1, state["ema"]
+        log.info("personalize %s: resuming after step %d", spec.method, state["step"])
+
+    def batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        idx = torch.randint(0, len(which), (spec.batch_size,), generator=g).numpy()
+        z0 = torch.from_numpy(np.stack([files[which[i]][offset[i]] for i in idx])).to(run.device)
+        picks = torch.randint(0, len(templates), (len(idx),), generator=g)
+        prompts = [templates[int(j)].format(tokens[which[i]]) for i, j in zip(idx, picks, strict=True)]
+        with _autocast(run.device, compute):
+            return z0, encode_prompts(pipe, prompts)
+
+    def save(step: int) -> None:
+        if (step + 1) % SHARED_CHECKPOINT_EVERY and step + 1 < spec.shared_steps:
+            return
+        adapter = get_peft_model_state_dict(denoiser) if spec.dm_finetune == "lora" else denoiser.state_dict()
+        state = {"step": step, "ema": run.ema, "g": g.get_state(), "opt": run.opt.state_dict(),
+                 "rows": [row[rid].detach().cpu().clone() for row, rid in zip(rows, ids, strict=True)],
+                 "denoiser": {k: v.detach().cpu().clone() for k, v in adapter.items()}}
+        with atomic_path(checkpoint) as tmp_path:
+            torch.save(state, tmp_path)
+
+    final = run.train(batch, spec.shared_steps, True, source.gradient_checkpointing, start, save)
+    shared = done.with_name(done.name + ".shared")
+    save_personalization(pipe, Learned(token=tokens[0], final_loss=final), spec.method, spec, shared)
+    with atomic_dir(done) as tmp:
+        for (key, _, _), token in zip(classes, tokens, strict=True):
+            folder = tmp / key
+            folder.mkdir()
+            for encoder, weight_name in pseudo_word_files(pipe).items():
+                tok = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
+                vec = getattr(pipe, encoder).get_input_embeddings().weight[tok.convert_tokens_to_ids(token)]
+                save_file({token: vec.detach().float().cpu()[None].contiguous()}, str(folder / weight_name))
+            for f in shared.iterdir():
+                if f.suffix == ".safetensors" and not f.name.startswith("learned_embeds"):
+                    link_tree_file(f, folder / f.name)
+            if (shared / architecture_of(pipe).denoiser).is_dir():  # a full fine-tune: one denoiser, linked
+                link_tree(shared / architecture_of(pipe).denoiser, folder / architecture_of(pipe).denoiser)
+            write_json(folder / "personalization.json", {"method": spec.method, "token": token, "shared": True,
+                                                         "dm_finetune": spec.dm_finetune, "final_loss": final})
+        write_json(tmp / "ident.json", ident)
+    source.release(pipe)
+    shutil.rmtree(work)
+    shutil.rmtree(shared)
+    return {"classes": len(classes), "final_loss": final, "steps": spec.shared_steps, "resumed_at": start}

@@ -98,7 +98,8 @@ def personalize_minutes(config: dict, method: str, classes: int) -> int:
     arch, _ = generator_settings(config, method)
     cost = arch.step_cost(p.get("resolution") or arch.resolution)
     rate = RATES[f"personalize_{_kind(method, p['dm_finetune'])}"].value * 4 / p["batch_size"] / cost
-    seconds = classes * p["steps"] / rate * _share(config)
+    steps = p["shared_steps"] if registry_row(method).shared else classes * p["steps"]  # shared: one run, all classes
+    seconds = steps / rate * _share(config)
     return int(OVERHEAD_MIN + MARGIN * seconds / 60)
 
 
@@ -122,26 +123,23 @@ def train_minutes(config: dict, images: int) -> int:
 
 def personalize_gpu_mb(config: dict, method: str) -> float:
     """One personalisation process's GPU memory (MB) for a row (`method` may be `<method>@<generator>`):
-    `memory_estimate` on Stable Diffusion v1's counts (SD1_PARAMS, one conditioning vector per real image at most);
-    on another architecture, its weights in 16-bit precision in place of SD v1's and the activations scaled by its step
-    cost (an estimate, until a GPU measures it)."""
+    `memory_estimate` on its architecture's counts (Stable Diffusion v1's exact SD1_PARAMS; other architectures'
+    `Architecture.param_counts`, from their model cards), one conditioning vector per real image at most, activations
+    scaled by the architecture's step cost at the personalisation side, with `personalize.gradient_checkpointing`."""
     from dataclasses import fields
 
     from augbench.personalize import SD1_PARAMS, memory_estimate
     from augbench.specs import PersonalizeSpec
 
     arch, _ = generator_settings(config, method)
+    p = config["personalize"]
     names = {f.name for f in fields(PersonalizeSpec)} - {"method", "version"}
-    spec = PersonalizeSpec(method=method.split(ROW_SEPARATOR, 1)[0],
-                           **{k: v for k, v in config["personalize"].items() if k in names})
-    parts = memory_estimate(SD1_PARAMS, spec.method, spec, vectors=config.get("real_per_class") or 130,
-                            resolution=arch.resolution)
-    if arch.name == "sd":
-        return parts["total_mb"]
+    spec = PersonalizeSpec(method=method.split(ROW_SEPARATOR, 1)[0], **{k: v for k, v in p.items() if k in names})
+    counts = SD1_PARAMS if arch.name == "sd" else arch.param_counts()
     side = spec.resolution or arch.resolution
-    sd_weights = (SD1_PARAMS["unet"] + SD1_PARAMS["text_encoder"] + SD1_PARAMS["vae"]) * 2 / 2**20
-    activations = parts["activations_mb"] / (side / 512) ** 2 * arch.step_cost(side)
-    return round(parts["total_mb"] - sd_weights - parts["activations_mb"] + arch.weights_gb() * 1024 + activations, 1)
+    return memory_estimate(counts, spec.method, spec, vectors=config.get("real_per_class") or 130,
+                           resolution=arch.resolution, step_cost=arch.step_cost(side),
+                           gradient_checkpointing=bool(p.get("gradient_checkpointing")))["total_mb"]
 
 
 def pipeline_host_mb(config: dict, row: str) -> float:
@@ -152,13 +150,17 @@ def pipeline_host_mb(config: dict, row: str) -> float:
 
 
 def generate_gpu_mb(config: dict, row: str = "") -> float:
-    """One generation process's GPU memory (MB) for a row: its architecture's weights in fp16 and a batch's
+    """One generation process's GPU memory (MB) for a row: its architecture's weights in fp16 (under `offload: model`
+    the largest module, the one on the card at a time; `sequential`, one layer at a time: 1 GB planned) and a batch's
     activations (measured per image for SD v1 at 512 px, scaled by the architecture's step cost)."""
     from augbench.personalize import CUDA_CONTEXT_MB
 
     arch, g = generator_settings(config, row)
     side = g.get("resolution") or arch.resolution
-    return arch.weights_gb() * 1024 + GENERATE_ACTIVATION_MB * g["batch_size"] * arch.step_cost(side) + CUDA_CONTEXT_MB
+    offload = g.get("offload", "none")
+    largest = max(arch.denoiser_params_b, arch.text_params_b)
+    weights_gb = {"none": arch.weights_gb(), "model": round(largest * 2, 1), "sequential": 1.0}[offload]
+    return weights_gb * 1024 + GENERATE_ACTIVATION_MB * g["batch_size"] * arch.step_cost(side) + CUDA_CONTEXT_MB
 
 
 # --- the dry run -------------------------------------------------------------------------------------------------

@@ -182,6 +182,7 @@ class PersonalizeSpec:
     cluster_size: int = 5
     resolution: int | None = None
     encode_batch: int = 16  # images per VAE encode call: a class's memory does not grow with its size
+    shared_steps: int = 1000  # shared_adapter: steps of the one joint run over every class
     version: int = STAGE_VERSIONS["personalize"]
 
 
@@ -199,6 +200,7 @@ class GenerateSpec:
     resolution: int | None = None
     prompt: str = "a photo of a {}."
     negative_prompt: str = ""
+    vae_tiling: bool = False  # decode in tiles: flat memory at large sides, may change pixels at the seams
     strength: float = 0.5
     precision: str = "auto"
     store_size: int | None = None  # shorter side of the stored image (the classifier's load_size); None: as generated

@@ -282,3 +282,123 @@ def test_the_flow_matching_target_is_what_the_sampler_integrates(name: str, tmp_
     assert weight is not None and torch.all(weight == 1)
     assert 0 < sigma.min() and sigma.max() < 1
     assert (sigma - 0.5).abs().mean() < 0.2, "logit-normal draws crowd the middle (uniform: 0.25)"
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_gradient_checkpointing_changes_memory_not_results(name: str, tmp_path: Path) -> None:
+    """`personalize.gradient_checkpointing` recomputes the denoiser's activations in the backward pass: the same
+    LoRA and conditioning to the bit (on the CPU), with fewer bytes kept for the backward pass (counted from autograd's
+    saved tensors), and the shared denoiser is left without it."""
+    from augbench.denoising import denoiser_of
+    from augbench.personalize import TrainingSource, encode_latents, train_personalization
+    from augbench.specs import PersonalizeSpec
+
+    source = TrainingSource(build(name, tmp_path / "model"), torch.device("cpu"), architecture=name)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    spec = PersonalizeSpec(method="cond_vectors_dm", steps=2, batch_size=2, dm_lr=0.01, lora_rank=2)
+    results, saved = [], []
+    for checkpointing in (False, True):
+        pipe = source.pipeline(spec.method)
+        latents = encode_latents(pipe, images)
+        kept = {"bytes": 0}
+
+        def pack(t: torch.Tensor, kept: dict = kept) -> torch.Tensor:
+            kept["bytes"] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            learned = train_personalization(pipe, latents, np.arange(3), "dog", "dog", spec,
+                                            gradient_checkpointing=checkpointing)
+        denoiser = denoiser_of(pipe)
+        assert not denoiser.is_gradient_checkpointing, "the shared denoiser keeps no checkpointing"
+        lora = {k: v.detach().clone() for k, v in denoiser.state_dict().items() if "lora" in k}
+        results.append((learned.final_loss, learned.cond["prompt_embeds"].detach().clone(), lora))
+        saved.append(kept["bytes"])
+        source.release(pipe)
+    (loss_a, cond_a, lora_a), (loss_b, cond_b, lora_b) = results
+    assert loss_a == loss_b and torch.equal(cond_a, cond_b) and lora_a.keys() == lora_b.keys()
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    assert saved[1] < 0.8 * saved[0], saved
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_a_shared_adapter_learns_one_lora_and_a_pseudo_word_per_class(name: str, tmp_path: Path,
+                                                                     photos: tuple[Path, Path]) -> None:
+    """`shared_adapter`: one personalize job over every class trains one LoRA jointly with a pseudo-word per class
+    (in each CLIP encoder); each class's folder holds its own pseudo-word and a link to the one adapter, loads through
+    the pipeline's loaders, and the generate job makes each class's images from it."""
+    from safetensors.torch import load_file
+
+    from augbench.generate import apply_personalization
+    from augbench.personalize import load_pipeline, pseudo_word_files
+
+    model = build(name, tmp_path / "model")
+    spec = {"method": "shared_adapter", "shared_steps": 4, "batch_size": 2, "resolution": 32, "lr": 0.05,
+            "dm_lr": 0.05, "lora_rank": 2}
+    out = tmp_path / "personalize"
+    _job("personalize", model, name, out, photos, spec)
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert meta["stats"]["classes"] == 2 and meta["stats"]["steps"] == 4, meta["stats"]
+    adapters = [out / k / "pytorch_lora_weights.safetensors" for k in ("dog", "cat")]
+    assert adapters[0].read_bytes() == adapters[1].read_bytes(), "one adapter for every class"
+    pipe = load_pipeline(model, architecture=name)
+    before = _sample(pipe)
+    vectors = {}
+    for key in ("dog", "cat"):
+        info = json.loads((out / key / "personalization.json").read_text())
+        assert info["token"] == f"<{key}>" and info["shared"], info
+        for f in pseudo_word_files(pipe).values():
+            assert list(load_file(str(out / key / f))) == [info["token"]], "each class's file holds its own word"
+            vectors[key, f] = next(iter(load_file(str(out / key / f)).values()))
+        apply_personalization(pipe, out / key)
+    for f in pseudo_word_files(pipe).values():
+        assert not torch.equal(vectors["dog", f], vectors["cat", f])
+    assert np.abs(_sample(pipe) - before).max() > 1e-4, "the adapter changes what the pipeline samples"
+    gen = tmp_path / "generate"
+    _job("generate", model, name, gen, photos, {"method": "shared_adapter", "n_images": 2, "batch_size": 2, "steps": 2,
+         "guidance_scale": 2.0, "resolution": 32, "scheduler": "model"}, "--personalization", str(out))
+    for key in ("dog", "cat"):
+        assert len(set(pointed_images(gen / key / "manifest.parquet").values())) == 2
+
+
+def test_a_killed_shared_adapter_run_resumes_to_the_same_bytes(tmp_path: Path, photos: tuple[Path, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared run checkpoints (adapter, token rows, optimiser, random state) every SHARED_CHECKPOINT_EVERY
+    steps; killed after a checkpoint, it resumes from it and ends with the adapter and pseudo-words of a run that was
+    never killed."""
+    import augbench.personalize as personalize
+    from augbench.specs import PersonalizeSpec
+
+    model = build("sd", tmp_path / "model")
+    monkeypatch.setattr(personalize, "SHARED_CHECKPOINT_EVERY", 2)
+    classes = [("dog", 0, "dog"), ("cat", 1, "cat")]
+    spec = PersonalizeSpec(method="shared_adapter", shared_steps=5, batch_size=2, resolution=32, lr=0.05, dm_lr=0.05,
+                           lora_rank=2)
+
+    def run(where: Path) -> dict[str, bytes]:
+        personalize.personalize_block(model, photos[0], photos[1], classes, where / "out", where / "cache", spec)
+        return {str(f.relative_to(where / "out")): f.read_bytes() for f in sorted((where / "out").rglob("*.safetensors"))}
+
+    whole = run(tmp_path / "whole")
+    train = personalize._Run.train
+    steps_seen: list[int] = []
+
+    def killed(self, batch, steps, dm, checkpointing, start=0, on_step=None):  # type: ignore[no-untyped-def]
+        def step_then_die(step: int) -> None:
+            on_step(step)
+            steps_seen.append(step)
+            if step == 2:
+                raise RuntimeError("killed")
+
+        return train(self, batch, steps, dm, checkpointing, start, step_then_die)
+
+    monkeypatch.setattr(personalize._Run, "train", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "resumed")
+    assert list((tmp_path / "resumed/cache").glob("*.work/checkpoint.pt")), "a checkpoint is left behind"
+    monkeypatch.setattr(personalize._Run, "train", train)
+    resumed = run(tmp_path / "resumed")
+    assert steps_seen == [0, 1, 2]
+    meta = json.loads((tmp_path / "resumed/out.meta.json").read_text())
+    assert meta["stats"]["resumed_at"] == 2, meta["stats"]
+    assert resumed == whole and len(whole) == 4, sorted(whole)

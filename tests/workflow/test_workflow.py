@@ -186,6 +186,8 @@ def test_tiny_world_end_to_end_and_incremental(tmp_path: Path) -> None:
     cfg["diffusion"]["train"]["threads"] = 2
     for section in ("personalize", "generate", "train"):
         cfg[section]["threads"] = 2
+    cfg["personalize"]["gradient_checkpointing"] = True  # memory options: same results, passed as arguments
+    cfg["generate"]["offload"] = "model"
     cfg["retrieve"]["gpu"] = True  # the search and merge become rules search_block_gpu / retrieve_gpu: same outputs
     cfg["device"] = "cpu"
     (wf / "changed.yaml").write_text(yaml.safe_dump(cfg))

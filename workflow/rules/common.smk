@@ -299,8 +299,8 @@ def stage_spec(stage, **extra):
         extra["method"] = method_of(row).name
         if stage == "generate":
             data.update(generator_of(row)["options"])
-        # drop what this method does not use: changing it reruns nothing
-        data = {k: v for k, v in data.items() if k not in method_of(row).unused_keys(stage)}
+        # drop what this method does not use, and the memory options (the rules pass them): changing them reruns nothing
+        data = {k: v for k, v in data.items() if k not in method_of(row).unused_keys(stage) and k not in MEMORY_OPTIONS}
     if stage == "generate":
         data["n_images"] = max(N_AUG)
         data.update(method_of(row).generate)  # settings the method fixes for itself (registry)
@@ -369,7 +369,9 @@ def block_mem_mb(wildcards, attempt):
 def personalize_runtime(wildcards, attempt):
     """Minutes a personalize block asks for: its classes x steps at the GPU rate of its method kind, the GPU shared
     `gpu_share` ways, with margin (augbench.plan, where the rates and their sources live)."""
-    return personalize_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)])) * attempt
+    shared = method_of(wildcards.method).shared  # one job over every class
+    classes = len(CLASS_KEYS) if shared else len(CLASS_BLOCKS[int(wildcards.block)])
+    return personalize_minutes(config, wildcards.method, classes) * attempt
 
 
 def generate_runtime(wildcards, attempt):
@@ -420,8 +422,9 @@ def personalize_inputs(wildcards):
 def generate_inputs(wildcards):
     """What generating a block reads: the model, the block's personalisation folder, the real images (img2img)."""
     inputs = {**model_input(wildcards), "table": f"{DATA}/target/train.parquet", "classes": f"{DATA}/classes.json"}
-    if method_of(wildcards.method).personalized:
-        inputs["personalization"] = f"{R}/personalize/{personalization_of(wildcards.method)}/block_{wildcards.block}"
+    if method_of(wildcards.method).personalized:  # a shared adapter: one personalisation job over every class
+        block = "0000" if method_of(wildcards.method).shared else wildcards.block
+        inputs["personalization"] = f"{R}/personalize/{personalization_of(wildcards.method)}/block_{block}"
     return inputs
 
 
@@ -459,13 +462,18 @@ def method_spec(stage):
     return spec
 
 
+MEMORY_OPTIONS = ("gradient_checkpointing", "offload")  # trade memory for time, change no result: arguments, not specs
+
+
 def personalize_args(wildcards, input):
     """Classes, per-class cache and optional CLIP embeddings (cond_clusters) of one personalize job (the spec is its
     own param)."""
     emb = f" --emb {shlex.quote(input.emb)} --meta {shlex.quote(input.meta)}" if "emb" in input.keys() else ""
     cache = f"{R}/personalize/{wildcards.method}/cache"
     arch = generator_of(wildcards.method)["architecture"]  # checks the folder only: an argument, not a compared param
-    return f"{class_args(wildcards)}{emb} --cache {shlex.quote(cache)} --architecture {arch}"
+    checkpointing = " --gradient-checkpointing" if config["personalize"]["gradient_checkpointing"] else ""
+    keys = "--keys " + " ".join(CLASS_KEYS) if method_of(wildcards.method).shared else class_args(wildcards)
+    return f"{keys}{emb} --cache {shlex.quote(cache)} --architecture {arch}{checkpointing}"
 
 
 def generate_args(wildcards, input):
@@ -475,7 +483,8 @@ def generate_args(wildcards, input):
     cache = f"{R}/generate/{wildcards.method}/cache"
     # the declared architecture only checks the folder (no pixel depends on it): an argument, not a compared param
     arch = generator_of(wildcards.method)["architecture"]
-    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)} --architecture {arch}"
+    offload = generator_of(wildcards.method)["options"].get("offload", config["generate"]["offload"])
+    return f"{class_args(wildcards)}{pers} --cache {shlex.quote(cache)} --architecture {arch} --offload {offload}"
 
 
 AUGMENTED = [m for m in ROWS if m not in BASELINES]
