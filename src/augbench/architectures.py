@@ -49,8 +49,9 @@ class Architecture:
         computes with.
     text_params_b: the text encoders' parameters in billions (same checkpoint); the autoencoder holds the rest.
     cond_shape: (tokens, width) of the `prompt_embeds` the denoiser is conditioned on: one conditioning vector's size.
-    latent_stride: image pixels per denoiser token along a side (the autoencoder's factor x the patch size).
     resolution: the side the checkpoint was trained at (its pipeline's default).
+    step_tflops: FLOPs (x 1e12) of one denoiser call at `resolution`, batch 1, counted by `benchmarks/step_flops.py`
+        on the first checkpoint's configuration built on the meta device (matrix products and attention).
     checkpoints: hub ids of this architecture (for the docs and the example config).
     """
 
@@ -69,8 +70,8 @@ class Architecture:
     denoiser_params_b: float = 0.0
     text_params_b: float = 0.0
     cond_shape: tuple[int, int] = (77, 768)
-    latent_stride: int = 8
     resolution: int = 1024
+    step_tflops: float = 0.0
     checkpoints: tuple[str, ...] = ()
 
     @property
@@ -84,12 +85,11 @@ class Architecture:
 
     def step_cost(self, resolution: int | None = None) -> float:
         """The compute of one denoiser step at `resolution` (default: the architecture's) relative to Stable Diffusion
-        v1's at 512 px, the reference the GPU rates of augbench.plan were measured on. An estimate: denoiser parameters
-        x tokens, a transformer's FLOPs per token without attention; for a UNet it overstates (its full-resolution
-        levels have few channels), so SDXL's planned hours are an upper bound."""
+        v1's at 512 px, the reference the GPU rates of augbench.plan were measured on: counted FLOPs (`step_tflops`),
+        scaled by the pixels at another side. A plan from it assumes the GPU runs every denoiser at SD v1's
+        utilisation; large transformers usually run at a higher one, so their planned hours are an upper bound."""
         side = resolution or self.resolution
-        ref = REFERENCE_STEP
-        return (self.denoiser_params_b * (side / self.latent_stride) ** 2) / (ref[0] * (ref[1] / ref[2]) ** 2)
+        return self.step_tflops * (side / self.resolution) ** 2 / REFERENCE_STEP[1]
 
 
     def param_counts(self) -> dict[str, int]:
@@ -105,44 +105,46 @@ class Architecture:
                 "lora_per_rank": int(199_296 * self.denoiser_params_b / REFERENCE_STEP[0])}
 
 
-REFERENCE_STEP = (0.86, 512, 8)  # Stable Diffusion v1: UNet parameters (B), side (px), latent stride
+REFERENCE_STEP = (0.86, 0.803)  # Stable Diffusion v1's UNet: parameters (B) and TFLOPs of one call at 512 px
 
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("sd", ("StableDiffusionPipeline",), "StableDiffusionImg2ImgPipeline", (("text_encoder", "clip"),),
                  "unet", "noise", lora=True, textual_inversion=True, params_b=1.07,
-                 denoiser_params_b=0.86, text_params_b=0.123, cond_shape=(77, 768), latent_stride=8, resolution=512,
+                 denoiser_params_b=0.86, text_params_b=0.123, cond_shape=(77, 768), resolution=512,
+                 step_tflops=0.803,
                  checkpoints=("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                               "stabilityai/stable-diffusion-2-1")),
     Architecture("sdxl", ("StableDiffusionXLPipeline",), "StableDiffusionXLImg2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip")), "unet", "noise", lora=True, textual_inversion=True,
                  prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=3.47,
-                 denoiser_params_b=2.57, text_params_b=0.817, cond_shape=(77, 2048), latent_stride=8,
+                 denoiser_params_b=2.57, text_params_b=0.817, cond_shape=(77, 2048), step_tflops=6.76,
                  checkpoints=("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo")),
     Architecture("sd3", ("StableDiffusion3Pipeline",), "StableDiffusion3Img2ImgPipeline",
                  (("text_encoder", "clip"), ("text_encoder_2", "clip"), ("text_encoder_3", "t5")), "transformer",
                  "flow_matching", lora=True, prompt_outputs=("prompt_embeds", None, "pooled_prompt_embeds", None), params_b=8.2,
-                 denoiser_params_b=2.5, text_params_b=5.57, cond_shape=(333, 4096), latent_stride=16,
+                 denoiser_params_b=2.5, text_params_b=5.57, cond_shape=(333, 4096), step_tflops=11.25,
                  # 3.5 medium; 3.5 large: 13.8 B, its MMDiT 8.1 B
                  checkpoints=("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")),
     Architecture("flux", ("FluxPipeline",), "FluxImg2ImgPipeline", (("text_encoder", "clip"), ("text_encoder_2", "t5")),
                  "transformer", "flow_matching", lora=True, negative_prompt=False,
                  prompt_outputs=("prompt_embeds", "pooled_prompt_embeds", None), params_b=16.9,
-                 denoiser_params_b=11.9, text_params_b=4.88, cond_shape=(512, 4096), latent_stride=16,
+                 denoiser_params_b=11.9, text_params_b=4.88, cond_shape=(512, 4096), step_tflops=74.38,
                  checkpoints=("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")),
     Architecture("sana", ("SanaPipeline",), None, (("text_encoder", "gemma"),), "transformer", "flow_matching",
                  lora=True, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
                  call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=4.5,
-                 denoiser_params_b=1.6, text_params_b=2.6, cond_shape=(300, 2304), latent_stride=32,
+                 denoiser_params_b=1.6, text_params_b=2.6, cond_shape=(300, 2304), step_tflops=2.97,
                  checkpoints=("Efficient-Large-Model/Sana_1600M_1024px_diffusers",)),
     Architecture("pixart_sigma", ("PixArtSigmaPipeline",), None, (("text_encoder", "t5"),), "transformer", "noise",
                  lora=False, prompt_outputs=("prompt_embeds", "prompt_attention_mask", None, None),
                  call=(("use_resolution_binning", False), ("clean_caption", False)), params_b=5.45,
-                 denoiser_params_b=0.61, text_params_b=4.76, cond_shape=(300, 4096), latent_stride=16,
+                 denoiser_params_b=0.61, text_params_b=4.76, cond_shape=(300, 4096), step_tflops=6.63,
                  checkpoints=("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",)),
     Architecture("qwen_image", ("QwenImagePipeline",), "QwenImageImg2ImgPipeline", (("text_encoder", "qwen_vl"),),
                  "transformer", "flow_matching", lora=True, prompt_outputs=("prompt_embeds", "prompt_embeds_mask"),
-                 params_b=28.8, denoiser_params_b=20.4, text_params_b=8.3, cond_shape=(64, 3584), latent_stride=16,
+                 params_b=28.8, denoiser_params_b=20.4, text_params_b=8.3, cond_shape=(64, 3584),
+                 step_tflops=69.31,
                  checkpoints=("Qwen/Qwen-Image",)),
 )}
 

@@ -479,12 +479,15 @@ def cmd_query(a: argparse.Namespace) -> object:
          arg("configfile", nargs="+", help="config files, as for snakemake --configfile"),
          arg("--profile", required=True, help="the Snakemake profile folder (profiles/slurm)"),
          arg("--site", help="each partition's limits (default: site.yaml in the profile folder)"),
-         arg("--directory", help="the run's working directory (snakemake --directory)"))
+         arg("--directory", help="the run's working directory (snakemake --directory)"),
+         arg("--group-components", type=int, help="block chains per GPU allocation, over the profile's (as the run's "
+             "snakemake --group-components <group>=N; must equal the config's gpu_share)"))
 def cmd_plan(a: argparse.Namespace) -> object:
     from augbench.plan import run
 
     site = Path(a.site) if a.site else Path(a.profile) / "site.yaml"
-    code, table = run(_paths(a.configfile), Path(a.profile), site, Path(a.directory) if a.directory else None)
+    code, table = run(_paths(a.configfile), Path(a.profile), site, Path(a.directory) if a.directory else None,
+                      group_components=a.group_components)
     print(table)
     if code:
         raise ValueError(f"the plan does not fit the site {site}: see the errors above")

@@ -222,7 +222,7 @@ class TrainingSource:
 ACTIVATION_MB_512 = {"pseudo_word": 723.0, "cond_vectors": 704.0, "lora": 855.0}  # from 64 and 128 px (2026-12-03)
 #: The share of ACTIVATION_MB_512 autograd keeps with the denoiser's gradient checkpointing on, measured by
 #: `benchmarks/personalize_memory.py --gradient-checkpointing` on the same SD 1.5-shaped pipeline.
-CHECKPOINTED_SHARE = {"lora": 1.0, "cond_vectors": 1.0}
+CHECKPOINTED_SHARE = {"lora": 0.17, "cond_vectors": 0.2}  # 143 / 855 and 143 / 704 MB at 512 px (2026-12-04)
 CUDA_CONTEXT_MB = 600  # what a process holds on a GPU before its first tensor (CUDA context, cuBLAS / cuDNN workspaces)
 
 

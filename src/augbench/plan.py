@@ -152,7 +152,8 @@ def pipeline_host_mb(config: dict, row: str) -> float:
 def generate_gpu_mb(config: dict, row: str = "") -> float:
     """One generation process's GPU memory (MB) for a row: its architecture's weights in fp16 (under `offload: model`
     the largest module, the one on the card at a time; `sequential`, one layer at a time: 1 GB planned) and a batch's
-    activations (measured per image for SD v1 at 512 px, scaled by the architecture's step cost)."""
+    activations (estimated per image for SD v1 at 512 px, scaled by the pixels: without gradients a step holds a few
+    layers' activations at a time, which grow with the tokens, not with the depth)."""
     from augbench.personalize import CUDA_CONTEXT_MB
 
     arch, g = generator_settings(config, row)
@@ -160,7 +161,7 @@ def generate_gpu_mb(config: dict, row: str = "") -> float:
     offload = g.get("offload", "none")
     largest = max(arch.denoiser_params_b, arch.text_params_b)
     weights_gb = {"none": arch.weights_gb(), "model": round(largest * 2, 1), "sequential": 1.0}[offload]
-    return weights_gb * 1024 + GENERATE_ACTIVATION_MB * g["batch_size"] * arch.step_cost(side) + CUDA_CONTEXT_MB
+    return weights_gb * 1024 + GENERATE_ACTIVATION_MB * g["batch_size"] * (side / 512) ** 2 + CUDA_CONTEXT_MB
 
 
 # --- the dry run -------------------------------------------------------------------------------------------------
@@ -223,9 +224,13 @@ def parse_dry_run(text: str) -> Plan:
     return plan
 
 
-def dry_run(configfiles: list[Path], profile: Path, workdir: Path | None = None, snakefile: Path | None = None) -> str:
-    """Snakemake's dry run of the workflow with the profile: every job and its resources."""
+def dry_run(configfiles: list[Path], profile: Path, workdir: Path | None = None, snakefile: Path | None = None,
+            group_components: dict[str, int] | None = None) -> str:
+    """Snakemake's dry run of the workflow with the profile (and `--group-components` over the profile's, where given):
+    every job and its resources."""
     cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", str(profile), "--configfile", *map(str, configfiles)]
+    if group_components:
+        cmd += ["--group-components", *(f"{k}={v}" for k, v in group_components.items())]
     if snakefile:
         cmd += ["--snakefile", str(snakefile)]
     if workdir:
@@ -341,7 +346,26 @@ def check(plan: Plan, site: dict[str, dict], config: dict, profile: dict) -> Che
             errors.append(f"group {name} ({', '.join(sorted(layers))}): {chains} processes x {per_process:.0f} MB of GPU "
                           f"memory exceed one GPU's {limits['gpu_mem_mb']} MB in partition {part!r}")
     totals = {"gpu_hours_requested": round(gpu_hours, 1), **disk_gb(config)}
+    totals["by_generator"] = by_generator(plan, config)
     return Check(rows, errors, totals, suggest(config, site, profile), groups)
+
+
+def by_generator(plan: Plan, config: dict) -> dict[str, float]:
+    """GPU-hours requested per generator (the rows `<method>@<generator>[-g<scale>]`): its personalize, generate,
+    collect, statistics and training jobs, a grouped job's runtime shared `gpu_share` ways (the chains of one
+    allocation share its GPU). Empty without `generators`."""
+    gens = config.get("generators") or {}
+    out: dict[str, float] = dict.fromkeys(gens, 0.0)
+    for job in plan.jobs:
+        row = job.wildcards.get("method", "")
+        if ROW_SEPARATOR not in row or not gpus(job):
+            continue
+        variant = row.split(ROW_SEPARATOR, 1)[1]
+        name = next((n for n in gens if variant == n or variant.startswith(f"{n}-g")), None)
+        if name is not None:
+            share = _share(config) if job.group is not None else 1
+            out[name] += _num(job.resources.get("runtime")) * gpus(job) / share / 60
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def disk_gb(config: dict) -> dict[str, float]:
@@ -402,6 +426,9 @@ def render(result: Check, plan: Plan) -> str:
     lines.append(f"\njobs: {len([j for j in plan.jobs if j.rule != 'all'])}; GPU-hours requested: {t['gpu_hours_requested']}"
                  f" (runtime requests: estimate x {MARGIN} + {OVERHEAD_MIN} min); shared disk: decode cache "
                  f"{t['decode_cache_gb']} GB, generated images {t['generated_gb']} GB")
+    if t.get("by_generator"):
+        lines.append("GPU-hours requested by generator (its rows' jobs): "
+                     + ", ".join(f"{k} {v:g}" for k, v in t["by_generator"].items()))
     lines.append("\nrates the GPU runtimes come from:")
     for name, rate in RATES.items():
         lines.append(f"  {name:<26} {rate.value:>7g} {rate.unit:<30} {rate.source}")
@@ -415,13 +442,18 @@ def render(result: Check, plan: Plan) -> str:
 
 
 def run(configfiles: list[Path], profile: Path, site: Path, workdir: Path | None = None,
-        snakefile: Path | None = None) -> tuple[int, str]:
-    """The plan's exit code and its printed table."""
-    text = dry_run(configfiles, profile, workdir, snakefile)
+        snakefile: Path | None = None, group_components: int | None = None) -> tuple[int, str]:
+    """The plan's exit code and its printed table; `group_components` overrides the profile's block chains per GPU
+    allocation (as `snakemake --group-components <group>=N` does for the run)."""
+    prof = yaml.safe_load((Path(profile) / "config.yaml").read_text()) or {}
+    groups = None
+    if group_components is not None:
+        groups = {name: group_components for name in set((prof.get("groups") or {}).values())}
+        prof["group-components"] = {**(prof.get("group-components") or {}), **groups}
+    text = dry_run(configfiles, profile, workdir, snakefile, groups)
     plan = parse_dry_run(text)
     config = _config(configfiles)
     config["_classes"] = _classes(text, config)
-    prof = yaml.safe_load((Path(profile) / "config.yaml").read_text()) or {}
     result = check(plan, load_site(site), config, prof)
     return (1 if result.errors else 0), render(result, plan)
 

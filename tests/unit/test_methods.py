@@ -7,11 +7,13 @@ import pytest
 from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONALIZED, REGISTRY, RETRIEVAL_MODES, Method, method, names
 
 
-def test_the_twelve_rows_and_their_views() -> None:
-    assert len(ALL_METHODS) == 12 and set(ALL_METHODS) == set(BASELINES) | set(RETRIEVAL_MODES) | set(GENERATION_METHODS)
+def test_the_thirteen_rows_and_their_views() -> None:
+    assert len(ALL_METHODS) == 13 and set(ALL_METHODS) == set(BASELINES) | set(RETRIEVAL_MODES) | set(GENERATION_METHODS)
     assert RETRIEVAL_MODES == {"retrieval_image": "image", "retrieval_text": "text"}
-    assert set(PERSONALIZED) == {"textual_inversion", "cond_vectors", "cond_clusters", "textual_inversion_dm", "cond_vectors_dm"}
-    assert names(finetune_unet=True) == ("textual_inversion_dm", "cond_vectors_dm")
+    assert set(PERSONALIZED) == {"textual_inversion", "cond_vectors", "cond_clusters", "textual_inversion_dm", "cond_vectors_dm",
+                                 "shared_adapter"}
+    assert names(finetune_unet=True) == ("textual_inversion_dm", "cond_vectors_dm", "shared_adapter")
+    assert names(shared=True) == ("shared_adapter",)
     assert names(from_real=True) == ("img2img",)
     assert REGISTRY["real_x2"].real_splits == ("train", "train_extra") and REGISTRY["real"].real_splits == ("train",)
 
@@ -20,8 +22,9 @@ def test_sections_and_unused_keys_say_what_a_spec_reads() -> None:
     assert method("real").sections == () and method("retrieval_text").sections == ("retrieve", "fetch")
     assert method("prompt_classname").sections == ("generate",)
     assert method("cond_clusters").sections == ("personalize", "generate")
-    assert method("cond_clusters").unused_keys("personalize") == {"dm_finetune", "dm_lr", "lora_rank"}
-    assert method("textual_inversion_dm").unused_keys("personalize") == {"cluster_size"}
+    assert method("cond_clusters").unused_keys("personalize") == {"dm_finetune", "dm_lr", "lora_rank", "shared_steps"}
+    assert method("textual_inversion_dm").unused_keys("personalize") == {"cluster_size", "shared_steps"}
+    assert method("shared_adapter").unused_keys("personalize") == {"cluster_size", "steps"}
     assert method("img2img").unused_keys("generate") == set()
     assert method("prompt_templates").unused_keys("generate") == {"strength", "prompt"}
     assert method("cond_vectors").unused_keys("generate") == {"strength", "prompt"}
@@ -34,6 +37,7 @@ def test_sections_and_unused_keys_say_what_a_spec_reads() -> None:
     {"family": "generated", "prompt": "classname", "learns": "pseudo_word"},
     {"family": "generated", "prompt": "classname", "finetune_unet": True},
     {"family": "baseline", "prompt": "classname"},
+    {"family": "generated", "prompt": "learned", "learns": "cond_vectors", "finetune_unet": True, "shared": True},
 ])
 def test_inconsistent_rows_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="method x"):

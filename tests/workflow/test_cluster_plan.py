@@ -130,3 +130,28 @@ def test_the_command_exits_non_zero_naming_the_rule(imagenet: tuple[list[Path], 
     code, table = _plan_command(configs, root, tmp_path / "site.yaml", dry_text, monkeypatch, capsys)
     assert code != 0
     assert "error: rule personalize: runtime" in table and "error: rule train: runtime" in table, table[-2000:]
+
+
+def test_the_generator_sweep_fits_with_one_chain_per_gpu_and_prices_each_generator(
+        imagenet: tuple[list[Path], Path]) -> None:
+    """config/generators_imagenet10.yaml (SD 1.5, SDXL, SD 3.5 medium, FLUX.1-schnell) over the ImageNet-10 % config,
+    planned with the profile's group components at the sweep's gpu_share of 1: every job and allocation fits the
+    shipped site, and each generator's GPU-hours follow its step cost (counted FLOPs) and its steps."""
+    from augbench.plan import run
+
+    configs, root = imagenet
+    sweep = [configs[0], REPO / "config/generators_imagenet10.yaml", *configs[1:]]
+    old = dict(os.environ)
+    os.environ.update(_env())
+    try:
+        code, table = run(sweep, PROFILE, SITE, root / "wd", group_components=1)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert code == 0, table
+    line = next(x for x in table.splitlines() if x.startswith("GPU-hours requested by generator"))
+    hours = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+    hours = {k: float(v) for k, v in hours.items()}
+    assert set(hours) == {"sd15", "sdxl", "sd35", "schnell"}, hours
+    assert hours["sd15"] < min(hours["sdxl"], hours["sd35"], hours["schnell"]), hours
+    assert "per_class_gpu: up to 1 chains" in table and "error:" not in table

@@ -284,8 +284,8 @@ def test_the_generator_sweep_plans_a_row_per_generator_and_guidance_scale(tmp_pa
     jobs = scheduled_jobs(res.stdout)
     variants = ["sd15-g2", "sd15-g7.5", "sdxl-g2", "sdxl-g7.5", "sd35-g2", "sd35-g4.5", "schnell"]
     generated = ["prompt_classname", "prompt_templates", "img2img", "cond_vectors_dm"]
-    assert jobs["generate"] == 40 * len(generated) * len(variants), jobs
-    assert jobs["personalize"] == 40 * 4, "one personalisation per generator, shared by its guidance scales"
+    assert jobs["generate"] == 200 * len(generated) * len(variants), jobs  # 1,000 classes in blocks of 5
+    assert jobs["personalize"] == 200 * 4, "one personalisation per generator, shared by its guidance scales"
     assert jobs["train"] == 3 * (2 + 2 * (2 + len(generated) * len(variants))), jobs
     assert jobs["fetch_model"] == 5, "CLIP and the four generators; diffusion.model is not used with generators"
     for repo in ("stable-diffusion-v1-5--stable-diffusion-v1-5", "stabilityai--stable-diffusion-xl-base-1.0",
