@@ -26,12 +26,12 @@ END = "<!-- END generated -->"
 
 def tables() -> str:
     rows = ["| architecture | pipeline (img2img) | text encoders | denoiser, objective | LoRA loader | parameters "
-            "(16-bit weights) | checkpoints |", "|---|---|---|---|---|---|---|"]
+            "(16-bit weights) | one step at its side (x SD v1 at 512 px) | checkpoints |", "|---|---|---|---|---|---|---|---|"]
     for a in REGISTRY.values():
         encoders = ", ".join(f"{attr} ({kind})" for attr, kind in a.text_encoders)
         rows.append(f"| `{a.name}` | {a.text2image} ({a.image2image or 'none'}) | {encoders} | {a.denoiser}, "
                     f"{a.objective} | {'yes' if a.lora else 'no'} | {a.params_b:g} B ({a.weights_gb():g} GB) | "
-                    f"{', '.join(a.checkpoints)} |")
+                    f"{a.step_tflops:g} TFLOP at {a.resolution} px ({a.step_cost():.1f}x) | {', '.join(a.checkpoints)} |")
     generated = [m for m in METHODS.values() if m.family == "generated"]
     grid = ["| method | " + " | ".join(f"`{a}`" for a in REGISTRY) + " |", "|---|" + "---|" * len(REGISTRY)]
     reasons: dict[str, int] = {}

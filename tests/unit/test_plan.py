@@ -47,3 +47,24 @@ def test_runtimes_grow_with_the_work_and_the_share_of_the_gpu() -> None:
     assert personalize_minutes(config, "textual_inversion_dm", 25) > one  # LoRA's measured rate is lower
     assert generate_minutes(config, "img2img", 25, 512) < generate_minutes(config, "prompt_classname", 25, 512)
     assert train_minutes(config, 640_000) > 2 * train_minutes(config, 256_000) - 15
+
+
+def test_flux_lora_personalisation_fits_a_40_gb_card_with_gradient_checkpointing() -> None:
+    """The memory estimate per architecture (Architecture.param_counts, step cost, CHECKPOINTED_SHARE): FLUX.1's LoRA
+    with one conditioning vector per image at 512 px, batch 1, fits a 40 GB card only with gradient checkpointing and
+    with its text encoders left on the host; SD 1.5's packs many processes on one 80 GB card."""
+    from augbench.architectures import architecture
+    from augbench.personalize import SD1_PARAMS, memory_estimate, per_gpu
+
+    flux = architecture("flux")
+    spec = PersonalizeSpec(method="cond_vectors_dm", batch_size=1, resolution=512)
+
+    def total(checkpointing: bool) -> float:
+        return memory_estimate(flux.param_counts(), "cond_vectors_dm", spec, vectors=130, resolution=1024,
+                               step_cost=flux.step_cost(512), gradient_checkpointing=checkpointing)["total_mb"]
+
+    assert per_gpu(40 * 1024, total(True)) == 1 and per_gpu(40 * 1024, total(False)) == 0
+    on_device = total(True) + flux.param_counts()["text_encoder"] * 2 / 2**20  # T5 and CLIP on the card as well
+    assert per_gpu(40 * 1024, on_device) == 0
+    sd = memory_estimate(SD1_PARAMS, "cond_vectors_dm", PersonalizeSpec(method="cond_vectors_dm"), vectors=130)
+    assert per_gpu(80 * 1024, sd["total_mb"]) >= 8
