@@ -27,7 +27,7 @@ from PIL import Image
 from augbench.classify import read_metrics
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
-from augbench.methods import BASELINES, RETRIEVAL_MODES
+from augbench.methods import BASELINES, RETRIEVAL_MODES, ROW_SEPARATOR
 from augbench.methods import method as method_of
 from augbench.shards import read_pointed
 
@@ -142,10 +142,16 @@ def _own_rows(bench: pd.DataFrame, method: str) -> pd.Series:
         mode = RETRIEVAL_MODES[method]
         own |= bench["stage"].isin(["retrieve", "download_retrieved", "queries"]) & (bench["key"] == mode)
         own |= (bench["stage"] == "fetch") & (bench["key"] == method)
-    elif method not in BASELINES:
-        own |= bench["stage"].isin(["personalize", "generate"]) & bench["key"].str.startswith(f"{method}/")
+    elif method not in BASELINES:  # its personalisation is shared with its generator's other guidance rows
+        own |= (bench["stage"] == "generate") & bench["key"].str.startswith(f"{method}/")
         own |= (bench["stage"] == "collect") & (bench["key"] == method)
     return own
+
+
+def personalisation_row(row: str) -> str:
+    """The personalisation a generated row reads: `<method>@<generator>` for `<method>@<generator>-g<scale>` (guidance
+    changes only sampling: the rows of one generator share it), else the row itself."""
+    return re.sub(r"-g[^@/]*$", "", row) if ROW_SEPARATOR in row else row
 
 
 def _shared_stages(method: str) -> set[str]:
@@ -172,6 +178,12 @@ def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool, methods
     own = _own_rows(bench, method)
     cpu = bench.loc[own, "cpu_s"].sum()
     gpu_s = gpu_s_all[own].sum()
+    if method not in BASELINES and method not in RETRIEVAL_MODES and method_of(method).personalized:
+        shared = personalisation_row(method)  # divided among the table's rows that read it
+        users = sum(personalisation_row(m) == shared for m in methods) or 1
+        rows = (bench["stage"] == "personalize") & bench["key"].str.startswith(f"{shared}/")
+        cpu += bench.loc[rows, "cpu_s"].sum() / users
+        gpu_s += gpu_s_all[rows].sum() / users
     for stage in _shared_stages(method):
         users = sum(stage in _shared_stages(m) for m in methods) or 1
         rows = bench["stage"] == stage

@@ -94,3 +94,24 @@ def test_the_allocation_is_on_every_commands_first_log_line(tmp_path: Path, capl
         assert main(["parts", "--pool", str(tmp_path / "pool.parquet"), "--out", str(tmp_path / "p0.parquet")]) == 0
     first = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("augbench parts"))
     assert ALLOCATION.search(first).group(1) == "4242"
+
+
+def test_a_generators_guidance_rows_share_its_personalisation(tmp_path: Path) -> None:
+    """`cond_vectors_dm@sd-g2` and `cond_vectors_dm@sd-g7.5` read one personalisation, `cond_vectors_dm@sd`: each row
+    pays half of it beside its own generation; a row of another generator pays nothing of it."""
+    from augbench.report import method_cost, personalisation_row
+
+    bench, logs = tmp_path / "benchmarks", tmp_path / "logs"
+    _job(bench, logs, "personalize/cond_vectors_dm@sd/block_0000", 100, "10:00:00", "10:01:40", None)
+    _job(bench, logs, "personalize/cond_vectors_dm@flux/block_0000", 300, "10:00:00", "10:05:00", None)
+    _job(bench, logs, "generate/cond_vectors_dm@sd-g2/block_0000", 10, "11:00:00", "11:00:10", None)
+    _job(bench, logs, "generate/cond_vectors_dm@sd-g7.5/block_0000", 20, "11:00:00", "11:00:20", None)
+    _job(bench, logs, "generate/cond_vectors_dm@flux/block_0000", 30, "11:00:00", "11:00:30", None)
+    rows = read_benchmarks(bench, logs)
+    methods = ["real", "cond_vectors_dm@sd-g2", "cond_vectors_dm@sd-g7.5", "cond_vectors_dm@flux"]
+    assert personalisation_row("cond_vectors_dm@sd-g7.5") == "cond_vectors_dm@sd"
+    assert personalisation_row("cond_vectors_dm@flux") == "cond_vectors_dm@flux" == personalisation_row("cond_vectors_dm@flux")
+    cost = {m: method_cost(rows, m, 50, True, methods)["gpu_hours"] * 3600 for m in methods[1:]}
+    assert abs(cost["cond_vectors_dm@sd-g2"] - (100 / 2 + 10)) < 1e-6, cost
+    assert abs(cost["cond_vectors_dm@sd-g7.5"] - (100 / 2 + 20)) < 1e-6, cost
+    assert abs(cost["cond_vectors_dm@flux"] - (300 + 30)) < 1e-6, cost
