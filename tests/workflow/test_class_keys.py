@@ -66,10 +66,13 @@ def test_caltech_config_plans_every_generated_method_over_dotted_folders(tmp_pat
                env={"HF_HUB_OFFLINE": "0"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = scheduled_jobs(res.stdout)
-    # one job per method and block of class_block (50) classes
-    assert jobs["generate"] == len(GENERATION_METHODS) and jobs["personalize"] == len(PERSONALIZED)
+    # one job per configured method and block of class_block (50) classes
+    configured = yaml.safe_load((wf / "config/imagenet10.yaml").read_text())["methods"]
+    generated = [m for m in configured if m in GENERATION_METHODS]
+    personalised = [m for m in configured if m in PERSONALIZED]
+    assert len(generated) == 8 and jobs["generate"] == len(generated) and jobs["personalize"] == len(personalised)
     keys = [class_key(folder) for folder in sorted(ODD)]
-    assert res.stdout.count(f"--keys {' '.join(keys)} ") == len(GENERATION_METHODS) + len(PERSONALIZED)
+    assert res.stdout.count(f"--keys {' '.join(keys)} ") == len(generated) + len(personalised)
     for key in keys:  # the collect job reads each class's images from its block's folder
         assert f"results/caltech256/generate/prompt_classname/block_0000/{key}/manifest.parquet" in res.stdout
     assert root.exists()
