@@ -751,8 +751,8 @@ def personalize_shared(model: str | Path, table: Path, root: Path, classes: list
 
     Each class's crops are encoded once, one class at a time, into a latent file of its own under the run's work
     folder, and read memory-mapped: memory does not grow with the classes. A step draws `batch_size` crops across all
-    classes, each prompted with its class's pseudo-word. The run writes a checkpoint (adapter, token rows, optimiser
-    and random state) every SHARED_CHECKPOINT_EVERY steps and resumes from it when killed, to the same bytes.
+    classes, each prompted with its class's pseudo-word. The run writes a checkpoint (adapter, token rows, optimiser,
+    loss scale and random state) every SHARED_CHECKPOINT_EVERY steps and resumes from it when killed, to the same bytes.
     `out/<class key>/` holds the class's pseudo-word (`learned_embeds*.safetensors`) and a hard link to the one
     `pytorch_lora_weights.safetensors`: what the generate job loads per class, as for the per-class methods."""
     started = time.time()
@@ -814,6 +814,8 @@ def _train_shared(source: TrainingSource, table: Path, root: Path, classes: list
         else:
             denoiser.load_state_dict(state["denoiser"])
         run.opt.load_state_dict(state["opt"])
+        if state.get("scaler"):  # fp16 on a GPU: the loss scale as it was (a disabled scaler saves nothing)
+            run.scaler.load_state_dict(state["scaler"])
         g.set_state(state["g"])
         start, run.ema = state["step"] + 1, state["ema"]
         log.info("personalize %s: resuming after step %d", spec.method, state["step"])
@@ -831,6 +833,7 @@ def _train_shared(source: TrainingSource, table: Path, root: Path, classes: list
             return
         adapter = get_peft_model_state_dict(denoiser) if spec.dm_finetune == "lora" else denoiser.state_dict()
         state = {"step": step, "ema": run.ema, "g": g.get_state(), "opt": run.opt.state_dict(),
+                 "scaler": run.scaler.state_dict(),
                  "rows": [row[rid].detach().cpu().clone() for row, rid in zip(rows, ids, strict=True)],
                  "denoiser": {k: v.detach().cpu().clone() for k, v in adapter.items()}}
         with atomic_path(checkpoint) as tmp_path:
