@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -625,11 +626,7 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
 
     with atomic_dir(out) as tmp:
         if learned.token is not None:
-            for encoder, weight_name in pseudo_word_files(pipe).items():
-                tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
-                tid = tokenizer.convert_tokens_to_ids(learned.token)
-                vec = getattr(pipe, encoder).get_input_embeddings().weight[tid].detach().float().cpu()[None]
-                save_file({learned.token: vec.contiguous()}, str(tmp / weight_name))
+            save_pseudo_word(pipe, learned.token, tmp)
         if learned.cond is not None:
             tensors = {("cond" if name == "prompt_embeds" else name): value.detach().cpu().contiguous()
                        for name, value in learned.cond.items()}
@@ -637,20 +634,36 @@ def save_personalization(pipe, learned: Learned, method: str, spec: PersonalizeS
             save_file(tensors, str(tmp / "cond.safetensors"))
         dm = registry_row(method).finetune_unet
         if dm:
-            arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
-            if spec.dm_finetune == "lora":
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft.utils import get_peft_model_state_dict
-
-                # as diffusers' LoRA examples write them: a UNet's keys in diffusers' format, a transformer's as peft's
-                layers = get_peft_model_state_dict(denoiser)
-                if arch.denoiser == "unet":
-                    layers = convert_state_dict_to_diffusers(layers)
-                type(pipe).save_lora_weights(str(tmp), **{f"{arch.denoiser}_lora_layers": layers}, safe_serialization=True)
-            else:
-                denoiser.save_pretrained(tmp / arch.denoiser)
+            save_denoiser(pipe, spec.dm_finetune, tmp)
         write_json(tmp / "personalization.json", {"method": method, "token": learned.token, "dm_finetune": spec.dm_finetune
                                                   if dm else None, "final_loss": learned.final_loss})
+
+
+def save_pseudo_word(pipe, token: str, folder: Path) -> None:
+    """A pseudo-word's row of each CLIP encoder, `{token: [1, dim]}` in the file `pseudo_word_files` names."""
+    from safetensors.torch import save_file
+
+    for encoder, weight_name in pseudo_word_files(pipe).items():
+        tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
+        vec = getattr(pipe, encoder).get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+        save_file({token: vec.detach().float().cpu()[None].contiguous()}, str(folder / weight_name))
+
+
+def save_denoiser(pipe, dm_finetune: str, folder: Path) -> None:
+    """What the denoiser learnt: its LoRA adapters through the pipeline class's `save_lora_weights` (a UNet's keys in
+    diffusers' format, a transformer's as peft's, as diffusers' LoRA examples write them), or the whole fine-tuned
+    denoiser in `unet/` or `transformer/`."""
+    arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
+    if dm_finetune != "lora":
+        denoiser.save_pretrained(folder / arch.denoiser)
+        return
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(denoiser)
+    if arch.denoiser == "unet":
+        layers = convert_state_dict_to_diffusers(layers)
+    type(pipe).save_lora_weights(str(folder), **{f"{arch.denoiser}_lora_layers": layers}, safe_serialization=True)
 
 
 def _autocast(device: torch.device, compute: torch.dtype):  # -> context manager
@@ -772,27 +785,42 @@ def personalize_shared(model: str | Path, table: Path, root: Path, classes: list
     return stats
 
 
+def _shared_latents(pipe, table: Path, root: Path, classes: list[tuple[str, int, str]], spec: PersonalizeSpec,
+                    work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every class's crops and mirrors encoded once, one class at a time, appended to one raw file (`latents.f32`; its
+    index `latents.json` records each class's rows and is rewritten after each class, so a killed run keeps the
+    classes it encoded), and mapped read-only: (latents [rows, c, h, w] memory-mapped, class of each row). One file,
+    not one per class: a memory map holds a file descriptor, and 1,000 of them reach the usual limit."""
+    data, index_path = work / "latents.f32", work / "latents.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"shape": None, "counts": []}
+    size = spec.resolution or resolution_of(pipe)
+    with open(data, "ab") as f:
+        rows = sum(index["counts"])
+        if index["shape"] is not None:  # a write the index does not record (a killed run) is cut off
+            f.truncate(rows * int(np.prod(index["shape"])) * 4)
+        for key, label, _ in classes[len(index["counts"]):]:
+            views, _owner = class_views(table, root, label, size)
+            lat = encode_latents(pipe, views, spec.encode_batch).cpu().numpy().astype(np.float32, copy=False)
+            f.write(lat.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+            index = {"shape": list(lat.shape[1:]), "counts": [*index["counts"], len(lat)]}
+            write_json(index_path, index)
+            log.info("personalize %s: %s encoded (%d crops and mirrors)", spec.method, key, len(lat))
+    counts = index["counts"]
+    latents = np.memmap(data, dtype=np.float32, mode="r", shape=(sum(counts), *index["shape"]))
+    return latents, np.repeat(np.arange(len(counts)), counts)
+
+
 def _train_shared(source: TrainingSource, table: Path, root: Path, classes: list[tuple[str, int, str]],
                   spec: PersonalizeSpec, done: Path, ident: dict) -> dict[str, object]:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import save_file
 
     pipe = source.pipeline(spec.method, spec.dm_finetune)
     work = done.with_name(done.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "ident.json", ident)
-    size = spec.resolution or resolution_of(pipe)
-    files = []
-    for i, (key, label, _) in enumerate(classes):  # one class's crops and mirrors at a time, kept on disk
-        path = work / f"latents_{i:05d}.npy"
-        if not path.exists():
-            views, _owner = class_views(table, root, label, size)
-            with atomic_path(path) as tmp_path, open(tmp_path, "wb") as f:
-                np.save(f, encode_latents(pipe, views, spec.encode_batch).cpu().numpy())
-        files.append(np.load(path, mmap_mode="r"))
-        log.info("personalize %s: %s encoded (%d crops and mirrors)", spec.method, key, len(files[-1]))
-    which = np.concatenate([np.full(len(f), c) for c, f in enumerate(files)])
-    offset = np.concatenate([np.arange(len(f)) for f in files])
+    latents, which = _shared_latents(pipe, table, root, classes, spec, work)
     sched, compute = _frozen_for_training(pipe)
     tokens = [token_for(k) for k, _, _ in classes]
     rows, templates = _pseudo_word_rows(pipe, tokens, [n for _, _, n in classes], compute)
@@ -822,7 +850,7 @@ def _train_shared(source: TrainingSource, table: Path, root: Path, classes: list
 
     def batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = torch.randint(0, len(which), (spec.batch_size,), generator=g).numpy()
-        z0 = torch.from_numpy(np.stack([files[which[i]][offset[i]] for i in idx])).to(run.device)
+        z0 = torch.from_numpy(latents[idx]).to(run.device)  # the batch's rows only, read from the map
         picks = torch.randint(0, len(templates), (len(idx),), generator=g)
         prompts = [templates[int(j)].format(tokens[which[i]]) for i, j in zip(idx, picks, strict=True)]
         with _autocast(run.device, compute):
@@ -840,25 +868,15 @@ def _train_shared(source: TrainingSource, table: Path, root: Path, classes: list
             torch.save(state, tmp_path)
 
     final = run.train(batch, spec.shared_steps, True, source.gradient_checkpointing, start, save)
-    shared = done.with_name(done.name + ".shared")
-    save_personalization(pipe, Learned(token=tokens[0], final_loss=final), spec.method, spec, shared)
     with atomic_dir(done) as tmp:
+        save_denoiser(pipe, spec.dm_finetune, tmp / "adapter")  # once; each class's folder links to it
         for (key, _, _), token in zip(classes, tokens, strict=True):
-            folder = tmp / key
-            folder.mkdir()
-            for encoder, weight_name in pseudo_word_files(pipe).items():
-                tok = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
-                vec = getattr(pipe, encoder).get_input_embeddings().weight[tok.convert_tokens_to_ids(token)]
-                save_file({token: vec.detach().float().cpu()[None].contiguous()}, str(folder / weight_name))
-            for f in shared.iterdir():
-                if f.suffix == ".safetensors" and not f.name.startswith("learned_embeds"):
-                    link_tree_file(f, folder / f.name)
-            if (shared / architecture_of(pipe).denoiser).is_dir():  # a full fine-tune: one denoiser, linked
-                link_tree(shared / architecture_of(pipe).denoiser, folder / architecture_of(pipe).denoiser)
-            write_json(folder / "personalization.json", {"method": spec.method, "token": token, "shared": True,
-                                                         "dm_finetune": spec.dm_finetune, "final_loss": final})
+            (tmp / key).mkdir()
+            save_pseudo_word(pipe, token, tmp / key)
+            link_tree(tmp / "adapter", tmp / key)
+            write_json(tmp / key / "personalization.json", {"method": spec.method, "token": token, "shared": True,
+                                                           "dm_finetune": spec.dm_finetune, "final_loss": final})
         write_json(tmp / "ident.json", ident)
     source.release(pipe)
     shutil.rmtree(work)
-    shutil.rmtree(shared)
     return {"classes": len(classes), "final_loss": final, "steps": spec.shared_steps, "resumed_at": start}
