@@ -94,13 +94,13 @@ class Architecture:
 
     def param_counts(self) -> dict[str, int]:
         """The counts `augbench.personalize.memory_estimate` reads, from this row's figures: modules, a CLIP token
-        matrix (rows x the CLIP encoders' summed width, for a pseudo-word), one conditioning vector's shape, and LoRA
+        matrix (rows x the CLIP encoders' summed width, which is the conditioning width where a pseudo-word can be
+        learnt: SD 768, SDXL 768 + 1,280), one conditioning vector's shape, and LoRA
         parameters per unit of rank (Stable Diffusion v1's, scaled by the denoiser's parameters: an estimate)."""
         b = 1e9
-        clip_width = {"sd": 768, "sdxl": 768 + 1280}.get(self.name, 0) if self.textual_inversion else 0
         return {"unet": int(self.denoiser_params_b * b), "text_encoder": int(self.text_params_b * b),
                 "vae": int((self.params_b - self.denoiser_params_b - self.text_params_b) * b),
-                "token_rows": 49_408, "hidden": clip_width or self.cond_shape[1], "cond_width": self.cond_shape[1],
+                "token_rows": 49_408, "hidden": self.cond_shape[1], "cond_width": self.cond_shape[1],
                 "seq": self.cond_shape[0],
                 "lora_per_rank": int(199_296 * self.denoiser_params_b / REFERENCE_STEP[0])}
 

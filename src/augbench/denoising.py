@@ -16,6 +16,7 @@ shift, packed latents and position ids, SDXL's size conditioning) and what diffu
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -68,13 +69,20 @@ def encode_prompts(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
                              return_tensors="pt").input_ids
         return {"prompt_embeds": pipe.text_encoder(ids.to(device))[0]}
-    takes = inspect.signature(pipe.encode_prompt).parameters
+    takes = _encode_prompt_parameters(type(pipe))
     wanted = {"prompt_2": None, "prompt_3": None, "device": device, "num_images_per_prompt": 1,  # prompt_2/3: prompt
               "do_classifier_free_guidance": False, "clean_caption": False}
     out = pipe.encode_prompt(prompts, **{k: v for k, v in wanted.items() if k in takes})
     # a mask that masks nothing may come back as None (Qwen-Image): left out, as the call takes it
     return {name: value for name, value in zip(arch.prompt_outputs, out, strict=False)
             if name is not None and value is not None}
+
+
+@functools.cache
+def _encode_prompt_parameters(cls: type) -> frozenset[str]:
+    """The keyword arguments a pipeline class's `encode_prompt` takes (read once per class: textual inversion encodes
+    prompts at every step)."""
+    return frozenset(inspect.signature(cls.encode_prompt).parameters)
 
 
 def trainable_conditioning(name: str) -> bool:

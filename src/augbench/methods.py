@@ -100,6 +100,18 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 
 
 ROW_SEPARATOR = "@"  # a results row of a generated method on one generator: `<method>@<generator variant>`
+GUIDANCE_SEPARATOR = "-g"  # a generator's variant at one of several guidance scales: `<generator>-g<scale>`
+
+
+def variant_name(generator: str, scale: float, several: bool) -> str:
+    """The variant of `generator` at guidance `scale`: the generator's name, with `-g<scale>` where it has several."""
+    return f"{generator}{GUIDANCE_SEPARATOR}{scale:g}" if several else generator
+
+
+def generator_name(row: str) -> str:
+    """The generator a row `<method>@<generator>[-g<scale>]` runs on ("" for a row without one). Generator names hold
+    only letters, digits, _ and . (checked at parse time), so the first `-g` starts the guidance."""
+    return row.split(ROW_SEPARATOR, 1)[1].split(GUIDANCE_SEPARATOR, 1)[0] if ROW_SEPARATOR in row else ""
 
 
 def method(name: str) -> Method:

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from augbench.architectures import REGISTRY, Architecture, architecture
-from augbench.methods import ROW_SEPARATOR, row_name
+from augbench.methods import generator_name, row_name
 from augbench.methods import method as registry_row
 
 
@@ -79,8 +79,7 @@ def generator_settings(config: dict, row: str) -> tuple[Architecture, dict]:
     rates' reference."""
     g = dict(config["generate"])
     gens = config.get("generators") or {}
-    variant = row.split(ROW_SEPARATOR, 1)[1] if ROW_SEPARATOR in row else ""
-    name = next((n for n in gens if variant == n or variant.startswith(f"{n}-g")), None)
+    name = generator_name(row) if generator_name(row) in gens else None
     declared = config.get("diffusion", {}).get("architecture", "auto")
     if name is not None:
         opts = gens[name]
@@ -134,7 +133,7 @@ def personalize_gpu_mb(config: dict, method: str) -> float:
     arch, _ = generator_settings(config, method)
     p = config["personalize"]
     names = {f.name for f in fields(PersonalizeSpec)} - {"method", "version"}
-    spec = PersonalizeSpec(method=method.split(ROW_SEPARATOR, 1)[0], **{k: v for k, v in p.items() if k in names})
+    spec = PersonalizeSpec(method=registry_row(method).name, **{k: v for k, v in p.items() if k in names})
     counts = SD1_PARAMS if arch.name == "sd" else arch.param_counts()
     side = spec.resolution or arch.resolution
     return memory_estimate(counts, spec.method, spec, vectors=config.get("real_per_class") or 130,
@@ -357,12 +356,8 @@ def by_generator(plan: Plan, config: dict) -> dict[str, float]:
     gens = config.get("generators") or {}
     out: dict[str, float] = dict.fromkeys(gens, 0.0)
     for job in plan.jobs:
-        row = job.wildcards.get("method", "")
-        if ROW_SEPARATOR not in row or not gpus(job):
-            continue
-        variant = row.split(ROW_SEPARATOR, 1)[1]
-        name = next((n for n in gens if variant == n or variant.startswith(f"{n}-g")), None)
-        if name is not None:
+        name = generator_name(job.wildcards.get("method", ""))
+        if name in gens and gpus(job):
             share = _share(config) if job.group is not None else 1
             out[name] += _num(job.resources.get("runtime")) * gpus(job) / share / 60
     return {k: round(v, 1) for k, v in out.items()}

@@ -27,7 +27,7 @@ from PIL import Image
 from augbench.classify import read_metrics
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
-from augbench.methods import BASELINES, RETRIEVAL_MODES, ROW_SEPARATOR
+from augbench.methods import BASELINES, RETRIEVAL_MODES, generator_name, row_name
 from augbench.methods import method as method_of
 from augbench.shards import read_pointed
 
@@ -151,7 +151,7 @@ def _own_rows(bench: pd.DataFrame, method: str) -> pd.Series:
 def personalisation_row(row: str) -> str:
     """The personalisation a generated row reads: `<method>@<generator>` for `<method>@<generator>-g<scale>` (guidance
     changes only sampling: the rows of one generator share it), else the row itself."""
-    return re.sub(r"-g[^@/]*$", "", row) if ROW_SEPARATOR in row else row
+    return row_name(method_of(row).name, generator_name(row))
 
 
 def _shared_stages(method: str) -> set[str]:

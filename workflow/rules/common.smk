@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.architectures import check_pairs  # noqa: E402
 from augbench.architectures import resolve as resolve_architecture  # noqa: E402
 from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONALIZED, REGISTRY, RETRIEVAL_MODES  # noqa: E402
-from augbench.methods import ROW_SEPARATOR, row_name, row_pattern  # noqa: E402
+from augbench.methods import ROW_SEPARATOR, row_name, row_pattern, variant_name  # noqa: E402
 from augbench.methods import method as method_of  # noqa: E402
 from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
@@ -126,7 +126,7 @@ def generator_variants():
         scales = scales if isinstance(scales, list) else [scales]
         options = {k: v for k, v in g.items() if k not in ("model", "revision", "architecture", "guidance_scale")}
         for scale in scales:
-            variant = name if len(scales) == 1 else f"{name}-g{scale:g}"
+            variant = variant_name(name, scale, len(scales) > 1)
             out[variant] = {"generator": name, "model": folder, "file": made_by,
                             "architecture": g.get("architecture", "auto"), "guidance": scale,
                             "options": {**options, "guidance_scale": scale}}
