@@ -762,8 +762,8 @@ def personalize_shared(model: str | Path, table: Path, root: Path, classes: list
     """One adapter for the whole dataset (`shared_adapter`, as Diff-Mix and DataDream train): a LoRA on the denoiser
     trained jointly with one pseudo-word per class for `spec.shared_steps` steps, so 1,000 classes cost one fine-tune.
 
-    Each class's crops are encoded once, one class at a time, into a latent file of its own under the run's work
-    folder, and read memory-mapped: memory does not grow with the classes. A step draws `batch_size` crops across all
+    Each class's crops are encoded once, one class at a time, and appended to one latent file under the run's work
+    folder (`_shared_latents`), read memory-mapped: memory does not grow with the classes. A step draws `batch_size` crops across all
     classes, each prompted with its class's pseudo-word. The run writes a checkpoint (adapter, token rows, optimiser,
     loss scale and random state) every SHARED_CHECKPOINT_EVERY steps and resumes from it when killed, to the same bytes.
     `out/<class key>/` holds the class's pseudo-word (`learned_embeds*.safetensors`) and a hard link to the one
