@@ -19,7 +19,8 @@
 #                                            links into personalize/{method}/cache/{cls}/<key>/
 #   generate/{method}/block_{b}/{cls}/       manifest.parquet (pointers) + chunks/ (links into generate/{method}/cache/)
 #   augment/{method}/manifest.parquet        pointers (shard, offset, size) + fidelity.json, judge.json, image_stats.json;
-#                                            retrieval: images.tar
+#                                            retrieval: images.tar; a filtered row <row>+<filter> (`filters`): filter.json,
+#                                            its candidates under augment/{method}/candidates/
 #   decoded/{split}/, decoded/augment/{method}/   the classifier's decode cache (uint8 images.npy, memory-mapped)
 #   judge/metrics.json, model.pt             the judge classifier (report.judge)
 #   train/{method}/{n_aug}/{seed}/metrics.json, model.pt
@@ -46,6 +47,7 @@ include: "workflow/rules/retrieve.smk"
 include: "workflow/rules/index.smk"
 include: "workflow/rules/personalize.smk"
 include: "workflow/rules/generate.smk"
+include: "workflow/rules/filter.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/report.smk"
 

@@ -152,14 +152,14 @@ def pointed_shards(manifests: list[Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, device: torch.device,
-             spec: TrainSpec | None = None) -> dict[str, object]:
-    """Top-1, top-5 and per-class accuracy (centre crop of `input_size` when images are loaded larger)."""
+def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, spec: TrainSpec | None = None) -> torch.Tensor:
+    """The model's logits (float32, CPU) for decoded uint8 images, 256 at a time, as evaluation sees them (centre crop
+    of `input_size` when images are loaded larger)."""
     model.eval()
     logits = []
     mean, std = MEAN.to(device), STD.to(device)
     for i in range(0, len(x), 256):
-        xb = to_float(torch.from_numpy(x[i:i + 256]).to(device))
+        xb = to_float(torch.from_numpy(np.asarray(x[i:i + 256])).to(device))
         if spec is not None and xb.shape[-1] != spec.input_size:
             xb = center_crop(xb, spec.input_size)
         xb = (xb - mean) / std
@@ -167,7 +167,13 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, dev
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device, spec):
             logits.append(model(xb).float().cpu())
-    out = torch.cat(logits)
+    return torch.cat(logits) if logits else torch.zeros((0, 0))
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, n_classes: int, device: torch.device,
+             spec: TrainSpec | None = None) -> dict[str, object]:
+    """Top-1, top-5 and per-class accuracy (centre crop of `input_size` when images are loaded larger)."""
+    out = predict_logits(model, x, device, spec)
     yt = torch.from_numpy(y)
     top5 = out.topk(min(5, n_classes), dim=1).indices
     correct = top5[:, 0] == yt
@@ -404,6 +410,16 @@ def train(real: list[Path], root: Path, test: Path, augment: list[Path], n_aug: 
 ALL_RANKS = 2**62  # an n_aug that keeps every image of a set
 
 
+def load_classifier(ckpt: Path, n_classes: int) -> tuple[nn.Module, TrainSpec, torch.device]:
+    """(model on the job's device, its training spec, the device) of a classifier checkpoint written by `train`."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    spec = parse_spec(TrainSpec, json.dumps(state["spec"]))
+    model = build_model(spec, n_classes)
+    model.load_state_dict(state["model"])
+    device = pick_device()
+    return model.to(device), spec, device
+
+
 def judge(ckpt: Path, judge_metrics: Path, images: Path, classes: Path, out: Path) -> dict[str, object]:
     """Score a method's generated images with the judge: a classifier trained on the target's own labelled images.
 
@@ -415,13 +431,8 @@ def judge(ckpt: Path, judge_metrics: Path, images: Path, classes: Path, out: Pat
     the figure is about the images, not about one model's blind spots.
     """
     started = time.time()
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    spec = parse_spec(TrainSpec, json.dumps(state["spec"]))
     keys = list(json.loads(Path(classes).read_text())["classes"])
-    model = build_model(spec, len(keys))
-    model.load_state_dict(state["model"])
-    device = pick_device()
-    model.to(device)
+    model, spec, device = load_classifier(ckpt, len(keys))
     skips: Counter[str] = Counter()
     arr, rows, y = _source(Path(images), Path("."), spec.load_size or spec.input_size, ALL_RANKS, skips)
     scored = (evaluate(model, Rows([(arr, rows)]), y, len(keys), device, spec) if len(y)

@@ -253,6 +253,26 @@ def cmd_collect(a: argparse.Namespace) -> object:
     return collect(_paths(a.manifests), Path(a.classes), a.clip, Path(a.out_manifest), Path(a.out_fidelity))
 
 
+@command("filter", "keep what a filter keeps of a row's candidates: a filtered row's augmentation set and its yield",
+         _job_args,
+         arg("--candidates", required=True, help="the candidates' manifest (pointers)"),
+         arg("--classes", required=True),
+         arg("--spec", required=True, help="the filter (FilterSpec) as JSON"),
+         arg("--n-aug", type=int, required=True, help="the largest n_aug: at most this many kept per class"),
+         arg("--clip", help="CLIP folder or hub id (the clip score and the kept images' fidelity)"),
+         arg("--classifier", help="the real-shot classifier's model.pt (score: classifier)"),
+         arg("--out-manifest", required=True),
+         arg("--out-stats", required=True),
+         arg("--out-fidelity"))
+def cmd_filter(a: argparse.Namespace) -> object:
+    from augbench.filtering import filter_set
+    from augbench.specs import FilterSpec, parse_spec
+
+    return filter_set(Path(a.candidates), Path(a.classes), parse_spec(FilterSpec, a.spec), a.n_aug, Path(a.out_manifest),
+                      Path(a.out_stats), a.clip, Path(a.classifier) if a.classifier else None,
+                      Path(a.out_fidelity) if a.out_fidelity else None)
+
+
 @command("embed", "CLIP-embed one pool shard or one target split",
          _job_args,
          one_of(arg("--shard"), arg("--split", help="split table (path, label, class)")),
@@ -555,6 +575,7 @@ def cmd_image_stats(a: argparse.Namespace) -> object:
          arg("--judge", action="append", nargs=2, metavar=("METHOD", "JUDGE_JSON"), help="the judge's fidelity (report.judge)"),
          arg("--judge-pool", help="toy world: the judge's score on held-out pool images (judge/pool_heldout.json)"),
          arg("--augment", action="append", nargs=2, metavar=("METHOD", "MANIFEST"), help="achieved images per class"),
+         arg("--filter", action="append", nargs=2, metavar=("ROW", "FILTER_JSON"), help="a filtered row's yield"),
          arg("--image-stats", action="append", nargs=2, metavar=("METHOD", "IMAGE_STATS_JSON"),
              help="diversity and KID to the real images of a row's set"),
          arg("--generator", action="append", nargs=3, metavar=("ROW", "GENERATOR", "GUIDANCE"),
@@ -599,10 +620,12 @@ def cmd_report(a: argparse.Namespace) -> object:
         if a.out_cost:
             with report.atomic_path(Path(a.out_cost)) as tmp:
                 report.stage_costs(bench, a.gpu, stages).to_csv(tmp, index=False, float_format="%.6g")
-    notes = report.judge_note(judged, Path(a.judge_pool) if a.judge_pool else None)
+    filters = {m: Path(f) for m, f in a.filter or []}
+    notes = report.judge_note(judged, Path(a.judge_pool) if a.judge_pool else None) + report.filter_note(filters)
     if a.out_yield:
         classes_all = json.loads(Path(a.classes).read_text())["classes"]
-        yields = report.yield_table(list(zip(table["method"], table["n_aug"], strict=True)), manifests, retrieval, classes_all)
+        yields = report.yield_table(list(zip(table["method"], table["n_aug"], strict=True)), manifests, retrieval, classes_all,
+                                    filters)
         with report.atomic_path(Path(a.out_yield)) as tmp:
             yields.to_csv(tmp, index=False)
         notes += report.yield_note(yields)

@@ -103,6 +103,19 @@ ROW_SEPARATOR = "@"  # a results row of a generated method on one generator: `<m
 GUIDANCE_SEPARATOR = "-g"  # a generator's variant at one of several guidance scales: `<generator>-g<scale>`
 
 
+FILTER_SEPARATOR = "+"  # a filtered row: `<row>+<filter>` keeps what the filter keeps of `<row>`'s candidates
+
+
+def filter_of(row: str) -> str:
+    """The filter of a row `<row>+<filter>` ("" for an unfiltered row)."""
+    return row.split(FILTER_SEPARATOR, 1)[1] if FILTER_SEPARATOR in row else ""
+
+
+def unfiltered(row: str) -> str:
+    """The row a filtered row `<row>+<filter>` filters (an unfiltered row itself)."""
+    return row.split(FILTER_SEPARATOR, 1)[0]
+
+
 def variant_name(generator: str, scale: float, several: bool) -> str:
     """The variant of `generator` at guidance `scale`: the generator's name, with `-g<scale>` where it has several."""
     return f"{generator}{GUIDANCE_SEPARATOR}{scale:g}" if several else generator
@@ -111,14 +124,15 @@ def variant_name(generator: str, scale: float, several: bool) -> str:
 def generator_name(row: str) -> str:
     """The generator a row `<method>@<generator>[-g<scale>]` runs on ("" for a row without one). Generator names hold
     only letters, digits, _ and . (checked at parse time), so the first `-g` starts the guidance."""
+    row = unfiltered(row)
     return row.split(ROW_SEPARATOR, 1)[1].split(GUIDANCE_SEPARATOR, 1)[0] if ROW_SEPARATOR in row else ""
 
 
 def method(name: str) -> Method:
-    """The registry row of `name`, a method or a results row `<method>@<generator variant>` (docs/generators.md); an
-    unknown name is an error that lists the known ones."""
+    """The registry row of `name`, a method or a results row `<method>@<generator variant>[+<filter>]`
+    (docs/generators.md); an unknown name is an error that lists the known ones."""
     try:
-        return REGISTRY[name.split(ROW_SEPARATOR, 1)[0]]
+        return REGISTRY[unfiltered(name).split(ROW_SEPARATOR, 1)[0]]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known: {list(REGISTRY)}") from None
 
@@ -129,9 +143,11 @@ def row_name(base: str, variant: str) -> str:
     return f"{base}{ROW_SEPARATOR}{variant}" if variant else base
 
 
-def row_pattern(methods: tuple[str, ...]) -> str:
-    """A wildcard constraint for the rows of `methods`: the method, optionally on a generator variant."""
-    return f"(?:{'|'.join(methods)})(?:{ROW_SEPARATOR}[A-Za-z0-9_.-]+)?"
+def row_pattern(methods: tuple[str, ...], filtered: bool | None = None) -> str:
+    """A wildcard constraint for the rows of `methods`: the method, optionally on a generator variant, optionally
+    filtered (`filtered`: True only filtered rows, False only unfiltered ones, None both)."""
+    tail = {None: r"(?:\+[A-Za-z0-9_]+)?", True: r"\+[A-Za-z0-9_]+", False: ""}[filtered]
+    return f"(?:{'|'.join(methods)})(?:{ROW_SEPARATOR}[A-Za-z0-9_.-]+)?{tail}"
 
 
 def names(**props: object) -> tuple[str, ...]:

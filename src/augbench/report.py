@@ -27,7 +27,7 @@ from PIL import Image
 from augbench.classify import read_metrics
 from augbench.imaging import UndecodableImage, open_rgb
 from augbench.io import atomic_path, write_parquet
-from augbench.methods import BASELINES, RETRIEVAL_MODES, generator_name, row_name
+from augbench.methods import BASELINES, generator_name, row_name, unfiltered
 from augbench.methods import method as method_of
 from augbench.shards import read_pointed
 
@@ -41,7 +41,8 @@ COLUMNS = ["method", "generator", "guidance", "n_aug", "n_aug_min", "n_aug_media
 # Benchmark files by stage (paths under benchmarks/<dataset>/), and which stages ask for a GPU in every run; the workflow
 # passes the others where its config puts them on a GPU (search and retrieve with retrieve.gpu, fetch's content check
 # for a remote pool, the judge): report --gpu-stages.
-GPU_STAGES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect", "train"}
+GPU_STAGES = {"pretrain_clip", "pretrain_diffusion", "embed_pool", "embed_target", "personalize", "generate", "collect", "filter",
+              "train"}
 SHARED_BY_FAMILY = {
     "baseline": ("world", "target"),
     # exact search blocks serve both query modes; the ANN index (retrieve.search: index) likewise
@@ -136,15 +137,18 @@ def _family(method: str) -> str:
 
 
 def _own_rows(bench: pd.DataFrame, method: str) -> pd.Series:
-    """The jobs that served this method alone: its blocks, its fetch, its mode's merge and downloads."""
+    """The jobs that served this method alone: its blocks, its fetch, its mode's merge and downloads. A filtered row
+    also pays its filter and its row's generation, whose chunks its candidates reuse (the images it chose from)."""
     own = pd.Series(False, index=bench.index)
-    if method in RETRIEVAL_MODES:
-        mode = RETRIEVAL_MODES[method]
+    if _family(method) == "retrieval":
+        mode = method_of(method).retrieval_mode
         own |= bench["stage"].isin(["retrieve", "download_retrieved", "queries"]) & (bench["key"] == mode)
         own |= (bench["stage"] == "fetch") & (bench["key"] == method)
     elif method not in BASELINES:  # its personalisation is shared with its generator's other guidance rows
-        own |= (bench["stage"] == "generate") & bench["key"].str.startswith(f"{method}/")
+        for row in dict.fromkeys([method, unfiltered(method)]):
+            own |= (bench["stage"] == "generate") & bench["key"].str.startswith(f"{row}/")
         own |= (bench["stage"] == "collect") & (bench["key"] == method)
+    own |= (bench["stage"] == "filter") & (bench["key"] == method)
     return own
 
 
@@ -157,9 +161,9 @@ def personalisation_row(row: str) -> str:
 def _shared_stages(method: str) -> set[str]:
     """Stages whose jobs serve every method of a family (each such job's cost is divided among the rows it served)."""
     stages = set(SHARED_BY_FAMILY[_family(method)])
-    if method in RETRIEVAL_MODES:
+    if _family(method) == "retrieval":
         stages -= {"queries"}  # one queries job per mode: the method's own
-    if method not in BASELINES and method not in RETRIEVAL_MODES and method_of(method).learns == "cond_clusters":
+    if _family(method) == "generated" and method_of(method).learns == "cond_clusters":
         stages |= {"embed_target", "pretrain_clip"}  # clusters come from the CLIP embeddings of the training images
     return stages
 
@@ -178,7 +182,7 @@ def method_cost(bench: pd.DataFrame, method: str, n_aug: int, gpu: bool, methods
     own = _own_rows(bench, method)
     cpu = bench.loc[own, "cpu_s"].sum()
     gpu_s = gpu_s_all[own].sum()
-    if method not in BASELINES and method not in RETRIEVAL_MODES and method_of(method).personalized:
+    if _family(method) == "generated" and method_of(method).personalized:
         shared = personalisation_row(method)  # divided among the table's rows that read it
         users = sum(personalisation_row(m) == shared for m in methods) or 1
         rows = (bench["stage"] == "personalize") & bench["key"].str.startswith(f"{shared}/")
@@ -237,7 +241,7 @@ def plot_accuracy_vs_naug(table: pd.DataFrame, out: Path) -> None:
         g = g.sort_values("n_aug")
         # each point at the images per class actually trained on (the median over classes), not the nominal n_aug
         ax.errorbar(g["n_aug_median"], 100 * g["top1_mean"], yerr=100 * g["top1_std"].fillna(0), marker="o", capsize=3, label=method,
-                    linestyle="-" if method in RETRIEVAL_MODES else "--", color=plt.cm.tab20(i % 20))
+                    linestyle="-" if _family(method) == "retrieval" else "--", color=plt.cm.tab20(i % 20))
     for method, style in (("real", "k"), ("real_x2", "0.5")):
         row = table[table["method"] == method]
         if len(row):
@@ -346,14 +350,16 @@ YIELD_COLUMNS = ["method", "n_aug", "class", "achieved", "missing", "reasons", "
 
 
 def yield_table(points: list[tuple[str, int]], manifests: dict[str, Path], retrieval: dict[str, dict[str, Path]],
-                classes: list[str]) -> pd.DataFrame:
+                classes: list[str], filters: dict[str, Path] | None = None) -> pd.DataFrame:
     """Every (method, n_aug, class) that trains on fewer than n_aug added images, with why.
 
     The achieved count is read from the method's manifest (the images a run with that n_aug trains on); the reasons are
     fetch's per-class counts (dead links by HTTP status, timeouts, content_changed, leaked, duplicate_image, conflict,
     candidates_exhausted = the shortfall once every candidate was looked at) and the merge's per-class removals.
-    A generated method that falls short (it should not) is listed with the reason `not_generated`.
+    A generated method that falls short (it should not) is listed with the reason `not_generated`; a filtered row's
+    class with the candidates its filter dropped (`filtered_out`, from its filter.json).
     """
+    filters = filters or {}
     rows = []
     for method, n_aug in points:
         if method not in manifests or not n_aug:
@@ -369,9 +375,17 @@ def yield_table(points: list[tuple[str, int]], manifests: dict[str, Path], retri
             if n >= n_aug:
                 continue
             cls = classes[int(label)]
-            why = dict(fetch_stats.get("per_class_reasons", {}).get(cls, {})) if method in retrieval else {"not_generated": n_aug - int(n)}
-            if method in retrieval:
+            why = dict(fetch_stats.get("per_class_reasons", {}).get(cls, {})) if method in retrieval else {}
+            if method in filters:
+                got_filter = json.loads(Path(filters[method]).read_text())["per_class"].get(cls, {})
+                broken = int(got_filter.get("undecodable", 0))
+                why["filtered_out"] = int(got_filter.get("candidates", 0) - got_filter.get("passed", 0)) - broken
+                if broken:
+                    why["undecodable"] = broken
+            elif method in retrieval:
                 why["candidates_exhausted"] = int(n_aug - n)  # at this n_aug (fetch's own count is at the largest)
+            else:
+                why["not_generated"] = n_aug - int(n)
             rows.append({"method": method, "n_aug": int(n_aug), "class": cls, "achieved": int(n), "missing": int(n_aug - n),
                          "reasons": "; ".join(f"{r} {c}" for r, c in sorted(why.items(), key=lambda rc: -rc[1])),
                          "leaked_merge": int(merge_stats.get(cls, {}).get("leaked_removed", 0)),
@@ -393,6 +407,22 @@ def yield_note(yields: pd.DataFrame) -> list[str]:
         top = ", ".join(f"{r} {c}" for r, c in sorted(reasons.items(), key=lambda rc: -rc[1])[:4])
         lines.append(f"Yield: {method} n_aug {n_aug}: {len(g)} class(es) short (lowest {int(g['achieved'].min())}); {top} "
                      f"(per class in yield.csv).")
+    return lines
+
+
+def filter_note(filters: dict[str, Path]) -> list[str]:
+    """One line under the table per filtered row: how many candidates its filter kept, and the score it kept."""
+    lines = []
+    for row, path in filters.items():
+        f = json.loads(Path(path).read_text())
+        per = f["per_class"].values()
+        kept_score = np.nanmean([v["mean_score_kept"] for v in per]) if f["kept"] else float("nan")
+        all_score = np.nanmean([v["mean_score_all"] for v in per]) if f["candidates"] else float("nan")
+        how = (f"score >= {f['filter']['threshold']}" if f["filter"]["threshold"] is not None else
+               f"top {f['filter']['top_fraction']:.0%}" if f["filter"]["top_fraction"] is not None else "assigned to its class")
+        lines.append(f"Filter: {row}: {f['filter']['score']} {how}: kept {f['kept']} of {f['candidates']} candidates "
+                     f"(yield {f['yield']:.0%}; mean score {kept_score:.3f} kept, {all_score:.3f} all); "
+                     f"{f['classes_short']} class(es) short of n_aug {f['n_aug']}.")
     return lines
 
 

@@ -35,6 +35,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "generate": 3,  # 2: class blocks, one stored copy (chunks + pointers) at store_size / store_format; 3: img2img
     # starts from the centre crop, not a squashed image
     "collect": 2,  # 2: streams: a manifest of pointers, fidelity in batches of 256
+    "filter": 1,
 }
 
 T = TypeVar("T")
@@ -207,6 +208,34 @@ class GenerateSpec:
     store_format: str = "png"  # png | jpg | webp
     store_quality: int = 95  # jpg / webp quality
     version: int = STAGE_VERSIONS["generate"]
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """Which candidates of an over-generated (or over-fetched) augmentation set a filtered row keeps (augbench.filtering).
+
+    `score`: clip (cosine of the image with its class's prompt "a photo of a {name}.") or classifier (the probability
+    that the `real` row's classifier, trained on the real shots alone, gives the image's class). Keep: score at or
+    above `threshold`, or the best `top_fraction` of each class's candidates, or (neither) the images the scorer
+    assigns to their class (argmax over the classes). `overgenerate`: candidates per class = n_aug x this (with
+    `top_fraction`: n_aug / top_fraction).
+    """
+
+    score: str = "clip"
+    threshold: float | None = None
+    top_fraction: float | None = None
+    overgenerate: float = 2.0
+    version: int = STAGE_VERSIONS["filter"]
+
+    def __post_init__(self) -> None:
+        if self.score not in ("clip", "classifier"):
+            raise ValueError(f"filter: score {self.score!r} is none of clip, classifier")
+        if self.threshold is not None and self.top_fraction is not None:
+            raise ValueError("filter: give threshold or top_fraction, not both")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ValueError(f"filter: top_fraction {self.top_fraction} is not in (0, 1]")
+        if self.overgenerate < 1:
+            raise ValueError(f"filter: overgenerate {self.overgenerate} is below 1 (fewer candidates than n_aug)")
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from augbench.architectures import check_pairs  # noqa: E402
 from augbench.architectures import resolve as resolve_architecture  # noqa: E402
 from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONALIZED, REGISTRY, RETRIEVAL_MODES  # noqa: E402
-from augbench.methods import ROW_SEPARATOR, row_name, row_pattern, variant_name  # noqa: E402
+from augbench.methods import FILTER_SEPARATOR, ROW_SEPARATOR, filter_of, row_name, row_pattern, unfiltered, variant_name  # noqa: E402
+from augbench.filtering import candidates as filter_candidates  # noqa: E402
 from augbench.methods import method as method_of  # noqa: E402
-from augbench.specs import STAGE_VERSIONS, DiffusionSpec, WorldSpec, canonical_json, parse_spec  # noqa: E402
+from augbench.specs import STAGE_VERSIONS, DiffusionSpec, FilterSpec, WorldSpec, canonical_json, parse_spec, spec_dict  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
 from augbench.plan import generate_minutes, personalize_minutes, pipeline_host_mb, train_minutes  # noqa: E402
@@ -144,13 +145,44 @@ def rows_of(m):
     return [row_name(m, v) for v in GENERATORS] if m in GENERATION_METHODS else [m]
 
 
+def filter_specs():
+    """The configured filters (name -> FilterSpec) and the methods each applies to, checked before any job."""
+    specs, applies = {}, {}
+    for name, f in (config.get("filters") or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            config_error(f"filters: the name {name!r} may hold only letters, digits and _ (it is part of paths)")
+        try:
+            specs[name] = parse_spec(FilterSpec, {k: v for k, v in f.items() if k != "methods"})
+        except ValueError as exc:
+            config_error(f"filters.{name}: {exc}")
+        wanted = f.get("methods")
+        augmenting = [m for m in config["methods"] if m not in BASELINES]
+        bad = [m for m in (wanted or []) if m not in augmenting]
+        if bad:
+            config_error(f"filters.{name}.methods names {bad}, which are no augmenting methods of `methods` "
+                         f"({augmenting})")
+        applies[name] = wanted if wanted is not None else augmenting
+    return specs, applies
+
+
+FILTERS, FILTERED_METHODS = filter_specs()
 ROWS = [r for m in config["methods"] for r in rows_of(m)]
+# a filtered row `<row>+<filter>` beside each row of a method its filter applies to
+ROWS += [f"{r}{FILTER_SEPARATOR}{f}" for f in FILTERS for m in FILTERED_METHODS[f] for r in rows_of(m)]
 GENERATED = [r for r in ROWS if method_of(r).family == "generated"]
+FILTERED = [r for r in ROWS if filter_of(r)]
+
+
+def candidates_of(row):
+    """Images per class a row's generate or fetch jobs make: the largest n_aug, or a filtered row's candidates."""
+    f = filter_of(row)
+    return filter_candidates(FILTERS[f], max(N_AUG)) if f else max(N_AUG)
 
 
 def generator_of(row):
     """The generator variant of a results row (a generated method's), or of a personalisation job's
     `<method>@<generator>` (the first variant of that generator: its model, file and architecture)."""
+    row = unfiltered(row)
     suffix = row.split(ROW_SEPARATOR, 1)[1] if ROW_SEPARATOR in row else ""
     if suffix in GENERATORS:
         return GENERATORS[suffix]
@@ -266,7 +298,8 @@ wildcard_constraints:
     part=r"\d{5}",
     split="|".join(SPLITS),
     mode="image|text",
-    method=r"[a-z0-9_]+(?:@[A-Za-z0-9_.-]+)?",  # a method, or a generated method on a generator variant
+    # a method, or a generated method on a generator variant; either filtered (`filters`)
+    method=r"[a-z0-9_]+(?:@[A-Za-z0-9_.-]+)?(?:\+[A-Za-z0-9_]+)?",
     n_aug=r"\d+",
     seed=r"\d+",
     cls=r"[A-Za-z0-9_.-]+",
@@ -302,14 +335,14 @@ def stage_spec(stage, **extra):
         # drop what this method does not use, and the memory options (the rules pass them): changing them reruns nothing
         data = {k: v for k, v in data.items() if k not in method_of(row).unused_keys(stage) and k not in MEMORY_OPTIONS}
     if stage == "generate":
-        data["n_images"] = max(N_AUG)
+        data["n_images"] = candidates_of(row)  # a filtered row's candidates: its row's images and more
         data.update(method_of(row).generate)  # settings the method fixes for itself (registry)
     if stage == "retrieve":  # content only: how the search is scheduled (blocks, tiles, threads, device) is not
         data = {k: v for k, v in config["retrieve"].items() if k not in SEARCH_SCHEDULING
                 and not (extra.get("mode") == "image" and k == "prompts")}
-        data.update(n_aug=max(N_AUG), overfetch=overfetch())
+        data.update(n_aug=retrieval_n(extra.get("mode")), overfetch=overfetch())
     if stage == "search":
-        data = {"n_aug": max(N_AUG), "overfetch": overfetch(), "margin": config["retrieve"]["margin"]}
+        data = {"n_aug": retrieval_n(), "overfetch": overfetch(), "margin": config["retrieve"]["margin"]}
     if stage == "fetch":
         data = {k: v for k, v in config["fetch"].items() if k in ("min_yield", "min_cosine")}
         data["leak_pixel_mad"] = config["retrieve"]["leak_pixel_mad"]
@@ -327,6 +360,13 @@ def stage_spec(stage, **extra):
     return canonical_json(data)
 
 
+def retrieval_n(mode=None):
+    """Images per class the retrieval rows (of one query mode, or of both) fetch: the largest n_aug, or a filtered
+    retrieval row's candidates (the merge then ranks n_aug x overfetch of those per class)."""
+    rows = [r for r in ROWS if method_of(r).family == "retrieval" and (mode is None or method_of(r).retrieval_mode == mode)]
+    return max([candidates_of(r) for r in rows] or [max(N_AUG)])
+
+
 def clip_input():
     """The toy CLIP folder and a hub model's cache marker are workflow outputs; a local folder is not an input file."""
     return {"model": CLIP_FILE} if CLIP_FILE else {}
@@ -337,7 +377,7 @@ def n_aug_values(method):
 
     A method outside `sweep_methods` runs at the largest n_aug only, the value of the main table.
     """
-    if method in BASELINES:
+    if unfiltered(method) in BASELINES:
         return [0]
     sweep = config.get("sweep_methods")
     return N_AUG if sweep is None or method_of(method).name in sweep else [max(N_AUG)]
@@ -425,6 +465,9 @@ def generate_inputs(wildcards):
     if method_of(wildcards.method).personalized:  # a shared adapter: one personalisation job over every class
         block = "0000" if method_of(wildcards.method).shared else wildcards.block
         inputs["personalization"] = f"{R}/personalize/{personalization_of(wildcards.method)}/block_{block}"
+    base = unfiltered(wildcards.method)
+    if base != wildcards.method and base in ROWS:  # after its row's block, whose chunks it reuses (one cache)
+        inputs["row_block"] = f"{R}/generate/{base}/block_{wildcards.block}"
     return inputs
 
 
@@ -480,7 +523,7 @@ def generate_args(wildcards, input):
     """Classes, personalisation folder (personalised methods) and chunk cache of one generate job (the spec is its
     own param)."""
     pers = f" --personalization {shlex.quote(input.personalization)}" if "personalization" in input.keys() else ""
-    cache = f"{R}/generate/{wildcards.method}/cache"
+    cache = f"{R}/generate/{unfiltered(wildcards.method)}/cache"  # a filtered row's candidates extend its row's chunks
     # the declared architecture only checks the folder (no pixel depends on it): an argument, not a compared param
     arch = generator_of(wildcards.method)["architecture"]
     offload = generator_of(wildcards.method)["options"].get("offload", config["generate"]["offload"])
@@ -490,15 +533,21 @@ def generate_args(wildcards, input):
 AUGMENTED = [m for m in ROWS if m not in BASELINES]
 
 
+def retrieval_rows():
+    """The retrieval rows of the table, filtered ones included (each with its fetch's stats)."""
+    return [m for m in ROWS if method_of(m).family == "retrieval"]
+
+
 def report_inputs():
     """Metrics of every run, the augmentation sets (grids, retrieval precision, leaks, fidelity) and the real images."""
     runs = [f"{R}/train/{m}/{n}/{s}/metrics.json" for m, n, s in train_runs()]
-    retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
+    retrieval = retrieval_rows()
     return {
         "metrics": runs,
         "manifests": [f"{R}/augment/{m}/manifest.parquet" for m in AUGMENTED],
-        "stats": [f"{R}/retrieve/{RETRIEVAL_MODES[m]}/stats.json" for m in retrieval],
-        "fetch_stats": [f"{R}/augment/{m}/fetch_stats.json" for m in retrieval],
+        "stats": [f"{R}/retrieve/{method_of(m).retrieval_mode}/stats.json" for m in retrieval],
+        "fetch_stats": [f"{R}/augment/{m}/{'candidates/' if filter_of(m) else ''}fetch_stats.json" for m in retrieval],
+        "filters": [f"{R}/augment/{m}/filter.json" for m in FILTERED],
         "fidelity": [f"{R}/augment/{m}/fidelity.json" for m in GENERATED],
         "judged": [f"{R}/augment/{m}/judge.json" for m in GENERATED] if config["report"]["judge"] else [],
         "judge_pool": [f"{R}/judge/pool_heldout.json"] if JUDGE_POOL and GENERATED else [],
@@ -516,7 +565,7 @@ def report_args(wildcards, input, output):
         for (m, n, s), f in zip(train_runs(), input.metrics)
     )
     manifest = dict(zip(AUGMENTED, input.manifests))
-    retrieval = [m for m in config["methods"] if m in RETRIEVAL_MODES]
+    retrieval = retrieval_rows()
     retr = " ".join(f"--retrieval {m} {manifest[m]} {st} {fst}" for m, st, fst in zip(retrieval, input.stats, input.fetch_stats))
     truth = f"--truth {input.truth[0]}" if input.truth else ""
     fid = " ".join(f"--fidelity {m} {f}" for m, f in zip(GENERATED, input.fidelity))
@@ -524,6 +573,7 @@ def report_args(wildcards, input, output):
     fid += "".join(f" --judge-pool {f}" for f in input.judge_pool)
     grids = " ".join(f"--grid {m} {manifest[m]} {out}" for m, out in zip(AUGMENTED, output.grids))
     augment = " ".join(f"--augment {m} {manifest[m]}" for m in AUGMENTED)
+    augment += "".join(f" --filter {m} {f}" for m, f in zip(FILTERED, input.filters))
     gens = " ".join(f"--image-stats {m} {f}" for m, f in zip(AUGMENTED, input.image_stats))
     gens += " " + " ".join(f"--generator {m} {generator_of(m)['generator']} {generator_of(m)['guidance']}" for m in GENERATED)
     return f"{runs} {retr} {fid} {truth} {grids} {augment} {gens}"
@@ -539,7 +589,7 @@ def report_opts():
 
 
 # Retrieval: query modes, search blocks, the merge's and fetch's inputs.
-MODES = sorted({RETRIEVAL_MODES[m] for m in config["methods"] if m in RETRIEVAL_MODES})
+MODES = sorted({method_of(m).retrieval_mode for m in retrieval_rows()})
 SEARCH_THREADS = config["retrieve"]["threads"]
 
 
@@ -592,7 +642,7 @@ def retrieve_inputs(wildcards):
 
 def fetch_inputs(wildcards):
     """Local pools: the shards; remote pools: the downloaded candidates, the CLIP (content check) and the pool's embeddings."""
-    mode = RETRIEVAL_MODES[wildcards.method]
+    mode = method_of(wildcards.method).retrieval_mode
     inputs = {"neighbors": f"{R}/retrieve/{mode}/neighbors.parquet", "classes": f"{DATA}/classes.json"}
     if POOL_SHARDS:
         return {**inputs, "shards": POOL_SHARDS}
@@ -619,13 +669,13 @@ def eval_rows():
 def merge_topk_mb():
     """The merged top-k lists of one mode: a (score, part, row) triple of 16 bytes per query and neighbour; k is derived
     so that a class's queries together hold n_aug x overfetch x margin neighbours (search.derive_k)."""
-    return len(CLASSES) * max(N_AUG) * overfetch() * config["retrieve"]["margin"] * 16 / 1e6
+    return len(CLASSES) * retrieval_n() * overfetch() * config["retrieve"]["margin"] * 16 / 1e6
 
 
 def leak_search_minutes():
     """The merge's leak search: the candidates a class can keep (n_aug x overfetch, plus a quarter) against val + test at
     2 FLOP per multiply-add; a CPU core does ~90 GFLOP/s (faiss.knn measured here), a GPU ~50 TFLOP/s in fp16."""
-    flop = len(CLASSES) * (max(N_AUG) * overfetch() * 1.25 + 16) * eval_rows() * pool_dim() * 2
+    flop = len(CLASSES) * (retrieval_n() * overfetch() * 1.25 + 16) * eval_rows() * pool_dim() * 2
     rate = 50e12 if GPU_SEARCH else 90e9 * SEARCH_THREADS
     return flop / rate / 60
 
@@ -641,4 +691,19 @@ def fetch_source(wildcards, input):
 
 def retrieved_candidates():
     """Ranked candidates of one query mode: classes x the largest n_aug x overfetch (what fetch downloads and checks)."""
-    return len(CLASSES) * max(N_AUG) * overfetch()
+    return len(CLASSES) * retrieval_n() * overfetch()
+
+
+def filter_inputs(wildcards):
+    """What a filtered row's filter reads: its candidates (the row's collect or fetch, under candidates/), CLIP (the
+    clip score and the kept images' fidelity) and, for the classifier score, the `real` row's first-seed classifier."""
+    inputs = {**clip_input(), "candidates": f"{R}/augment/{wildcards.method}/candidates/manifest.parquet",
+              "classes": f"{DATA}/classes.json"}
+    if FILTERS[filter_of(wildcards.method)].score == "classifier":
+        inputs["classifier"] = f"{R}/train/real/0/{config['seeds'][0]}/model.pt"
+    return inputs
+
+
+def filter_args(wildcards, input):
+    """The filter's spec (as a param: changing the filter reruns it) is passed apart; the classifier when it scores."""
+    return f"--classifier {shlex.quote(input.classifier)}" if "classifier" in input.keys() else ""

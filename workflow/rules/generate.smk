@@ -46,7 +46,7 @@ rule collect_generated:
         manifest=f"{R}/augment/{{method}}/manifest.parquet",
         fidelity=f"{R}/augment/{{method}}/fidelity.json",
     wildcard_constraints:
-        method=row_pattern(GENERATION_METHODS),
+        method=row_pattern(GENERATION_METHODS, filtered=False),
     log:
         f"{LOGS}/collect/{{method}}.log",
     benchmark:
@@ -64,3 +64,12 @@ rule collect_generated:
         "python -m augbench collect --manifests {params.manifests} --classes {input.classes:q}"
         " --clip {params.clip:q} --out-manifest {output.manifest:q}"
         " --out-fidelity {output.fidelity:q} --device {resources.device} > {log:q} 2>&1"
+
+
+# A filtered row's candidates: the same join, under candidates/ (rule filter_augment keeps what the filter keeps).
+use rule collect_generated as collect_candidates with:
+    output:
+        manifest=f"{R}/augment/{{method}}/candidates/manifest.parquet",
+        fidelity=f"{R}/augment/{{method}}/candidates/fidelity.json",
+    wildcard_constraints:
+        method=row_pattern(GENERATION_METHODS, filtered=True),

@@ -7,7 +7,7 @@ rule personalize:
     output:
         folder=directory(f"{R}/personalize/{{method}}/block_{{block}}"),
     wildcard_constraints:
-        method=row_pattern(PERSONALIZED),
+        method=row_pattern(PERSONALIZED, filtered=False),
         block=r"\d{4}",
     priority: 2  # on the critical path: scheduled before ready jobs of lower priority
     log:

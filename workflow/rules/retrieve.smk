@@ -149,14 +149,14 @@ if CONTENT_CHECK:
             manifest=f"{R}/augment/{{method}}/manifest.parquet",
             stats=f"{R}/augment/{{method}}/fetch_stats.json",
         wildcard_constraints:
-            method="|".join(RETRIEVAL_MODES),
+            method=row_pattern(tuple(RETRIEVAL_MODES), filtered=False),
         log:
             f"{LOGS}/fetch/{{method}}.log",
         benchmark:
             f"{BENCH}/fetch/{{method}}.tsv"
         params:
             spec=stage_spec("fetch"),
-            n_aug=max(N_AUG),
+            n_aug=lambda wc: candidates_of(wc.method),
             source=fetch_source,
         threads: 1
         resources:
@@ -170,6 +170,15 @@ if CONTENT_CHECK:
         shell:
             FETCH_SHELL
 
+    # A filtered retrieval row's candidates (n_aug x its filter's over-fetch), under candidates/.
+    use rule check_retrieved as check_retrieved_candidates with:
+        output:
+            tar=f"{R}/augment/{{method}}/candidates/images.tar",
+            manifest=f"{R}/augment/{{method}}/candidates/manifest.parquet",
+            stats=f"{R}/augment/{{method}}/candidates/fetch_stats.json",
+        wildcard_constraints:
+            method=row_pattern(tuple(RETRIEVAL_MODES), filtered=True),
+
 else:
 
     rule fetch_retrieved:
@@ -180,14 +189,14 @@ else:
             manifest=f"{R}/augment/{{method}}/manifest.parquet",
             stats=f"{R}/augment/{{method}}/fetch_stats.json",
         wildcard_constraints:
-            method="|".join(RETRIEVAL_MODES),
+            method=row_pattern(tuple(RETRIEVAL_MODES), filtered=False),
         log:
             f"{LOGS}/fetch/{{method}}.log",
         benchmark:
             f"{BENCH}/fetch/{{method}}.tsv"
         params:
             spec=stage_spec("fetch"),
-            n_aug=max(N_AUG),
+            n_aug=lambda wc: candidates_of(wc.method),
             source=fetch_source,
         threads: 1
         resources:
@@ -199,3 +208,12 @@ else:
             "../../envs/augbench.yaml"
         shell:
             FETCH_SHELL
+
+    # A filtered retrieval row's candidates (n_aug x its filter's over-fetch), under candidates/.
+    use rule fetch_retrieved as fetch_retrieved_candidates with:
+        output:
+            tar=f"{R}/augment/{{method}}/candidates/images.tar",
+            manifest=f"{R}/augment/{{method}}/candidates/manifest.parquet",
+            stats=f"{R}/augment/{{method}}/candidates/fetch_stats.json",
+        wildcard_constraints:
+            method=row_pattern(tuple(RETRIEVAL_MODES), filtered=True),
