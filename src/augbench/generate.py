@@ -36,7 +36,7 @@ from augbench.methods import method as registry_row
 from augbench.personalize import PipelineSource, class_images, link_tree_file, resolution_of
 from augbench.prompts import IMAGENET_TEMPLATES
 from augbench.shards import Sample, read_pointed, rebase, with_pointers, write_shard
-from augbench.specs import GenerateSpec, canonical_json, item_seed, spec_dict
+from augbench.specs import GENERATE_QUIET_DEFAULTS, GenerateSpec, canonical_json, item_seed, quiet_defaults, spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,8 @@ def cache_ident(spec: GenerateSpec, model: str | Path, class_key: str, personali
     back the old model's images. `augbench.io.content_id` hashes small files and names big ones by size and
     mtime, so a 4 GB checkpoint costs no read; a hub snapshot is named by its commit.
     """
-    ident: dict[str, object] = {"spec": spec_dict(replace(spec, n_images=0)), "model": _content(model), "class": class_key}
+    spec_part = quiet_defaults(spec_dict(replace(spec, n_images=0)), GENERATE_QUIET_DEFAULTS)
+    ident: dict[str, object] = {"spec": spec_part, "model": _content(model), "class": class_key}
     if personalization is not None:
         ident["personalization"] = content_id(personalization)
     if real_table is not None:

@@ -210,6 +210,16 @@ class GenerateSpec:
     version: int = STAGE_VERSIONS["generate"]
 
 
+# Settings added after results existed, whose default is what those results were made with: at the default they are
+# left out of the spec (and of the generate cache's key), so adding them reruns nothing that exists.
+GENERATE_QUIET_DEFAULTS: dict[str, Any] = {"vae_tiling": False}
+
+
+def quiet_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys that hold their quiet default (see GENERATE_QUIET_DEFAULTS)."""
+    return {k: v for k, v in data.items() if k not in defaults or v != defaults[k]}
+
+
 @dataclass(frozen=True)
 class FilterSpec:
     """Which candidates of an over-generated (or over-fetched) augmentation set a filtered row keeps (augbench.filtering).

@@ -53,3 +53,19 @@ def test_a_rows_generate_settings_cannot_be_changed_after_the_fact() -> None:
     row = Method("x", "generated", prompt="classname", from_real=True, generate={"strength": 0.9})
     with pytest.raises(TypeError):
         row.generate["strength"] = 0.1  # type: ignore[index]
+
+
+def test_row_names_with_a_generator_and_a_filter_parse_back() -> None:
+    import re
+
+    from augbench.methods import filter_of, generator_name, row_pattern, unfiltered
+
+    row = "textual_inversion@sd1.5-g7.5+clip_top"
+    assert method(row).name == "textual_inversion" and generator_name(row) == "sd1.5" and filter_of(row) == "clip_top"
+    assert unfiltered(row) == "textual_inversion@sd1.5-g7.5" and filter_of(unfiltered(row)) == ""
+    assert method("retrieval_text+best").retrieval_mode == "text" and generator_name("retrieval_text+best") == ""
+    gen = GENERATION_METHODS
+    assert re.fullmatch(row_pattern(gen), row) and re.fullmatch(row_pattern(gen, filtered=True), row)
+    assert not re.fullmatch(row_pattern(gen, filtered=False), row)
+    assert re.fullmatch(row_pattern(gen, filtered=False), unfiltered(row))
+    assert not re.fullmatch(row_pattern(gen, filtered=True), unfiltered(row))

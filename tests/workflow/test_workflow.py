@@ -40,7 +40,9 @@ def _smk(cwd: Path, *args: str, timeout: int = 900, env: dict[str, str] | None =
     [({"world": {"shotz": 3}}, "shotz"), ({"seeds": "zero"}, "seeds"), ({"retrieve": {"margin": "many"}}, "margin"),
      ({"sweep_methods": ["retrieval_imag"]}, "retrieval_imag"), ({"n_aug": ["0x", 5]}, "'0x'"), ({"n_aug": ["0.1x"]}, "'0.1x'"),
      ({"device": "gpu"}, "device"), ({"methods": ["real", "prompt_classnam"]}, "prompt_classnam"),
-     ({"generators": {"sd-15": {"model": "models/toy/diffusion"}}}, "'sd-15'")],
+     ({"generators": {"sd-15": {"model": "models/toy/diffusion"}}}, "'sd-15'"),
+     ({"filters": {"best": {"methods": ["real"]}}}, "filters.best.methods"), ({"filters": {"be-st": {}}}, "'be-st'"),
+     ({"filters": {"best": {"threshold": 0.2, "top_fraction": 0.5}}}, "filters.best: filter: give threshold or top_fraction")],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path: Path, override: dict, named: str) -> None:
     wf = _copy_workflow(tmp_path)

@@ -16,7 +16,8 @@ from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONA
 from augbench.methods import FILTER_SEPARATOR, ROW_SEPARATOR, filter_of, row_name, row_pattern, unfiltered, variant_name  # noqa: E402
 from augbench.filtering import candidates as filter_candidates  # noqa: E402
 from augbench.methods import method as method_of  # noqa: E402
-from augbench.specs import STAGE_VERSIONS, DiffusionSpec, FilterSpec, WorldSpec, canonical_json, parse_spec, spec_dict  # noqa: E402
+from augbench.specs import GENERATE_QUIET_DEFAULTS, STAGE_VERSIONS, DiffusionSpec, FilterSpec, WorldSpec, canonical_json  # noqa: E402
+from augbench.specs import parse_spec, quiet_defaults, spec_dict  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
 from augbench.plan import generate_minutes, personalize_minutes, pipeline_host_mb, train_minutes  # noqa: E402
@@ -337,6 +338,7 @@ def stage_spec(stage, **extra):
     if stage == "generate":
         data["n_images"] = candidates_of(row)  # a filtered row's candidates: its row's images and more
         data.update(method_of(row).generate)  # settings the method fixes for itself (registry)
+        data = quiet_defaults(data, GENERATE_QUIET_DEFAULTS)  # at their defaults, later settings rerun nothing
     if stage == "retrieve":  # content only: how the search is scheduled (blocks, tiles, threads, device) is not
         data = {k: v for k, v in config["retrieve"].items() if k not in SEARCH_SCHEDULING
                 and not (extra.get("mode") == "image" and k == "prompts")}
