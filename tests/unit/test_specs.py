@@ -121,3 +121,15 @@ def test_every_stage_version_is_read_by_the_workflow() -> None:
     rules = "\n".join(p.read_text() for p in (Path(__file__).parents[2] / "workflow/rules").glob("*.smk"))
     for stage in STAGE_VERSIONS:
         assert re.search(rf'(stage_spec|method_spec)\("{stage}"|STAGE_VERSIONS\["{stage}"\]', rules), stage
+
+
+def test_a_setting_added_later_stays_out_of_the_cache_key_at_its_default() -> None:
+    """generate.vae_tiling came after results existed: at its default (False, what they were made with) it is not part
+    of the chunk cache's identity, so those chunks stay valid; turned on, it is (it may change pixels at seams)."""
+    from augbench.generate import cache_ident, cache_key
+    from augbench.specs import GenerateSpec
+
+    plain = cache_ident(GenerateSpec(), "some/model", "cat", None)
+    assert "vae_tiling" not in plain["spec"] and "steps" in plain["spec"]
+    tiled = cache_ident(GenerateSpec(vae_tiling=True), "some/model", "cat", None)
+    assert tiled["spec"]["vae_tiling"] is True and cache_key(tiled) != cache_key(plain)

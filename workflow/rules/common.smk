@@ -706,6 +706,11 @@ def filter_inputs(wildcards):
     return inputs
 
 
+def filter_settings(row):
+    """A filtered row's filter settings (its FilterSpec without the version, which stage_spec adds)."""
+    return {k: v for k, v in spec_dict(FILTERS[filter_of(row)]).items() if k != "version"}
+
+
 def filter_args(wildcards, input):
     """The filter's spec (as a param: changing the filter reruns it) is passed apart; the classifier when it scores."""
     return f"--classifier {shlex.quote(input.classifier)}" if "classifier" in input.keys() else ""

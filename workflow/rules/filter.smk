@@ -15,7 +15,7 @@ rule filter_augment:
     benchmark:
         f"{BENCH}/filter/{{method}}.tsv"
     params:
-        spec=lambda wc: canonical_json(spec_dict(FILTERS[filter_of(wc.method)])),
+        spec=lambda wc: stage_spec("filter", **filter_settings(wc.method)),
         n_aug=max(N_AUG),
         clip=CLIP_MODEL,
         args=filter_args,
