@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import build_tiny_clip, build_tiny_sd, scheduled_jobs, sd_layout
-from test_real_architectures import KINDS, _photos
+from test_real_architectures import KINDS, _photos, photo_target
 from test_workflow import _copy_workflow, _smk
 
 pytestmark = pytest.mark.slow
@@ -34,9 +34,7 @@ def test_filtered_rows_keep_the_best_candidates_and_leave_other_rows_alone(
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg.update({"dataset": "filt", "methods": ["real", "retrieval_text", "prompt_classname"], "n_aug": [N_AUG],
                 "sweep_methods": None, "real_per_class": 2,
-                "target": {"source": "imagefolder", "root": str(data), "train_dir": "train", "test_dir": "val",
-                           "class_list": "folders", "train_fraction": None, "train_per_class": 2, "val_per_class": 0},
-                "pool": {"urls": str(urls), "parts": 1}, "clip": {"model": str(clip)},
+                "target": photo_target(data), "pool": {"urls": str(urls), "parts": 1}, "clip": {"model": str(clip)},
                 "diffusion": {**cfg["diffusion"], "model": str(sd), "architecture": "sd"},
                 "generate": {**cfg.get("generate", {}), "resolution": 32},
                 "report": {**cfg.get("report", {}), "judge": False},

@@ -16,7 +16,7 @@ import yaml
 from architectures import build
 from conftest import build_tiny_clip, build_tiny_sd, scheduled_jobs, sd_layout
 from PIL import Image
-from test_real_architectures import KINDS, _photos
+from test_real_architectures import KINDS, _photos, photo_target
 from test_workflow import _copy_workflow, _smk
 
 from augbench.shards import pointed_images
@@ -38,9 +38,7 @@ def test_two_generators_of_different_architectures_are_rows_of_one_table(
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg.update({"dataset": "gens", "methods": ["real", "prompt_classname", "img2img"], "n_aug": [N_AUG],
                 "sweep_methods": None, "real_per_class": 2,
-                "target": {"source": "imagefolder", "root": str(data), "train_dir": "train", "test_dir": "val",
-                           "class_list": "folders", "train_fraction": None, "train_per_class": 2, "val_per_class": 0},
-                "pool": {"urls": str(urls), "parts": 1}, "clip": {"model": str(clip)},
+                "target": photo_target(data), "pool": {"urls": str(urls), "parts": 1}, "clip": {"model": str(clip)},
                 "generate": {**cfg.get("generate", {}), "resolution": 32},
                 "report": {**cfg.get("report", {}), "judge": False},  # the judge is the end-to-end test's
                 "generators": {"sd15": {"model": str(sd), "architecture": "sd", "guidance_scale": [2, 5]},

@@ -47,6 +47,12 @@ def _photos(tmp_path: Path, served: Path, base: str) -> tuple[Path, Path]:
     return data, tmp_path / "urls.parquet"
 
 
+def photo_target(data: Path) -> dict:
+    """The `target` section for _photos' folders: two train photos per class, val/ as the test split."""
+    return {"source": "imagefolder", "root": str(data), "train_dir": "train", "test_dir": "val", "class_list": "folders",
+            "train_fraction": None, "train_per_class": 2, "val_per_class": 0}
+
+
 def _check_rows(out: Path, methods: list[str]) -> pd.DataFrame:
     results = pd.read_csv(out / "report/results.csv")
     assert sorted(results["method"]) == sorted(methods), results
@@ -77,9 +83,7 @@ def test_every_method_row_runs_on_the_real_classes_in_both_hub_layouts(
     wf = _copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg.update({"dataset": "real", "methods": methods, "n_aug": [N_AUG], "sweep_methods": None, "real_per_class": 2,
-                "target": {"source": "imagefolder", "root": str(data), "train_dir": "train", "test_dir": "val",
-                           "class_list": "folders", "train_fraction": None, "train_per_class": 2, "val_per_class": 0},
-                "pool": {"urls": str(urls), "parts": 2},
+                "target": photo_target(data), "pool": {"urls": str(urls), "parts": 2},
                 "clip": {"model": str(clip)}, "diffusion": {"model": str(current)},
                 "download": {"timeout": 5, "image_size": 32, "resize_mode": "center_crop"},
                 "fetch": {"min_yield": 0.0}})
