@@ -417,8 +417,10 @@ def personalize_runtime(wildcards, attempt):
 
 
 def generate_runtime(wildcards, attempt):
-    """Minutes a generate block asks for: its classes x the largest n_aug at the GPU rate (augbench.plan)."""
-    return generate_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)]), max(N_AUG)) * attempt
+    """Minutes a generate block asks for: its classes x the images it makes (the largest n_aug, or a filtered row's
+    candidates) at the GPU rate (augbench.plan)."""
+    n = candidates_of(wildcards.method)
+    return generate_minutes(config, wildcards.method, len(CLASS_BLOCKS[int(wildcards.block)]), n) * attempt
 
 
 def train_runtime(wildcards, attempt):
