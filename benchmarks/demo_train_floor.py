@@ -36,7 +36,7 @@ def demo_runs(config: dict) -> tuple[int, list[int]]:
     """(training runs, steps of each) of the demo as the workflow schedules them: per row, its n_aug values (baselines 0;
     rows outside sweep_methods at the largest only) and seeds; steps = max(min_steps, epochs x images / batch)."""
     shots, n_classes = config["world"]["shots"], config["world"]["n_classes"]
-    n_aug = sorted({int(round(float(v[:-1]) * shots)) if isinstance(v, str) else int(v) for v in config["n_aug"]})
+    n_aug = sorted({round(float(v[:-1]) * shots) if isinstance(v, str) else int(v) for v in config["n_aug"]})
     t = config["train"]
     steps = []
     for m in config["methods"]:
