@@ -25,12 +25,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from augbench.io import atomic_path, write_json, write_meta
+from augbench.io import parquet_appender, write_json, write_meta
+from augbench.prompts import CLASSNAME
 from augbench.shards import read_pointed, rebase
 from augbench.specs import FilterSpec, spec_dict
 
@@ -68,7 +70,7 @@ class _Clip:
         from augbench.embed import Clip
 
         self.clip = Clip(model)
-        self.text = self.clip.texts([f"a photo of a {n}." for n in names])
+        self.text = self.clip.texts([CLASSNAME.format(n) for n in names])
 
     def __call__(self, images: list[bytes], names: list[str]) -> np.ndarray:
         from augbench.imaging import open_rgb
@@ -93,34 +95,24 @@ class _Classifier:
         return predict_logits(self.model, x, self.device, self.spec).softmax(dim=1).numpy()
 
 
-def _scores(part: pd.DataFrame, folder: Path, scorer) -> np.ndarray:
+def _scores(part: pd.DataFrame, folder: Path, scorer, n_classes: int) -> np.ndarray:
     """The scorer's class scores (rows x classes) of one class's candidates; an undecodable image scores -inf."""
     from augbench.imaging import UndecodableImage
 
-    out: np.ndarray | None = None
+    out = np.full((len(part), n_classes), -np.inf, dtype=np.float32)
     names = (part["key"].astype(str) + " (" + part["shard"].astype(str) + ")").to_numpy()
     batch: list[tuple[int, bytes]] = []
 
     def flush() -> None:
-        nonlocal out
         rows, data = [i for i, _ in batch], [d for _, d in batch]
         try:
-            got = scorer(data, list(names[rows]))
+            out[rows] = scorer(data, list(names[rows]))
         except UndecodableImage:  # score one by one: a broken candidate is dropped, not the batch
-            got = None
             for i, d in batch:
                 try:
-                    one = scorer([d], [names[i]])
+                    out[i] = scorer([d], [names[i]])[0]
                 except UndecodableImage as exc:
                     log.warning("filter: skipping undecodable candidate %s", exc)
-                    continue
-                if out is None:
-                    out = np.full((len(part), one.shape[1]), -np.inf, dtype=np.float32)
-                out[i] = one[0]
-        if got is not None:
-            if out is None:
-                out = np.full((len(part), got.shape[1]), -np.inf, dtype=np.float32)
-            out[rows] = got
         batch.clear()
 
     for i, data in read_pointed(part, folder):
@@ -129,7 +121,34 @@ def _scores(part: pd.DataFrame, folder: Path, scorer) -> np.ndarray:
             flush()
     if batch:
         flush()
-    return out if out is not None else np.full((len(part), 1), -np.inf, dtype=np.float32)
+    return out
+
+
+def class_parts(manifest: Path) -> Iterator[pd.DataFrame]:
+    """A manifest's rows one class at a time, each in rank order. A manifest written class by class (collect's) is
+    streamed, so memory holds one class's rows; one whose classes are interleaved (fetch's, which its own job held
+    whole) is read whole and grouped."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(manifest)
+    labels = file.read(columns=["label"]).column(0).to_numpy()
+    starts = np.flatnonzero(np.diff(labels)) + 1  # where the label changes
+    if len(np.unique(labels)) != len(starts) + (len(labels) > 0):
+        for _, part in pd.read_parquet(manifest).groupby("label", sort=True):
+            yield part.sort_values("rank", kind="stable").reset_index(drop=True)
+        return
+    pending: list[pd.DataFrame] = []
+    for batch in file.iter_batches(batch_size=4096):
+        frame = batch.to_pandas()
+        cuts = np.flatnonzero(np.diff(frame["label"].to_numpy())) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(frame)], strict=True):
+            piece = frame.iloc[a:b]
+            if pending and pending[0]["label"].iat[0] != piece["label"].iat[0]:
+                yield pd.concat(pending).sort_values("rank", kind="stable").reset_index(drop=True)
+                pending = []
+            pending.append(piece)
+    if pending:
+        yield pd.concat(pending).sort_values("rank", kind="stable").reset_index(drop=True)
 
 
 def filter_set(candidates_manifest: Path, classes: Path, spec: FilterSpec, n_aug: int, out_manifest: Path,
@@ -139,7 +158,7 @@ def filter_set(candidates_manifest: Path, classes: Path, spec: FilterSpec, n_aug
     candidates' shards, ranks renumbered in candidate order), its yield (`out_stats`) and, given, CLIP's zero-shot
     fidelity of the kept images (`out_fidelity`, as collect writes for a generated row).
 
-    One class's candidates are scored at a time (`BATCH` images at once), so memory holds one class's scores.
+    One class's candidates are read, scored (`BATCH` images at once) and written at a time (`class_parts`).
     """
     started = time.time()
     info = json.loads(Path(classes).read_text())
@@ -151,38 +170,37 @@ def filter_set(candidates_manifest: Path, classes: Path, spec: FilterSpec, n_aug
         raise ValueError("filter: score clip (and fidelity) need a CLIP model")
     clip = _Clip(clip_model, names) if clip_model is not None and (spec.score == "clip" or out_fidelity) else None
     scorer = clip if spec.score == "clip" else _Classifier(Path(classifier), len(keys))
-    table = pd.read_parquet(candidates_manifest)
     src, dst = Path(candidates_manifest).parent, Path(out_manifest).parent
-    kept_parts, per_class, fidelity = [], {}, {}
-    for label, part in table.groupby("label", sort=True):
-        part = part.sort_values("rank", kind="stable").reset_index(drop=True)
-        label = int(label)
-        scores = _scores(part, src, scorer)
-        own = scores[:, label] if scores.shape[1] > label else np.full(len(part), -np.inf)
-        decodable = np.isfinite(own)
-        assigned = decodable & (np.argmax(scores, axis=1) == label)
-        keep, passed = select(np.where(decodable, own, -np.inf), assigned, spec, n_aug)
-        keep = keep[decodable[keep]]
-        kept = part.iloc[keep].copy()
-        kept["candidate_rank"] = kept["rank"].to_numpy()
-        kept["filter_score"] = own[keep].astype(np.float64)
-        kept["rank"] = np.arange(len(kept))
-        kept_parts.append(kept)
-        if out_fidelity is not None and len(kept):
-            zs = scores[keep] if scorer is clip else _scores(kept.reset_index(drop=True), src, clip)
-            fidelity[label] = (int((np.argmax(zs, axis=1) == label).sum()), len(kept))
-        key = keys[label] if 0 <= label < len(keys) else str(label)
-        per_class[key] = {"candidates": len(part), "passed": passed, "kept": len(kept),
-                          "undecodable": int((~decodable).sum()), "short": max(0, n_aug - len(kept)),
-                          "mean_score_kept": float(own[keep].mean()) if len(keep) else float("nan"),
-                          "mean_score_all": float(own[decodable].mean()) if decodable.any() else float("nan")}
-    out = pd.concat(kept_parts, ignore_index=True) if kept_parts else table.iloc[:0].assign(candidate_rank=[], filter_score=[])
-    out = rebase(out, src, dst)
-    with atomic_path(out_manifest) as tmp:
-        out.to_parquet(tmp, index=False)
+    per_class, fidelity, n_kept = {}, {}, 0
+    with parquet_appender(out_manifest) as append:  # written atomically when every class is in
+        for part in class_parts(candidates_manifest):
+            label = int(part["label"].iat[0])
+            if not 0 <= label < len(keys):
+                raise ValueError(f"{candidates_manifest}: label {label} is no class of {classes} ({len(keys)} classes)")
+            scores = _scores(part, src, scorer, len(keys))
+            own = scores[:, label]
+            decodable = np.isfinite(own)
+            assigned = decodable & (np.argmax(scores, axis=1) == label)
+            keep, passed = select(own, assigned, spec, n_aug)  # an undecodable candidate scores -inf
+            keep = keep[decodable[keep]]
+            kept = part.iloc[keep].copy()
+            kept["candidate_rank"] = kept["rank"].to_numpy()
+            kept["filter_score"] = own[keep].astype(np.float64)
+            kept["rank"] = np.arange(len(kept))
+            append(rebase(kept, src, dst))
+            n_kept += len(kept)
+            if out_fidelity is not None and len(kept):
+                zs = scores[keep] if scorer is clip else _scores(kept.reset_index(drop=True), src, clip, len(keys))
+                fidelity[label] = (int((np.argmax(zs, axis=1) == label).sum()), len(kept))
+            per_class[keys[label]] = {"candidates": len(part), "passed": passed, "kept": len(kept),
+                              "undecodable": int((~decodable).sum()), "short": max(0, n_aug - len(kept)),
+                              "mean_score_kept": float(own[keep].mean()) if len(keep) else float("nan"),
+                              "mean_score_all": float(own[decodable].mean()) if decodable.any() else float("nan")}
+        if not per_class:  # no candidate at all: an empty set with the candidates' columns
+            append(pd.read_parquet(candidates_manifest).assign(candidate_rank=[], filter_score=[]))
     n_cand = sum(v["candidates"] for v in per_class.values())
-    result = {"filter": spec_dict(spec), "n_aug": n_aug, "candidates": n_cand, "kept": len(out),
-              "yield": len(out) / n_cand if n_cand else float("nan"),
+    result = {"filter": spec_dict(spec), "n_aug": n_aug, "candidates": n_cand, "kept": n_kept,
+              "yield": n_kept / n_cand if n_cand else float("nan"),
               "classes_short": sum(v["short"] > 0 for v in per_class.values()), "per_class": per_class}
     write_json(out_stats, result)
     if out_fidelity is not None:
@@ -190,7 +208,7 @@ def filter_set(candidates_manifest: Path, classes: Path, spec: FilterSpec, n_aug
         write_json(out_fidelity, {"generation_fidelity": right / total if total else float("nan"), "images": total,
                                   "per_class": {keys[c]: r / t for c, (r, t) in fidelity.items()}, "of": "kept images"})
     write_meta(out_manifest, "filter", spec_dict(spec), started, candidates=str(candidates_manifest),
-               stats={"candidates": n_cand, "kept": len(out)})
-    log.info("filter %s: kept %d of %d candidates (%.0f%%), %d class(es) short of %d", candidates_manifest, len(out),
+               stats={"candidates": n_cand, "kept": n_kept})
+    log.info("filter %s: kept %d of %d candidates (%.0f%%), %d class(es) short of %d", candidates_manifest, n_kept,
              n_cand, 100 * result["yield"] if n_cand else 0, result["classes_short"], n_aug)
     return result

@@ -31,10 +31,10 @@ from PIL import Image
 
 from augbench.denoising import architecture_of, denoiser_of
 from augbench.device import pick_device
-from augbench.io import atomic_dir, atomic_path, content_id, write_json, write_meta, write_parquet
+from augbench.io import atomic_dir, content_id, parquet_appender, write_json, write_meta, write_parquet
 from augbench.methods import method as registry_row
 from augbench.personalize import PipelineSource, class_images, link_tree_file, resolution_of
-from augbench.prompts import IMAGENET_TEMPLATES
+from augbench.prompts import CLASSNAME, IMAGENET_TEMPLATES
 from augbench.shards import Sample, read_pointed, rebase, with_pointers, write_shard
 from augbench.specs import GENERATE_QUIET_DEFAULTS, GenerateSpec, canonical_json, item_seed, quiet_defaults, spec_dict
 
@@ -391,9 +391,6 @@ def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_ma
     appended to the set's parquet as they are read; images are decoded `FIDELITY_BATCH` at a time and only counts
     are kept, so memory does not grow with the number of images or of classes (ImageNet's 512k generated images).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from augbench.embed import Clip
     from augbench.imaging import open_rgb
 
@@ -403,7 +400,7 @@ def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_ma
     names = [info["names"][k] for k in keys]
     out_dir = Path(out_manifest).parent
     clip = Clip(clip_model)
-    text = clip.texts([f"a photo of a {n}." for n in names])
+    text = clip.texts([CLASSNAME.format(n) for n in names])
     total = np.zeros(len(keys), dtype=np.int64)
     right = np.zeros(len(keys), dtype=np.int64)
     batch: list[tuple[int, bytes, str]] = []  # (label, image bytes, name for an error)
@@ -416,20 +413,12 @@ def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_ma
         np.add.at(right, labels, pred == labels)
         batch.clear()
 
-    schema: pa.Schema | None = None
-    empty: list[pd.DataFrame] = []
-    with atomic_path(out_manifest) as tmp, contextlib.ExitStack() as stack:
-        writer: pq.ParquetWriter | None = None
+    with parquet_appender(out_manifest) as append:
         for m in manifests:
             part = rebase(pd.read_parquet(m), Path(m).parent, out_dir)
+            append(part)
             if part.empty:
-                empty.append(part)
                 continue
-            table = pa.Table.from_pandas(part, preserve_index=False)
-            if writer is None:
-                schema = table.schema.remove_metadata()
-                writer = stack.enter_context(pq.ParquetWriter(tmp, schema))
-            writer.write_table(table.cast(schema))
             labels = part["label"].to_numpy()
             names_of = (part["key"].astype(str) + " (" + part["shard"].astype(str) + ")").to_numpy()
             for i, data in read_pointed(part, out_dir):
@@ -438,9 +427,6 @@ def collect(manifests: list[Path], classes: Path, clip_model: str | Path, out_ma
                     flush()
         if batch:
             flush()
-        if writer is None:  # no image at all: the columns of the (empty) manifests
-            stack.close()
-            (pd.concat(empty, ignore_index=True) if empty else pd.DataFrame()).to_parquet(tmp, index=False)
     images = int(total.sum())
     per_class = {keys[c]: float(right[c] / total[c]) for c in range(len(keys)) if total[c]}
     result = {"generation_fidelity": float(right.sum() / images) if images else float("nan"),

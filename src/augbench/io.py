@@ -77,6 +77,33 @@ def write_parquet(path: str | os.PathLike[str], frame: Any) -> None:
         frame.to_parquet(tmp, index=False)
 
 
+@contextlib.contextmanager
+def parquet_appender(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A function that appends a DataFrame to the parquet file `path`, written atomically when the block ends: a set
+    is written one part (a class) at a time and never held whole. The first non-empty part's schema is the file's,
+    later parts are cast to it; with no row at all, the file has the columns of the parts given."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
+        state: dict[str, Any] = {"writer": None, "schema": None, "empty": None}
+
+        def append(frame: pd.DataFrame) -> None:
+            if frame.empty:
+                state["empty"] = frame.iloc[:0]
+                return
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if state["writer"] is None:
+                state["schema"] = table.schema.remove_metadata()
+                state["writer"] = stack.enter_context(pq.ParquetWriter(tmp, state["schema"]))
+            state["writer"].write_table(table.cast(state["schema"]))
+
+        yield append
+        if state["writer"] is None:  # no row: the columns of the (empty) parts
+            (state["empty"] if state["empty"] is not None else pd.DataFrame()).to_parquet(tmp, index=False)
+
+
 def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
     """`torch.save` atomically, with bytes that depend only on `obj`.
 

@@ -16,7 +16,7 @@ from conftest import build_tiny_clip
 from PIL import Image
 
 from augbench.classify import build_model
-from augbench.filtering import candidates, filter_set, select
+from augbench.filtering import candidates, class_parts, filter_set, select
 from augbench.imaging import open_rgb
 from augbench.report import filter_note, yield_table
 from augbench.shards import Sample, pointed_images, with_pointers, write_shard
@@ -41,6 +41,19 @@ def test_select_keeps_in_candidate_order() -> None:
     # neither: what the scorer assigns to the class
     kept, passed = select(score, assigned, FilterSpec(), 10)
     assert kept.tolist() == [0, 2, 3, 5] and passed == 4
+
+
+def test_class_parts_give_each_class_once_whether_the_manifest_is_grouped_or_not(tmp_path: Path) -> None:
+    """collect writes class by class (streamed across read batches of 4,096 rows); fetch may interleave classes."""
+    rng = np.random.default_rng(0)
+    grouped = pd.DataFrame({"label": np.repeat([2, 0, 1], 3000), "rank": np.tile(np.arange(3000), 3)})
+    mixed = grouped.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    for name, frame in (("grouped", grouped), ("mixed", mixed)):
+        frame.assign(key=rng.integers(0, 1 << 30, len(frame))).to_parquet(tmp_path / f"{name}.parquet", index=False)
+        parts = list(class_parts(tmp_path / f"{name}.parquet"))
+        assert sorted(int(p["label"].iat[0]) for p in parts) == [0, 1, 2], name
+        for p in parts:
+            assert p["label"].nunique() == 1 and p["rank"].tolist() == list(range(3000)), name
 
 
 def test_candidates_per_class_and_bad_specs() -> None:
