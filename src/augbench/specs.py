@@ -211,8 +211,10 @@ class GenerateSpec:
 
 
 # Settings added after results existed, whose default is what those results were made with: at the default they are
-# left out of the spec (and of the generate cache's key), so adding them reruns nothing that exists.
+# left out of the spec (and of the generate cache's key), so adding them reruns nothing that exists. Train's mixing
+# settings at their defaults are plain training; the judge and the baselines, with no added image, never carry them.
 GENERATE_QUIET_DEFAULTS: dict[str, Any] = {"vae_tiling": False}
+TRAIN_QUIET_DEFAULTS: dict[str, Any] = {"aug_share": None, "aug_loss_weight": 1.0, "aug_label_smoothing": None}
 
 
 def quiet_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from augbench.methods import ALL_METHODS, BASELINES, GENERATION_METHODS, PERSONA
 from augbench.methods import FILTER_SEPARATOR, ROW_SEPARATOR, filter_of, row_name, row_pattern, unfiltered, variant_name  # noqa: E402
 from augbench.filtering import candidates as filter_candidates  # noqa: E402
 from augbench.methods import method as method_of  # noqa: E402
-from augbench.specs import GENERATE_QUIET_DEFAULTS, STAGE_VERSIONS, DiffusionSpec, FilterSpec, WorldSpec, canonical_json  # noqa: E402
+from augbench.specs import GENERATE_QUIET_DEFAULTS, STAGE_VERSIONS, TRAIN_QUIET_DEFAULTS, DiffusionSpec, FilterSpec, WorldSpec, canonical_json  # noqa: E402
 from augbench.specs import parse_spec, quiet_defaults, spec_dict  # noqa: E402
 from augbench.hub import MARKER as HUB_MARKER  # noqa: E402
 from augbench.hub import snapshot_folder  # noqa: E402
@@ -309,7 +309,6 @@ wildcard_constraints:
 SEARCH_SCHEDULING = ("search", "parts_per_block", "tile_rows", "threads", "gpu", "margin")
 
 
-TRAIN_MIXING_DEFAULTS = {"aug_share": None, "aug_loss_weight": 1.0, "aug_label_smoothing": None}
 
 
 def stage_spec(stage, **extra):
@@ -355,8 +354,8 @@ def stage_spec(stage, **extra):
     if stage == "train":  # mixing options at their defaults are plain training, as before they existed: no rerun;
         # the judge and the baselines train on no added image, so they are never part of their spec
         no_added = extra.pop("no_added_images", False)
-        data = {k: v for k, v in data.items()
-                if k not in TRAIN_MIXING_DEFAULTS or (not no_added and v != TRAIN_MIXING_DEFAULTS[k])}
+        data = quiet_defaults(data, TRAIN_QUIET_DEFAULTS)
+        data = {k: v for k, v in data.items() if not (no_added and k in TRAIN_QUIET_DEFAULTS)}
     data.update(extra)
     data["version"] = STAGE_VERSIONS[stage]
     return canonical_json(data)
@@ -379,7 +378,7 @@ def n_aug_values(method):
 
     A method outside `sweep_methods` runs at the largest n_aug only, the value of the main table.
     """
-    if unfiltered(method) in BASELINES:
+    if method in BASELINES:
         return [0]
     sweep = config.get("sweep_methods")
     return N_AUG if sweep is None or method_of(method).name in sweep else [max(N_AUG)]
