@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import build_tiny_clip, build_tiny_sd, scheduled_jobs, sd_layout
-from test_real_architectures import KINDS, _photos, photo_target
+from conftest import scheduled_jobs
+from test_real_architectures import KINDS, photo_target, real_path_inputs
 from test_workflow import _copy_workflow, _smk
 
 pytestmark = pytest.mark.slow
@@ -26,10 +26,7 @@ FILTERED = ["prompt_classname+best", "retrieval_text+best", "prompt_classname+re
 
 def test_filtered_rows_keep_the_best_candidates_and_leave_other_rows_alone(
         tmp_path: Path, recording_server: tuple[str, Path, list[str]]) -> None:
-    base, served, _ = recording_server
-    data, urls = _photos(tmp_path, served, base)
-    clip = build_tiny_clip(tmp_path / "clip", KINDS)
-    sd = sd_layout(build_tiny_sd(tmp_path / "tiny_sd", KINDS), tmp_path / "sd15", "current")
+    data, urls, clip, sd = real_path_inputs(tmp_path, recording_server)
     wf = _copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())
     cfg.update({"dataset": "filt", "methods": ["real", "retrieval_text", "prompt_classname"], "n_aug": [N_AUG],

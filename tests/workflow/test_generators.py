@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 from architectures import build
-from conftest import build_tiny_clip, build_tiny_sd, scheduled_jobs, sd_layout
+from conftest import scheduled_jobs
 from PIL import Image
-from test_real_architectures import KINDS, _photos, photo_target
+from test_real_architectures import KINDS, photo_target, real_path_inputs
 from test_workflow import _copy_workflow, _smk
 
 from augbench.shards import pointed_images
@@ -29,10 +29,7 @@ ROWS = ["real", "prompt_classname@sd15-g2", "prompt_classname@sd15-g5", "prompt_
 
 def test_two_generators_of_different_architectures_are_rows_of_one_table(
         tmp_path: Path, recording_server: tuple[str, Path, list[str]]) -> None:
-    base, served, _ = recording_server
-    data, urls = _photos(tmp_path, served, base)
-    clip = build_tiny_clip(tmp_path / "clip", KINDS)
-    sd = sd_layout(build_tiny_sd(tmp_path / "tiny_sd", KINDS), tmp_path / "sd15", "current")
+    data, urls, clip, sd = real_path_inputs(tmp_path, recording_server)
     xl = build("sdxl", tmp_path / "xl")
     wf = _copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wf / "config/tiny.yaml").read_text())

@@ -47,6 +47,15 @@ def _photos(tmp_path: Path, served: Path, base: str) -> tuple[Path, Path]:
     return data, tmp_path / "urls.parquet"
 
 
+def real_path_inputs(tmp_path: Path, server: tuple[str, Path, list[str]]) -> tuple[Path, Path, Path, Path]:
+    """(photo folders, pool url table, tiny CLIP folder, tiny SD folder in the current hub layout) for KINDS."""
+    base, served, _ = server
+    data, urls = _photos(tmp_path, served, base)
+    clip = build_tiny_clip(tmp_path / "clip", KINDS)
+    sd = sd_layout(build_tiny_sd(tmp_path / "tiny_sd", KINDS), tmp_path / "sd15", "current")
+    return data, urls, clip, sd
+
+
 def photo_target(data: Path) -> dict:
     """The `target` section for _photos' folders: two train photos per class, val/ as the test split."""
     return {"source": "imagefolder", "root": str(data), "train_dir": "train", "test_dir": "val", "class_list": "folders",
